@@ -7,7 +7,70 @@ Derived values are properties; algorithm code never mutates its config.
 
 from __future__ import annotations
 
+import textwrap
+import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rlhf.config_loader import (
+    field_docs,
+    field_types,
+    load_config,
+    parse_overrides,
+    read_yaml,
+    save_config,
+    section_type,
+    to_dict,
+    type_name,
+    validate_config,
+)
+from rlhf.errors import ConfigError
+
+__all__ = [
+    "CheckpointConfig",
+    "ConfigError",
+    "DataConfig",
+    "FieldInfo",
+    "LoggingConfig",
+    "LoraConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "ScheduleConfig",
+    "TrainConfig",
+    "check",
+    "check_choice",
+    "config_help",
+    "config_markdown",
+    "field_docs",
+    "format_value",
+    "iter_fields",
+    "load_config",
+    "parse_overrides",
+    "read_yaml",
+    "save_config",
+    "to_dict",
+    "type_name",
+    "validate_config",
+]
+
+DTYPES = ("float32", "bfloat16", "float16")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+SCHEDULES = ("constant", "linear", "cosine")
+TRUNCATION_SIDES = ("keep_end", "keep_start")
+TRACKERS = ("tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab", "trackio")
+
+
+def check(ok: bool, key: str, message: str) -> None:
+    """In a `validate()` method: raise `ConfigError(message, key=key)` unless `ok`; the loader adds the path."""
+    if not ok:
+        raise ConfigError(message, key=key)
+
+
+def check_choice(value: object, choices: tuple[object, ...], key: str) -> None:
+    """In a `validate()` method: `value` must be one of `choices` (the error lists them)."""
+    check(value in choices, key, f"expected one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
 @dataclass
@@ -20,6 +83,12 @@ class LoraConfig:
     """Dropout on the LoRA branch."""
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     """Module names (or `all-linear`) that receive adapters."""
+
+    def validate(self) -> None:
+        check(self.r >= 0, "r", f"must be >= 0, got {self.r}")
+        check(self.alpha > 0, "alpha", f"must be > 0, got {self.alpha}")
+        check(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
+        check(self.r == 0 or bool(self.target_modules), "target_modules", "must not be empty when r > 0")
 
 
 @dataclass
@@ -36,6 +105,9 @@ class ModelConfig:
     """Recompute activations in the backward pass to save memory."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """Low-rank adapters (peft)."""
+
+    def validate(self) -> None:
+        check_choice(self.dtype, DTYPES, "dtype")
 
     @property
     def tokenizer_path(self) -> str:
@@ -61,6 +133,22 @@ class DataConfig:
     packing: bool = False
     """Pack several examples into one sequence (SFT only)."""
 
+    def validate(self) -> None:
+        check(0 <= self.eval_fraction < 1, "eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
+        check(
+            self.eval is None or self.eval_fraction == 0,
+            "eval_fraction",
+            f"set either eval or eval_fraction, not both (eval={self.eval!r}, eval_fraction={self.eval_fraction})",
+        )
+        check(self.max_length > 0, "max_length", f"must be > 0, got {self.max_length}")
+        check(
+            0 < self.max_prompt_length < self.max_length,
+            "max_prompt_length",
+            f"must be > 0 and < max_length ({self.max_length}) to leave room for the response, "
+            f"got {self.max_prompt_length}",
+        )
+        check_choice(self.truncation_side, TRUNCATION_SIDES, "truncation_side")
+
 
 @dataclass
 class OptimConfig:
@@ -77,6 +165,14 @@ class OptimConfig:
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
 
+    def validate(self) -> None:
+        check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        check(0 <= self.beta1 < 1, "beta1", f"must be in [0, 1), got {self.beta1}")
+        check(0 <= self.beta2 < 1, "beta2", f"must be in [0, 1), got {self.beta2}")
+        check(self.eps > 0, "eps", f"must be > 0, got {self.eps}")
+        check(self.max_grad_norm >= 0, "max_grad_norm", f"must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
+
 
 @dataclass
 class ScheduleConfig:
@@ -86,6 +182,11 @@ class ScheduleConfig:
     """Optimizer steps of linear warmup from 0 to the peak learning rate."""
     min_lr_ratio: float = 0.0
     """Final learning rate as a fraction of the peak (linear and cosine)."""
+
+    def validate(self) -> None:
+        check_choice(self.name, SCHEDULES, "name")
+        check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
 
 
 @dataclass
@@ -105,6 +206,21 @@ class TrainConfig:
     eval_every: int = 0
     """Evaluate on the held-out split every N optimizer steps (0: only at the end)."""
 
+    def validate(self) -> None:
+        # Single-process invariants only: the engine checks divisibility by micro_batch_size * world size.
+        check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        check(self.micro_batch_size >= 1, "micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
+        check(
+            self.batch_size % self.micro_batch_size == 0,
+            "batch_size",
+            f"must be a multiple of micro_batch_size ({self.micro_batch_size}), got {self.batch_size}",
+        )
+        check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
+        check(self.max_steps >= 0, "max_steps", f"must be >= 0 (0: derive from epochs), got {self.max_steps}")
+        check_choice(self.mixed_precision, MIXED_PRECISION, "mixed_precision")
+        check(self.max_consecutive_nonfinite >= 1, "max_consecutive_nonfinite", "must be >= 1")
+        check(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
+
 
 @dataclass
 class LoggingConfig:
@@ -115,6 +231,11 @@ class LoggingConfig:
     progress: bool = True
     """Show a progress bar."""
 
+    def validate(self) -> None:
+        check(self.every >= 1, "every", f"must be >= 1, got {self.every}")
+        for i, tracker in enumerate(self.trackers):
+            check_choice(tracker, TRACKERS, f"trackers[{i}]")
+
 
 @dataclass
 class CheckpointConfig:
@@ -124,3 +245,73 @@ class CheckpointConfig:
     """Resumable checkpoints kept; older ones are deleted once a newer one is complete."""
     resume: str = "auto"
     """auto: continue from the newest complete checkpoint in the run directory; never; or a checkpoint path."""
+
+    def validate(self) -> None:
+        check(self.every >= 0, "every", f"must be >= 0, got {self.every}")
+        check(self.keep_last >= 1, "keep_last", f"must be >= 1, got {self.keep_last}")
+        check(
+            self.resume in ("auto", "never") or Path(self.resume).exists(),
+            "resume",
+            f"expected auto, never or an existing checkpoint directory, got {self.resume!r}",
+        )
+
+
+# ---------------------------------------------------------------------------------------------- docs
+# `rlhf train ALGO --help` and docs/config.md, generated from the field docstrings.
+class FieldInfo(typing.NamedTuple):
+    key: str  # dotted path, `optim.lr`
+    type: Any  # the resolved annotation
+    default: Any  # the default value; for a section, its default instance (or None)
+    doc: str  # the docstring, whitespace collapsed
+    section: bool  # a nested config section
+
+
+def iter_fields(cls: type, prefix: str = "") -> Iterator[FieldInfo]:
+    """Every field of the config tree, depth first: a level's plain fields, then each section and its fields."""
+    obj, docs = cls(), field_docs(cls)
+    infos = [
+        FieldInfo(prefix + name, tp, getattr(obj, name), " ".join(docs.get(name, "").split()), bool(section_type(tp)))
+        for name, tp in field_types(cls).items()
+    ]
+    yield from (f for f in infos if not f.section)
+    for f in infos:
+        if f.section:
+            yield f
+            yield from iter_fields(typing.cast(type, section_type(f.type)), f.key + ".")
+
+
+def format_value(value: Any) -> str:
+    """A default as the user would write it on the command line."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ", ".join(format_value(v) for v in value) + "]"
+    return '""' if value == "" else str(value)
+
+
+def config_help(cls: type, width: int = 100) -> str:
+    """Every field as `--dotted.key TYPE (default: ...)` and its wrapped docstring, grouped by section."""
+    lines: list[str] = []
+    for f in iter_fields(cls):
+        if f.section:
+            unset = " (unset by default)" if f.default is None else ""
+            lines += ["", f"{f.key}:{unset}  {f.doc}".rstrip()]
+            continue
+        lines.append(f"  --{f.key} {type_name(f.type)}  (default: {format_value(f.default)})")
+        lines += textwrap.wrap(f.doc, width=width, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(lines).strip("\n")
+
+
+def config_markdown(cls: type, prefix: str = "") -> str:
+    """Markdown tables of every field (key, type, default, description), one table per section."""
+    header = ["| key | type | default | description |", "|---|---|---|---|"]
+    out = list(header)
+    for f in iter_fields(cls, prefix):
+        if f.section:
+            out += ["", f"#### `{f.key}`", "", f.doc, "", *header]
+        else:
+            cells = [f"`{f.key}`", f"`{type_name(f.type)}`", f"`{format_value(f.default)}`", f.doc]
+            out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(out[2:] if out[2:3] == [""] else out) + "\n"

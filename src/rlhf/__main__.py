@@ -1,0 +1,7 @@
+"""`python -m rlhf`: the `rlhf` command."""
+
+import sys
+
+from rlhf.cli import main
+
+sys.exit(main())

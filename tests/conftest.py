@@ -1,0 +1,21 @@
+"""Shared fixtures: tiny checkpoints built once per session on local disk (no hub access)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """One tiny checkpoint directory per architecture family: {"llama": dir, "gpt2": dir}."""
+    from rlhf.tasks.tiny import STYLES, make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {style: str(make_tiny_checkpoint(root / style, style, hidden_size=32)) for style in STYLES}
