@@ -1,0 +1,1 @@
+"""Tests for rlhf.losses (one file per module)."""
