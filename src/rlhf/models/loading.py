@@ -1,0 +1,118 @@
+"""Load the four models of RLHF (policy, reference, reward, value) and their tokenizer from local checkpoints.
+
+All loading goes through `transformers` `from_pretrained`, so any causal-LM checkpoint directory works.
+`trust_remote_code` is passed through from the config and is off by default.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from rlhf.config import LoraConfig, ModelConfig
+from rlhf.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(UserError):
+    """A model or tokenizer directory that cannot be used."""
+
+
+def _check_dir(path: str, what: str) -> None:
+    if not path:
+        raise ModelLoadError(f"{what}: no path given (set model.path)")
+    p = Path(path)
+    if p.exists() and not (p / "config.json").exists() and what != "tokenizer":
+        raise ModelLoadError(f"{what}: {path} has no config.json (not a Hugging Face checkpoint directory)")
+
+
+def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer, with a pad token guaranteed (EOS is used, with a warning, when the tokenizer has none)."""
+    _check_dir(path, "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelLoadError(f"tokenizer {path}: has neither a pad nor an EOS token")
+        logger.warning("tokenizer %s has no pad token; using EOS (%r) for padding", path, tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def apply_lora(model: PreTrainedModel, lora: LoraConfig, task_type: str = "CAUSAL_LM") -> nn.Module:
+    """Wrap `model` with LoRA adapters (peft) when `lora.r > 0`; return it unchanged otherwise."""
+    if lora.r <= 0:
+        return model
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    targets: str | list[str] = "all-linear" if lora.target_modules == ["all-linear"] else list(lora.target_modules)
+    peft_cfg = PeftLoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type=task_type
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def _finish(model: PreTrainedModel, cfg: ModelConfig, trainable: bool) -> PreTrainedModel:
+    if trainable:
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.config.use_cache = False
+        model.train()
+    else:
+        model.requires_grad_(False)
+        model.eval()
+    return model
+
+
+def load_causal_lm(cfg: ModelConfig, *, trainable: bool = True) -> PreTrainedModel:
+    """A causal LM from `cfg.path` in `cfg.dtype`; frozen and in eval mode unless `trainable`."""
+    _check_dir(cfg.path, "model")
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
+    )
+    return _finish(model, cfg, trainable)
+
+
+def load_scalar_model(cfg: ModelConfig, *, trainable: bool = True) -> PreTrainedModel:
+    """A one-label `AutoModelForSequenceClassification` (reward model or critic) from any causal-LM or RM checkpoint.
+
+    From a causal LM, the backbone is kept and a fresh scalar head (`score`) is initialised; the pad token id is
+    copied into the config so the model is usable by `transformers` pipelines too.
+    """
+    _check_dir(cfg.path, "model")
+    model = AutoModelForSequenceClassification.from_pretrained(
+        cfg.path, num_labels=1, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
+    )
+    if model.config.pad_token_id is None:
+        tokenizer = load_tokenizer(cfg.tokenizer_path, trust_remote_code=cfg.trust_remote_code)
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return _finish(model, cfg, trainable)
+
+
+def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """A frozen, eval-mode deep copy (the reference policy when no separate path is given)."""
+    ref = copy.deepcopy(model)
+    ref.requires_grad_(False)
+    ref.eval()
+    return ref
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Set every dropout probability to 0: RL ratios and KL terms assume the same network scores and samples."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0

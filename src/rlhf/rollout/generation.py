@@ -1,0 +1,111 @@
+"""Batched sampling from the policy, behind a small backend interface (a vLLM backend can plug in on GPU).
+
+A rollout is `[left-padded prompt | right-padded response]`: prompts are left-padded so every response starts
+at the same column, which makes the response slice `[:, P:]` and `logits_to_keep` trivial. A response counts
+up to and including its first EOS; everything after it is padding and carries no loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 32
+    """Tokens generated per response at most."""
+    temperature: float = 1.0
+    """Softmax temperature of sampling (also applied to the log-probs the losses see)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens with this total probability (1.0: off)."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0: off)."""
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if self.temperature <= 0:
+            raise ValueError("temperature must be > 0 (sampling is always on in RL rollouts)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+
+
+@dataclass
+class Rollout:
+    """One batch of generated responses. Shapes: B prompts, P prompt columns, T response columns."""
+
+    prompt_ids: Tensor  # (B, P) left-padded
+    prompt_mask: Tensor  # (B, P)
+    response_ids: Tensor  # (B, T) right-padded with pad_id after the first EOS
+    response_mask: Tensor  # (B, T) float, 1.0 up to and including the first EOS
+    ended_with_eos: Tensor  # (B,) bool
+
+    @property
+    def input_ids(self) -> Tensor:
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)  # (B, P+T)
+
+    @property
+    def attention_mask(self) -> Tensor:
+        return torch.cat([self.prompt_mask, self.response_mask.to(self.prompt_mask.dtype)], dim=1)  # (B, P+T)
+
+    @property
+    def response_lengths(self) -> Tensor:
+        return self.response_mask.sum(-1).long()  # (B,)
+
+
+class GenerationBackend(Protocol):
+    def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, sampling: SamplingConfig) -> Tensor:
+        """Return the sampled response tokens (B, T'), T' <= max_new_tokens, padded after EOS."""
+        ...
+
+
+class HFGenerationBackend:
+    """`transformers` generation with a KV cache; the model is the (unwrapped) policy itself."""
+
+    def __init__(self, model: nn.Module, *, eos_token_id: int, pad_token_id: int) -> None:
+        self.model = model
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, sampling: SamplingConfig) -> Tensor:
+        was_training = self.model.training
+        self.model.eval()
+        out = self.model.generate(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            do_sample=True,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            max_new_tokens=sampling.max_new_tokens,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+            use_cache=True,
+        )
+        self.model.train(was_training)
+        return out[:, prompt_ids.shape[1] :]
+
+
+def mask_after_eos(response_ids: Tensor, eos_token_id: int, pad_token_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(ids with pad after the first EOS, float mask up to and including the first EOS, ended_with_eos (B,))."""
+    is_eos = response_ids == eos_token_id  # (B, T)
+    # Tokens strictly after the first EOS: at least one EOS among the earlier columns.
+    eos_before = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+    mask = ~eos_before
+    ids = torch.where(mask, response_ids, torch.full_like(response_ids, pad_token_id))
+    return ids, mask.float(), is_eos.any(-1)
+
+
+def generate_rollout(
+    backend: GenerationBackend, prompt_ids: Tensor, prompt_mask: Tensor, sampling: SamplingConfig, *, eos_token_id: int,
+    pad_token_id: int,
+) -> Rollout:
+    """Sample one response per prompt row and mask everything after the first EOS."""
+    raw = backend.generate(prompt_ids, prompt_mask, sampling)
+    ids, mask, ended = mask_after_eos(raw, eos_token_id, pad_token_id)
+    return Rollout(prompt_ids, prompt_mask, ids, mask, ended)

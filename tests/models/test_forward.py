@@ -1,0 +1,71 @@
+"""Forward helpers against a plain per-row computation with no padding at all."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rlhf.config import ModelConfig
+from rlhf.models.forward import causal_lm_logprobs, last_token_index, sequence_scores
+from rlhf.models.loading import load_scalar_model
+
+
+def _plain_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """log p(x_t | x_<t) for one unpadded row, straight from log_softmax."""
+    logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+    return torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("style", ["llama", "gpt2"])
+def test_left_padded_response_logprobs_match_unpadded_rows(tiny_dirs, style):
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs[style]).eval()
+    pad = 0
+    prompts = [[5, 70, 71, 72], [5, 80]]
+    responses = [[90, 91, 2], [93, 2, pad]]  # second response is one token shorter (right-padded)
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + p + r for p, r in zip(prompts, responses, strict=True)])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) + [1, 1, 1] for p in prompts])
+    mask[1, -1] = 0
+    with torch.no_grad():
+        got, entropy = causal_lm_logprobs(model, ids, mask, response_len=3, with_entropy=True)
+        assert got.shape == (2, 3) and entropy is not None and entropy.shape == (2, 3)
+        for row, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+            n = 3 if row == 0 else 2
+            want = _plain_logprobs(model, p + r[:n])[-n:]
+            torch.testing.assert_close(got[row, :n], want, atol=1e-5, rtol=1e-5)
+
+
+def test_full_sequence_logprobs_shape_and_values(tiny_dirs):
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"]).eval()
+    ids = [1, 5, 70, 71, 6, 90, 2]
+    with torch.no_grad():
+        got, entropy = causal_lm_logprobs(model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
+        assert entropy is None
+        torch.testing.assert_close(got[0], _plain_logprobs(model, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_last_token_index_either_padding_side():
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert last_token_index(mask).tolist() == [2, 4, 4]
+
+
+@pytest.mark.parametrize("style", ["llama", "gpt2"])
+def test_sequence_score_read_at_last_real_token_whatever_padding(tiny_dirs, style):
+    """Right- and left-padded batches give the score of the unpadded row, EOS included even when pad == eos."""
+    model = load_scalar_model(ModelConfig(path=tiny_dirs[style]), trainable=False)
+    tok = AutoTokenizer.from_pretrained(tiny_dirs[style])
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    long_row, short_row = [5, 70, 71, 72, 73, eos], [5, 80, eos]
+    with torch.no_grad():
+        alone = [sequence_scores(model, torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long)) for r in
+                 (long_row, short_row)]
+        right = sequence_scores(model, torch.tensor([long_row, short_row + [pad] * 3]),
+                                torch.tensor([[1] * 6, [1] * 3 + [0] * 3]))
+        left = sequence_scores(model, torch.tensor([long_row, [pad] * 3 + short_row]),
+                               torch.tensor([[1] * 6, [0] * 3 + [1] * 3]))
+        without_eos = sequence_scores(model, torch.tensor([short_row[:-1]]), torch.ones(1, 2, dtype=torch.long))
+    want = torch.cat(alone)
+    torch.testing.assert_close(right, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(left, want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(without_eos, alone[1])  # the EOS token itself is what gets scored
