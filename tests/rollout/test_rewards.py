@@ -45,3 +45,28 @@ def test_ensemble_weighted_mean_minus_std_hand_computed():
     ens = EnsembleReward([_Const([1.0]), _Const([3.0])], weights=[1.0, 3.0], uncertainty_penalty=2.0)
     assert ens.score(["p"], ["c"], [{}]).item() == pytest.approx(2.5 - 2 * math.sqrt(0.75))
     assert EnsembleReward([_Const([1.0]), _Const([3.0])]).score(["p"], ["c"], [{}]).item() == 2.0
+
+
+def test_reward_model_with_other_tokenizer_scores_text_as_when_called_directly(tiny_dirs):
+    """A gpt2-family RM scores responses decoded from llama-family token ids exactly as it scores the same text
+    tokenized directly by its own tokenizer (one row at a time, no padding)."""
+    from transformers import AutoTokenizer
+
+    from rlhf.config import DataConfig, ModelConfig
+    from rlhf.models.forward import sequence_scores
+    from rlhf.models.loading import load_scalar_model
+    from rlhf.rollout.rewards import RewardModelReward
+
+    policy_tok = AutoTokenizer.from_pretrained(tiny_dirs["llama"])
+    rm_tok = AutoTokenizer.from_pretrained(tiny_dirs["gpt2"])
+    rm = load_scalar_model(ModelConfig(path=tiny_dirs["gpt2"]), trainable=False)
+    prompts = [[{"role": "user", "content": "sort: cab"}], [{"role": "user", "content": "sort: hgfed"}]]
+    texts = ["abc", "defgh and more"]
+    decoded = [policy_tok.decode(policy_tok(t, add_special_tokens=False).input_ids) for t in texts]
+    got = RewardModelReward(rm, rm_tok, DataConfig(), batch_size=2).score(prompts, decoded, [{}, {}])
+    for i, (p, t) in enumerate(zip(prompts, texts, strict=True)):
+        full = rm_tok.apply_chat_template(p + [{"role": "assistant", "content": t}], tokenize=False)
+        ids = rm_tok(full, add_special_tokens=False).input_ids
+        with torch.no_grad():
+            want = sequence_scores(rm, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
+        assert got[i].item() == pytest.approx(want.item(), abs=1e-5)

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from rlhf.config import DataConfig
 from rlhf.errors import UserError
 
 Prompt = str | list[dict[str, str]]
@@ -71,6 +72,17 @@ class FunctionReward:
         return torch.tensor(values, dtype=torch.float32)
 
 
+def reward_input_ids(prompt: Prompt, completion: str, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> list[int]:
+    """Token ids of (prompt, completion) exactly as reward-model training tokenizes a (prompt, chosen) pair:
+    the chat template for message-list prompts (the completion becomes one assistant turn), BOS/EOS rules and
+    truncation of `rlhf.data.tokenize`."""
+    from rlhf.data.formats import SFTRecord
+    from rlhf.data.tokenize import tokenize_sft
+
+    response: Prompt = [{"role": "assistant", "content": completion}] if isinstance(prompt, list) else completion
+    return list(tokenize_sft(SFTRecord(prompt=prompt, completion=response), tokenizer, cfg)["input_ids"])
+
+
 class RewardModelReward:
     """A one-label sequence-classification model, scored on text re-tokenized with its own tokenizer."""
 
@@ -78,14 +90,14 @@ class RewardModelReward:
         self,
         model: nn.Module,
         tokenizer: PreTrainedTokenizerBase,
-        render: Callable[[Prompt, str, PreTrainedTokenizerBase], list[int]],
+        data: DataConfig | None = None,
         *,
         batch_size: int = 16,
         name: str = "reward_model",
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.render = render
+        self.data = data or DataConfig()
         self.batch_size = batch_size
         self.name = name
 
@@ -95,7 +107,7 @@ class RewardModelReward:
 
         device = next(self.model.parameters()).device
         pad_id = self.tokenizer.pad_token_id
-        ids = [self.render(p, c, self.tokenizer) for p, c in zip(prompts, completions, strict=True)]
+        ids = [reward_input_ids(p, c, self.tokenizer, self.data) for p, c in zip(prompts, completions, strict=True)]
         out = []
         for start in range(0, len(ids), self.batch_size):
             chunk = ids[start : start + self.batch_size]

@@ -1,0 +1,72 @@
+"""What every trainer does the same way before its loop: read and tokenize the data, hold out an eval split,
+and count optimizer steps. Kept here once so the algorithm files stay about their algorithm.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from rlhf.config import DataConfig, TrainConfig
+from rlhf.data import load_records, tokenize_records
+from rlhf.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Splits:
+    """Tokenized examples of the training and held-out splits, with what reading and tokenizing reported."""
+
+    train: list[dict[str, Any]]
+    eval: list[dict[str, Any]]
+    report: dict[str, float] = field(default_factory=dict)
+
+
+def _tokenized(records: list[Any], kind: str, tokenizer: Any, cfg: DataConfig, what: str) -> list[dict[str, Any]]:
+    examples, report = tokenize_records(records, kind, tokenizer, cfg)
+    for reason, count in report.dropped.items():
+        logger.warning("%s: dropped %d row(s): %s", what, count, reason)
+    return examples
+
+
+def load_splits(cfg: DataConfig, kind: str, tokenizer: Any, *, seed: int) -> Splits:
+    """Read `cfg.train` (and `cfg.eval`, or hold out `cfg.eval_fraction` of train by a seeded shuffle), tokenize."""
+    if not cfg.train:
+        raise UserError("data.train: no training data given")
+    records, skips = load_records(cfg.train, kind, skip_bad_rows=cfg.skip_bad_rows)
+    for line in skips.lines():
+        logger.warning("%s: %s", cfg.train, line)
+    eval_records: list[Any] = []
+    if cfg.eval:
+        eval_records, eval_skips = load_records(cfg.eval, kind, skip_bad_rows=cfg.skip_bad_rows)
+        for line in eval_skips.lines():
+            logger.warning("%s: %s", cfg.eval, line)
+    elif cfg.eval_fraction > 0:
+        order = list(range(len(records)))
+        random.Random(seed).shuffle(order)
+        n_eval = max(1, round(cfg.eval_fraction * len(records)))
+        held = set(order[:n_eval])
+        eval_records = [r for i, r in enumerate(records) if i in held]
+        records = [r for i, r in enumerate(records) if i not in held]
+    train = _tokenized(records, kind, tokenizer, cfg, cfg.train)
+    held_out = _tokenized(eval_records, kind, tokenizer, cfg, cfg.eval or f"{cfg.train} (held out)")
+    if not train:
+        raise UserError(f"{cfg.train}: no usable training rows after validation and tokenization")
+    report = {
+        "data/train_rows": float(len(train)),
+        "data/eval_rows": float(len(held_out)),
+        "data/skipped_rows": float(skips.total),
+    }
+    return Splits(train, held_out, report)
+
+
+def count_steps(train: TrainConfig, num_examples: int) -> int:
+    """Optimizer steps of the run: `max_steps`, or whole batches over `epochs` passes (the last partial one dropped)."""
+    if num_examples < train.batch_size:
+        raise UserError(
+            f"only {num_examples} training examples for a batch of {train.batch_size}: lower train.batch_size"
+        )
+    return train.max_steps or train.epochs * (num_examples // train.batch_size)

@@ -1,0 +1,222 @@
+"""The run directory's plain files (config.yaml, the step-keyed JSON-lines logs) and the stop signals.
+
+`metrics.jsonl` holds only values that are a deterministic function of the seed and the data, so two runs
+of the same config (or a run and its resumed twin) produce byte-identical files. Wall-clock figures
+(throughput, elapsed time) are routed to `perf.jsonl` instead: every key in the `perf/` namespace goes there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import yaml
+from tqdm.auto import tqdm
+
+from rlhf.config import LoggingConfig
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+PERF_FILE = "perf.jsonl"
+SAMPLES_FILE = "samples.jsonl"
+STEP_LOGS = (METRICS_FILE, PERF_FILE, SAMPLES_FILE)
+"""Logs whose lines carry a "step" key; a resume truncates them to the restored step."""
+PERF_PREFIX = "perf/"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a whole file through a temporary sibling and a rename, so readers never see half of it."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_config(run_dir: Path, config_dict: dict[str, Any]) -> None:
+    atomic_write_text(run_dir / CONFIG_FILE, yaml.safe_dump(config_dict, sort_keys=False))
+
+
+def truncate_step_log(path: Path, max_step: int) -> None:
+    """Keep the lines of a JSON-lines log whose "step" is <= max_step (lines without a step are kept).
+
+    A line that does not parse (torn by a crash mid-write) is dropped. Rewritten atomically.
+    """
+    if not path.is_file():
+        return
+    kept = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if not line.endswith("\n"):  # a torn last line that happens to parse: rewrite it whole
+                line += "\n"
+            if not isinstance(record, dict) or record.get("step", max_step) <= max_step:
+                kept.append(line)
+    atomic_write_text(path, "".join(kept))
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists and other values become strings (for tracker hparams)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        elif v is None or isinstance(v, (bool, int, float, str)):
+            out[key] = v
+        else:
+            out[key] = str(v)
+    return out
+
+
+class JsonlWriter:
+    """Appends one JSON object per line and flushes each, so a crash loses at most the line being written."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._f: IO[str] | None = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._f is None:
+            self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open across calls
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+class RunLog:
+    """What the main process writes while training: metrics.jsonl, perf.jsonl, trackers, the progress bar.
+
+    On other processes every method is a no-op, so callers need not check the rank.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        logging: LoggingConfig,
+        total_steps: int,
+        *,
+        enabled: bool,
+        tracker_log: Callable[..., None] | None = None,
+    ) -> None:
+        self.run_dir, self.enabled, self.progress, self.total_steps = run_dir, enabled, logging.progress, total_steps
+        self.tracker_log = tracker_log
+        self.metrics = JsonlWriter(run_dir / METRICS_FILE)
+        self.perf = JsonlWriter(run_dir / PERF_FILE)
+        self.bar: tqdm | None = None
+        self._t_start = self._t_last = time.perf_counter()
+        self._step_last = 0
+
+    def start(self, step: int) -> None:
+        """Training (re)starts after `step`: cut every step log back to it (0 on a fresh start)."""
+        if self.enabled:
+            for name in STEP_LOGS:
+                truncate_step_log(self.run_dir / name, step)
+        self._t_start = self._t_last = time.perf_counter()
+        self._step_last = step
+
+    def throughput(self, step: int, samples_per_step: int, units: float) -> dict[str, float]:
+        """Wall-clock `perf/*` figures since the previous call; `units` were processed in that time."""
+        now = time.perf_counter()
+        steps, elapsed = step - self._step_last, max(now - self._t_last, 1e-9)
+        self._t_last, self._step_last = now, step
+        return {
+            "perf/step_time_s": elapsed / max(steps, 1),
+            "perf/samples_per_s": samples_per_step * steps / elapsed,
+            "perf/units_per_s": units / elapsed,
+            "perf/elapsed_s": now - self._t_start,
+        }
+
+    def advance(self, step: int) -> None:
+        """One optimizer step done; `step` is the new count."""
+        if self.bar is None:
+            self.bar = tqdm(
+                total=self.total_steps,
+                initial=step - 1,
+                desc="train",
+                dynamic_ncols=True,
+                disable=not (self.enabled and self.progress),
+            )
+        self.bar.update(1)
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        """Keys under `perf/` go to perf.jsonl, all others to metrics.jsonl; all of them to the trackers."""
+        if not self.enabled:
+            return
+        deterministic = {k: v for k, v in values.items() if not k.startswith(PERF_PREFIX)}
+        perf = {k: v for k, v in values.items() if k.startswith(PERF_PREFIX)}
+        if deterministic:
+            self.metrics.write({"step": step, **deterministic})
+        if perf:
+            self.perf.write({"step": step, **perf})
+        if self.tracker_log is not None:
+            self.tracker_log(values, step=step)
+        if self.bar is not None and "train/loss" in values:
+            postfix = {"loss": f"{values['train/loss']:.4g}"}
+            if "perf/samples_per_s" in values:
+                postfix["samples/s"] = f"{values['perf/samples_per_s']:.3g}"
+            self.bar.set_postfix(postfix, refresh=False)
+
+    def log_perf(self, values: dict[str, float], step: int) -> None:
+        if self.enabled:
+            self.perf.write({"step": step, **values})
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.metrics.close()
+        self.perf.close()
+
+
+class StopSignals:
+    """SIGTERM/SIGINT set a flag that the training loop checks between steps; a second signal stops at once.
+
+    Handlers can only be installed from the main thread; elsewhere this is an inert flag.
+    """
+
+    def __init__(self, *, announce: bool) -> None:
+        self.requested = False
+        self.announce = announce
+        self._prev: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._prev[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for sig, handler in self._prev.items():
+                signal.signal(sig, handler)
+            self._prev = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:  # the second signal: stop now, without a checkpoint
+            self.restore()
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
+        self.requested = True
+        if self.announce:
+            print(
+                f"rlhf: got {signal.Signals(signum).name}; stopping after this step with a checkpoint "
+                "(send it again to stop at once)",
+                file=sys.stderr,
+                flush=True,
+            )
