@@ -14,8 +14,10 @@ Everything is deterministic for a seed. Rows are conversational (message lists) 
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 ALPHABET = "abcdefgh"
@@ -124,3 +126,23 @@ def unpaired_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+TASK_FILES = {"sft": sft_rows, "preference": preference_rows, "unpaired": unpaired_rows, "prompt": prompt_rows}
+"""Data kind -> row generator; `write_task_files` writes one train and one eval file per kind."""
+
+
+def write_task_files(out_dir: str | Path, *, n_train: int = 512, n_eval: int = 64, seed: int = 0) -> dict[str, Path]:
+    """Write `{kind}.jsonl` and `{kind}_eval.jsonl` for every kind; return {"sft": path, "sft_eval": path, ...}.
+
+    Train and eval rows come from different seeds, so held-out prompts are (almost always) unseen.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    for kind, make in TASK_FILES.items():
+        for name, n, s in ((kind, n_train, seed), (f"{kind}_eval", n_eval, seed + 10_000)):
+            path = out / f"{name}.jsonl"
+            path.write_text("".join(json.dumps(row) + "\n" for row in make(n, s)))
+            paths[name] = path
+    return paths
