@@ -58,12 +58,16 @@ def test_sequence_score_read_at_last_real_token_whatever_padding(tiny_dirs, styl
     eos, pad = tok.eos_token_id, tok.pad_token_id
     long_row, short_row = [5, 70, 71, 72, 73, eos], [5, 80, eos]
     with torch.no_grad():
-        alone = [sequence_scores(model, torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long)) for r in
-                 (long_row, short_row)]
-        right = sequence_scores(model, torch.tensor([long_row, short_row + [pad] * 3]),
-                                torch.tensor([[1] * 6, [1] * 3 + [0] * 3]))
-        left = sequence_scores(model, torch.tensor([long_row, [pad] * 3 + short_row]),
-                               torch.tensor([[1] * 6, [0] * 3 + [1] * 3]))
+        alone = [
+            sequence_scores(model, torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long))
+            for r in (long_row, short_row)
+        ]
+        right = sequence_scores(
+            model, torch.tensor([long_row, short_row + [pad] * 3]), torch.tensor([[1] * 6, [1] * 3 + [0] * 3])
+        )
+        left = sequence_scores(
+            model, torch.tensor([long_row, [pad] * 3 + short_row]), torch.tensor([[1] * 6, [0] * 3 + [1] * 3])
+        )
         without_eos = sequence_scores(model, torch.tensor([short_row[:-1]]), torch.ones(1, 2, dtype=torch.long))
     want = torch.cat(alone)
     torch.testing.assert_close(right, want, atol=1e-5, rtol=1e-5)

@@ -39,7 +39,8 @@ def test_eos_and_length_penalties_then_clip():
 
 
 def test_normalised_scores_have_zero_mean_unit_std():
-    got = shape_scores(torch.tensor([1.0, 2.0, 3.0, 6.0]), torch.ones(4, dtype=torch.bool), torch.ones(4),
-                       normalize=True)
+    got = shape_scores(
+        torch.tensor([1.0, 2.0, 3.0, 6.0]), torch.ones(4, dtype=torch.bool), torch.ones(4), normalize=True
+    )
     assert got.mean().item() == pytest.approx(0.0, abs=1e-6)
     assert got.std().item() == pytest.approx(1.0, abs=1e-6)

@@ -102,7 +102,12 @@ def mask_after_eos(response_ids: Tensor, eos_token_id: int, pad_token_id: int) -
 
 
 def generate_rollout(
-    backend: GenerationBackend, prompt_ids: Tensor, prompt_mask: Tensor, sampling: SamplingConfig, *, eos_token_id: int,
+    backend: GenerationBackend,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    sampling: SamplingConfig,
+    *,
+    eos_token_id: int,
     pad_token_id: int,
 ) -> Rollout:
     """Sample one response per prompt row and mask everything after the first EOS."""
