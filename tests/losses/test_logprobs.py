@@ -112,3 +112,18 @@ def test_entropy_extreme_logits(dtype: torch.dtype) -> None:
     assert h.dtype == torch.float32
     assert h.item() == pytest.approx(math.log(2.0), rel=1e-3)  # two equal top logits
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
+
+
+def test_chunked_rows_equal_one_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunking over batch rows (forced to 1 and 2 rows per chunk) changes nothing but memory."""
+    from rlhf.losses import logprobs as lp
+
+    gen = torch.Generator().manual_seed(7)
+    logits = torch.randn(5, 4, 11, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 11, (5, 4), generator=gen)
+    whole = (lp.token_logprobs(logits, labels), lp.entropy_from_logits(logits))
+    for budget in (1, 2 * 4 * 11):
+        monkeypatch.setattr(lp, "CHUNK_ELEMENTS", budget)
+        assert len(lp._row_chunks(logits)) == (5 if budget == 1 else 3)
+        torch.testing.assert_close(lp.token_logprobs(logits, labels), whole[0], rtol=0, atol=0)
+        torch.testing.assert_close(lp.entropy_from_logits(logits), whole[1], rtol=0, atol=0)

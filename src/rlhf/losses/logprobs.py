@@ -2,9 +2,11 @@
 
 `torch.log_softmax(logits, -1).gather(...)` allocates another (B, T, V) tensor (in float32 if the logits
 are upcast first): for a 150k-token vocabulary that is several GB for one micro-batch. Here the
-normalisers are computed one batch row at a time, so the extra memory is one (T, V) float32 slice. (When
-autograd records the graph it keeps each row's float32 slice for the backward pass; the saving is in
-peak working memory and in no-grad passes such as rollout scoring and the reference model.)
+normalisers are computed a few batch rows at a time, in chunks of at most `CHUNK_ELEMENTS` logits (but at
+least one row), so the extra memory is bounded by one chunk. A small vocabulary fits the whole batch in one
+chunk: one vectorised call instead of a Python loop. (When autograd records the graph it keeps each chunk's
+float32 copy for the backward pass; the saving is in peak working memory and in no-grad passes such as
+rollout scoring and the reference model.)
 
 Half-precision logits are upcast to float32 per row; results are float32 for half inputs and keep the dtype
 of float32 / float64 inputs.
@@ -15,6 +17,14 @@ from __future__ import annotations
 import torch
 
 from rlhf.losses.reduce import upcast
+
+CHUNK_ELEMENTS = 1 << 24
+"""Logits per chunk (64 MiB in float32); a chunk is never smaller than one batch row."""
+
+
+def _row_chunks(logits: torch.Tensor) -> list[slice]:
+    rows_per_chunk = max(1, CHUNK_ELEMENTS // max(1, logits.shape[1] * logits.shape[2]))
+    return [slice(s, s + rows_per_chunk) for s in range(0, logits.shape[0], rows_per_chunk)]
 
 
 def _check_logits(logits: torch.Tensor) -> None:
@@ -36,13 +46,13 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"labels {tuple(labels.shape)} must match logits (B, T) = {tuple(logits.shape[:2])}")
     index = labels.clamp(min=0).unsqueeze(-1)  # (B, T, 1)
     rows = []
-    for b in range(logits.shape[0]):
-        row = upcast(logits[b])  # (T, V), float32 copy only for half inputs
-        label_logit = row.gather(-1, index[b]).squeeze(-1)  # (T,)
-        rows.append(label_logit - torch.logsumexp(row, dim=-1))
+    for chunk in _row_chunks(logits):
+        part = upcast(logits[chunk])  # (b, T, V), float32 copy only for half inputs
+        label_logit = part.gather(-1, index[chunk]).squeeze(-1)  # (b, T)
+        rows.append(label_logit - torch.logsumexp(part, dim=-1))
     if not rows:
         return upcast(logits.new_zeros(logits.shape[:2]))
-    return torch.stack(rows)  # (B, T)
+    return torch.cat(rows)  # (B, T)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -52,17 +62,17 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 
     Stable for any finite logits (log-softmax through logsumexp) and for -inf logits (masked vocabulary
     entries): those have p = 0 and contribute 0, with a zero (not NaN) gradient. A row whose logits are all
-    -inf has no distribution and gives NaN. Shapes: (B, T, V) in, (B, T) out; computed row by row over B
-    (see the module docstring). Used as the entropy bonus and the `policy/entropy` metric.
+    -inf has no distribution and gives NaN. Shapes: (B, T, V) in, (B, T) out; computed in chunks of rows
+    over B (see the module docstring). Used as the entropy bonus and the `policy/entropy` metric.
     """
     _check_logits(logits)
     rows = []
-    for b in range(logits.shape[0]):
-        logp = torch.log_softmax(upcast(logits[b]), dim=-1)  # (T, V)
+    for chunk in _row_chunks(logits):
+        logp = torch.log_softmax(upcast(logits[chunk]), dim=-1)  # (b, T, V)
         # -inf logits give logp = -inf and p = 0; 0 * -inf is NaN, so zero those log-probs first
         # (masked_fill also blocks the gradient there, which would be 0 * inf otherwise).
         logp_finite = logp.masked_fill(torch.isneginf(logp), 0.0)
-        rows.append(-(logp.exp() * logp_finite).sum(dim=-1))  # (T,)
+        rows.append(-(logp.exp() * logp_finite).sum(dim=-1))  # (b, T)
     if not rows:
         return upcast(logits.new_zeros(logits.shape[:2]))
-    return torch.stack(rows)  # (B, T)
+    return torch.cat(rows)  # (B, T)
