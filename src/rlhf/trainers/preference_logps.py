@@ -1,0 +1,384 @@
+"""Response log-probs for the direct preference trainers (DPO family, SimPO, ORPO, KTO), and the reference cache.
+
+Two things every offline preference method needs, kept once here:
+
+* `response_logps`: the summed and the length-averaged log-prob of each row's response tokens, from ONE forward
+  pass over a right-padded prompt+response batch. For pairs, `rlhf.data.collate_pairs` lays chosen and rejected
+  out as 2B rows of one batch, so both responses go through the model together. Positions that are prompt in
+  every row never reach the LM head (`logits_to_keep`), which for short answers to long prompts is most of
+  the vocabulary projection and log-softmax saved.
+* the reference log-prob cache: the frozen reference scores each example once for the whole data set
+  (`precompute_ref`), saved as `run_dir/ref_logps/<key>.safetensors`. The key hashes everything the numbers
+  depend on - the reference weights (the bytes of its checkpoint files), its dtype and the autocast
+  precision, the data files' bytes, the DataConfig fields, the tokenizer files, the split seed, and the token
+  ids themselves - so a cache from other data, another tokenizer or another reference is never read: a new
+  key simply misses and is recomputed. With a cache hit the reference model is not even loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from rlhf.data.collate import pad_sequences
+from rlhf.losses.logprobs import token_logprobs
+from rlhf.losses.reduce import masked_sum
+from rlhf.models.forward import causal_lm_logprobs, position_ids_from_mask
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+"""Bumped whenever the cache layout or the meaning of its numbers changes (old files then simply miss)."""
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+# ---------------------------------------------------------------------------------------------- log-probs
+
+
+@dataclass
+class ResponseLogps:
+    """Per-row response log-probs of one forward pass. Each field is (N,) float32 (rows in batch order)."""
+
+    sum: Tensor  # sum over response tokens of log p(token | prefix)
+    avg: Tensor  # sum / number of response tokens (0 for a row without response tokens)
+    tokens: Tensor  # number of response tokens
+
+    def chunk(self) -> tuple[ResponseLogps, ResponseLogps]:
+        """Split 2B rows laid out as [chosen; rejected] into (chosen, rejected), B rows each."""
+        halves = [t.chunk(2) for t in (self.sum, self.avg, self.tokens)]
+        return ResponseLogps(*(h[0] for h in halves)), ResponseLogps(*(h[1] for h in halves))
+
+
+def response_logps(model: nn.Module, batch: dict[str, Any]) -> ResponseLogps:
+    """Summed and averaged log-probs of the response tokens of a batch, in row order.
+
+    Two batch layouts (see `collate_responses`):
+      * shared prompt (`prompt_ids` present): each prompt once, left padded (B, P); its k responses right
+        padded (k*B, R) as k blocks of B rows. One forward over the prompts fills a KV cache, which is
+        repeated k times; one forward over all k*B responses continues from it. Gradients flow through the
+        cache into the prompt pass, so this is the same function of the weights as scoring every
+        prompt+response row in full, with the prompt computed once instead of k times.
+      * concatenated (`input_ids`): every prompt+response row right padded (N, L), one forward; with
+        `response_start`, the first column holding a response token in any row, only the logits from that
+        column on are computed. Token t is scored by the logits at t - 1.
+    """
+    if "prompt_ids" in batch:
+        logits = shared_prompt_logits(model, batch)  # (k*B, R, V): position t predicts response token t
+        logprobs = token_logprobs(logits, batch["response_ids"])
+        resp = batch["response_mask"]  # (k*B, R)
+    else:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        start = max(1, int(batch.get("response_start", 1)))
+        logprobs, _ = causal_lm_logprobs(model, ids, mask, response_len=ids.shape[1] - start)  # (N, L - start)
+        resp = batch["response_mask"][:, start:]  # (N, L - start)
+    total = masked_sum(logprobs, resp, dim=-1).float()  # (N,)
+    tokens = resp.sum(-1).float()  # (N,)
+    return ResponseLogps(total, total / tokens.clamp(min=1.0), tokens)
+
+
+def shared_prompt_logits(model: nn.Module, batch: dict[str, Any]) -> Tensor:
+    """Logits predicting each response token, (k*B, R, V), from one prompt pass and one response pass.
+
+    The prompt pass keeps only its last position's logits (they predict the first response token) and the
+    KV cache; `reorder_cache` repeats the cache rows as [0..B-1] k times, matching the response blocks.
+    Response positions continue each prompt's own positions (prompt length + t), as in generation.
+    """
+    prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]  # (B, P)
+    n_prompts, n_rows = prompt_ids.shape[0], batch["response_ids"].shape[0]
+    out = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=position_ids_from_mask(prompt_mask),
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    rows = torch.arange(n_prompts, device=prompt_ids.device).repeat(n_rows // n_prompts)  # (k*B,)
+    cache = out.past_key_values
+    cache.reorder_cache(rows)
+    response_attn = (batch["response_mask"] > 0).long()  # (k*B, R), right padded
+    steps = torch.arange(response_attn.shape[1], device=prompt_ids.device)
+    positions = prompt_mask.sum(-1)[rows, None] + steps[None, :]  # (k*B, R)
+    attention = torch.cat([prompt_mask[rows], response_attn], dim=1)  # (k*B, P + R)
+    out2 = model(
+        input_ids=batch["response_ids"],
+        attention_mask=attention,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+    )
+    return torch.cat([out.logits[rows, -1:], out2.logits[:, :-1]], dim=1)  # (k*B, R, V)
+
+
+def collate_responses(
+    examples: Sequence[dict[str, Any]], pad_id: int, response_keys: Sequence[str], *, share_prompt: bool
+) -> dict[str, Any]:
+    """A batch of len(response_keys) responses per example, as blocks [key 0 rows; key 1 rows; ...].
+
+    `share_prompt`: prompts once, left padded (`prompt_ids`, `prompt_mask` (B, P)) and responses right padded
+    (`response_ids` (k*B, R), `response_mask` float); else every prompt+response row in full, right padded
+    (`input_ids`, `attention_mask`, `response_mask` (k*B, L), unshifted) with `response_start`.
+    """
+    prompts = [ex["prompt_ids"] for ex in examples]
+    responses = [ex[key] for key in response_keys for ex in examples]
+    if share_prompt:
+        return {
+            "prompt_ids": pad_sequences(prompts, pad_id, left=True),  # (B, P)
+            "prompt_mask": pad_sequences([[1] * len(p) for p in prompts], 0, left=True),  # (B, P)
+            "response_ids": pad_sequences(responses, pad_id),  # (k*B, R)
+            "response_mask": pad_sequences([[1.0] * len(r) for r in responses], 0.0, dtype=torch.float),
+        }
+    rows = [[*p, *r] for p, r in zip(prompts * len(response_keys), responses, strict=True)]
+    return {
+        "input_ids": pad_sequences(rows, pad_id),  # (k*B, L)
+        "attention_mask": pad_sequences([[1] * len(r) for r in rows], 0),  # (k*B, L)
+        "response_mask": pad_sequences(
+            [[0.0] * len(p) + [1.0] * len(r) for p, r in zip(prompts * len(response_keys), responses, strict=True)],
+            0.0,
+            dtype=torch.float,
+        ),
+        "response_start": min(len(p) for p in prompts),
+    }
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch with its tensors moved to `device` (other values, such as `response_start`, as they are)."""
+    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------- cache key
+
+
+def _update_file(h: Any, path: Path) -> None:
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+
+
+def hash_paths(paths: Sequence[str | Path | None], *, skip_weights: bool = False, only_model: bool = False) -> str:
+    """sha256 over the bytes of files (a directory: every file under it, by relative path, in sorted order).
+
+    `only_model`: in a directory keep weight files and config.json (what defines a model's outputs);
+    `skip_weights`: leave weight files out (what defines a tokenizer). A missing path hashes as its name.
+    """
+    h = hashlib.sha256()
+    for path in paths:
+        if path is None or path == "":
+            h.update(b"<none>")
+            continue
+        p = Path(path)
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        for f in files:
+            is_weight = f.suffix in WEIGHT_SUFFIXES
+            dropped = (skip_weights and is_weight) or (only_model and not (is_weight or f.name == "config.json"))
+            if p.is_dir() and dropped:
+                continue
+            h.update(str(f.relative_to(p) if p.is_dir() else p.name).encode() + b"\0")
+            if f.exists():
+                _update_file(h, f)
+    return h.hexdigest()
+
+
+def hash_examples(examples: Iterable[dict[str, Any]], keys: Sequence[str]) -> str:
+    """sha256 over the token-id lists `keys` of each example, in order: what the model actually sees."""
+    h = hashlib.sha256()
+    for ex in examples:
+        for k in keys:
+            h.update(json.dumps(ex[k]).encode() + b"|")
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def cache_key(parts: dict[str, Any]) -> str:
+    """A short hex key from a JSON-able description of everything the cached numbers depend on."""
+    text = json.dumps({"format": CACHE_FORMAT, **parts}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+# ---------------------------------------------------------------------------------------------- cache
+
+
+def cache_path(run_dir: Path, key: str) -> Path:
+    return Path(run_dir) / "ref_logps" / f"{key}.safetensors"
+
+
+def save_cache(path: Path, tables: dict[str, Tensor]) -> None:
+    """Write the tables (safetensors) atomically: to a temporary sibling, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tables.items()}, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
+
+
+def load_cache(path: Path) -> dict[str, Tensor] | None:
+    """The cached tables, or None when there is no (readable) cache file under this key."""
+    if not path.is_file():
+        return None
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # a torn or foreign file: recompute rather than fail
+        logger.warning("ignoring unreadable reference cache %s (%s)", path, exc)
+        return None
+
+
+@torch.no_grad()
+def score_examples(
+    model: nn.Module,
+    examples: Sequence[dict[str, Any]],
+    collate: Callable[[Sequence[dict[str, Any]]], dict[str, Any]],
+    *,
+    batch_size: int,
+    device: torch.device,
+    rows_per_example: int,
+    autocast: Callable[[], Any],
+) -> Tensor:
+    """Summed response log-probs of every example, (N, rows_per_example) float32, e.g. [chosen, rejected].
+
+    Examples are scored in batches sorted by length (less padding); the result is in the original order.
+    `collate` returns rows laid out as rows_per_example blocks of the batch ([chosen; rejected] for pairs).
+    """
+    out = torch.zeros(len(examples), rows_per_example)
+    order = sorted(range(len(examples)), key=lambda i: _length(examples[i]))
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        batch = to_device(collate([examples[i] for i in idx]), device)
+        with autocast():
+            logps = response_logps(model, batch).sum  # (rows_per_example * b,)
+        out[idx] = logps.float().cpu().view(rows_per_example, len(idx)).T
+    return out
+
+
+def _length(ex: dict[str, Any]) -> int:
+    return sum(len(v) for k, v in ex.items() if k.endswith("_ids"))
+
+
+# ---------------------------------------------------------------------------------------------- the reference
+
+
+class Reference:
+    """Where reference log-probs come from: a precomputed table per split, or a frozen model scored on the fly.
+
+    `model` scores batches under no_grad (and `autocast`, the policy's mixed precision). `adapter_host`, when
+    given, is a peft model whose adapters are switched off while scoring: with LoRA and no separate reference,
+    the reference is the base model under the adapters, so no second copy of the weights is kept.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module | None = None,
+        tables: dict[str, Tensor] | None = None,
+        adapter_host: nn.Module | None = None,
+        autocast: Callable[[], Any] = contextlib.nullcontext,
+    ) -> None:
+        self.model, self.tables, self.adapter_host, self.autocast = model, tables, adapter_host, autocast
+
+    def lookup(self, split: str, idx: Sequence[int], device: torch.device) -> Tensor | None:
+        """The cached rows of `split` for dataset indices `idx` (len(idx), k), or None without a cache."""
+        if self.tables is None or split not in self.tables:
+            return None
+        return self.tables[split][list(idx)].to(device)
+
+    @torch.no_grad()
+    def score(self, batch: dict[str, Any], rows_per_example: int) -> Tensor:
+        """Summed response log-probs of a collated batch by the reference model, (B, rows_per_example)."""
+        if self.model is None:
+            raise RuntimeError("no reference model loaded (the log-probs were expected in the cache)")
+        host = self.adapter_host
+        off = host.disable_adapter() if host is not None else contextlib.nullcontext()  # type: ignore[operator]
+        with off, self.autocast():
+            logps = response_logps(self.model, batch).sum  # (rows_per_example * B,)
+        return logps.float().view(rows_per_example, -1).T
+
+    def logps(self, batch: dict[str, Any], split: str, idx: Sequence[int], rows_per_example: int) -> Tensor:
+        """From the cache when there is one, else scored now: (len(idx), rows_per_example)."""
+        cached = self.lookup(split, idx, batch["response_mask"].device)
+        return cached if cached is not None else self.score(batch, rows_per_example)
+
+
+@dataclass
+class ExampleLayout:
+    """How a trainer's examples are scored: the data kind, its token-id fields, its collate, rows per example."""
+
+    kind: str  # "preference" or "unpaired"
+    id_keys: tuple[str, ...]  # token-id fields hashed into the cache key
+    collate: Callable[[Sequence[dict[str, Any]]], dict[str, Any]]
+    rows_per_example: int  # 2 for [chosen; rejected], 1 for a completion
+
+
+def reference_cache_key(cfg: Any, splits: dict[str, Sequence[dict[str, Any]]], layout: ExampleLayout) -> str:
+    """The cache key of a run's reference log-probs (see the module docstring for what it covers).
+
+    `cfg` is a preference trainer's Config: it has `model`, `ref` (None: the initial policy is the
+    reference), `data`, `seed` and `train.mixed_precision`.
+    """
+    ref_cfg = cfg.ref if cfg.ref is not None else cfg.model
+    data = cfg.data
+    return cache_key(
+        {
+            "kind": layout.kind,
+            "reference_files": hash_paths([ref_cfg.path], only_model=True),
+            "reference_dtype": ref_cfg.dtype,
+            "mixed_precision": cfg.train.mixed_precision,
+            "data_files": hash_paths([data.train, data.eval]),
+            "data_config": {k: getattr(data, k) for k in sorted(vars(data))},
+            "tokenizer_files": hash_paths([cfg.model.tokenizer_path], skip_weights=True),
+            "split_seed": cfg.seed if data.eval is None and data.eval_fraction > 0 else None,
+            "examples": {name: hash_examples(exs, layout.id_keys) for name, exs in sorted(splits.items())},
+        }
+    )
+
+
+def cached_reference_tables(
+    engine: Any,
+    splits: dict[str, Sequence[dict[str, Any]]],
+    layout: ExampleLayout,
+    key: str,
+    make_reference: Callable[[], Reference],
+    *,
+    batch_size: int,
+) -> dict[str, Tensor]:
+    """Reference log-probs of every example of every split, {split: (N, rows_per_example)}, from the cache.
+
+    On a miss the main process builds the reference (`make_reference`, only then), scores every split in
+    no-grad batches of `batch_size`, and writes `run_dir/ref_logps/<key>.safetensors`; then every process
+    reads that file, so all of them use the same numbers.
+    """
+    path = cache_path(engine.run_dir, key)
+    if engine.is_main:
+        if load_cache(path) is None:
+            logger.info("computing reference log-probs for %s", ", ".join(f"{len(v)} {k}" for k, v in splits.items()))
+            ref = make_reference()
+            tables = {}
+            for name, examples in splits.items():
+                host = ref.adapter_host
+                off = host.disable_adapter() if host is not None else contextlib.nullcontext()  # type: ignore[operator]
+                with off:
+                    tables[name] = score_examples(
+                        ref.model,  # type: ignore[arg-type]
+                        examples,
+                        layout.collate,
+                        batch_size=batch_size,
+                        device=engine.device,
+                        rows_per_example=layout.rows_per_example,
+                        autocast=ref.autocast,
+                    )
+            save_cache(path, tables)
+        else:
+            logger.info("reference log-probs from the cache %s", path)
+    engine.accelerator.wait_for_everyone()
+    tables = load_cache(path)
+    if tables is None:
+        raise RuntimeError(f"the reference cache {path} was not written")
+    return tables
