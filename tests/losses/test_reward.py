@@ -57,3 +57,20 @@ def test_metrics_detached() -> None:
     c = torch.zeros(2, requires_grad=True)
     _, m = bradley_terry_loss(c, torch.ones(2))
     assert not any(v.requires_grad for v in m.values())
+
+
+def test_reward_centering_penalty_by_hand() -> None:
+    """(r_c + r_r)^2 per pair: (2 + 1)^2 = 9, (0.5 - 0.5)^2 = 0, (-1 - 2)^2 = 9; gradient 2 (r_c + r_r) = [6, 0, -6]
+    on either reward; bf16 input gives a float32 result."""
+    from rlhf.losses.reward import reward_centering_penalty
+
+    chosen = torch.tensor([2.0, 0.5, -1.0], requires_grad=True)
+    rejected = torch.tensor([1.0, -0.5, -2.0])
+    penalty = reward_centering_penalty(chosen, rejected)
+    torch.testing.assert_close(penalty, torch.tensor([9.0, 0.0, 9.0]))
+    penalty.sum().backward()
+    assert chosen.grad is not None
+    torch.testing.assert_close(chosen.grad, torch.tensor([6.0, 0.0, -6.0]))
+    half = reward_centering_penalty(chosen.detach().bfloat16(), rejected.bfloat16())
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, torch.tensor([9.0, 0.0, 9.0]))

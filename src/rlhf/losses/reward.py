@@ -1,4 +1,4 @@
-"""Reward-model loss: Bradley-Terry pairwise likelihood, with an optional margin."""
+"""Reward-model loss: Bradley-Terry pairwise likelihood, with an optional margin, and a reward-centering term."""
 
 from __future__ import annotations
 
@@ -41,3 +41,21 @@ def bradley_terry_loss(
         "margin": diff.detach(),
     }
     return losses, metrics
+
+
+def reward_centering_penalty(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
+    """Auxiliary term that pulls the rewards of each pair towards zero mean, per pair.
+
+        c = (r_c + r_r)^2
+
+    Eisenstein et al. 2023, "Helping or Herding? Reward Model Ensembles Mitigate but do not Eliminate Reward
+    Hacking", Sec. 3 (pretraining the reward models): the Bradley-Terry likelihood only sees differences
+    r_c - r_r, so the reward's offset is free; adding `eta * (r_c + r_r)^2` (they use eta = 0.01) fixes it near
+    0, which makes the rewards of different models (an ensemble, or runs of one model) comparable. The
+    trainer adds `center_coef * c` to the Bradley-Terry loss of each pair, so the batch mean is
+    `center_coef * mean((r_c + r_r)^2)`, TRL's `center_rewards_coefficient` term.
+
+    Shapes: chosen_rewards, rejected_rewards (B,). Returns the penalty (B,), not reduced, with no metrics
+    dict (it is one number per pair; the trainer logs its mean). Half precision is computed in float32.
+    """
+    return (upcast(chosen_rewards) + upcast(rejected_rewards)) ** 2

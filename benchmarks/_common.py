@@ -1,0 +1,148 @@
+"""Shared helpers of the side-by-side benchmarks (ours vs TRL): timing, memory, matmul peak, output, setup.
+
+Each benchmark runs every trial in a fresh worker process (so peak RSS is per trial and neither side inherits
+the other's allocator or thread state) and alternates the sides round by round, so background load on a
+shared machine hits both alike. The orchestrating process prints one JSON object per line.
+
+    setup = make_setup(out_dir, hidden=256, layers=4)        # tiny llama + seeded RM init + task files
+    peak = matmul_peak_flops(threads=2)                      # fp32 FLOP/s of a big torch.matmul loop
+    result = run_worker([sys.executable, script, "--worker", ...], result_file)
+    emit({"bench": "sft", "side": "ours", **result})
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def emit(record: dict[str, Any]) -> None:
+    """Print one JSON object on its own line (floats rounded to 5 significant digits), flushed."""
+
+    def tidy(v: Any) -> Any:
+        if isinstance(v, float):
+            return float(f"{v:.5g}")
+        if isinstance(v, dict):
+            return {k: tidy(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [tidy(x) for x in v]
+        return v
+
+    print(json.dumps(tidy(record)), flush=True)
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far, in MiB (`ru_maxrss` is KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+def set_threads(threads: int) -> None:
+    """Pin torch's intra-op threads (and the OpenMP default of any child) to `threads`."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+
+
+def matmul_peak_flops(*, n: int = 1024, seconds: float = 1.0, repeats: int = 5, threads: int | None = None) -> float:
+    """Measured fp32 matmul throughput (FLOP/s): the best of `repeats` bursts of (n x n) @ (n x n) products.
+
+    The MFU denominator: what this machine's BLAS reaches on large, well-shaped products with `threads`
+    threads, rather than a datasheet number that a shared 2-core VM never sees.
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    out = torch.empty(n, n)
+    for _ in range(3):
+        torch.matmul(a, b, out=out)
+    best = 0.0
+    for _ in range(repeats):
+        count, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < seconds:
+            torch.matmul(a, b, out=out)
+            count += 1
+        best = max(best, 2 * n**3 * count / elapsed)
+    return best
+
+
+def mfu(matmul_params: int, tokens_per_s: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation: 6 * N * tokens/s / peak (forward 2N + backward 4N FLOPs per token)."""
+    return 6 * matmul_params * tokens_per_s / peak_flops
+
+
+def matmul_params(model: torch.nn.Module) -> int:
+    """Parameters that take part in matmuls: all of them but the input embedding (a lookup, no FLOPs)."""
+    embedding = model.get_input_embeddings()
+    skip = {id(p) for p in embedding.parameters()} if embedding is not None else set()
+    return sum(p.numel() for p in model.parameters() if id(p) not in skip)
+
+
+@dataclass
+class Setup:
+    """What both sides of a benchmark train from: the same weights, the same data files."""
+
+    model_dir: str  # causal LM (SFT starts here)
+    rm_init_dir: str  # the same backbone with a seeded one-label head (both RM sides start here)
+    data: dict[str, str]  # write_task_files paths by name: sft, preference, ... (+ _eval)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> Setup:
+        return cls(**json.loads(text))
+
+
+def make_setup(
+    out_dir: str | Path, *, hidden: int, layers: int, heads: int = 4, n_train: int = 4096, seed: int = 0
+) -> Setup:
+    """A tiny llama (rlhf.tasks.tiny), its reward-model initialisation, and the built-in task's data files."""
+    from rlhf.config import ModelConfig
+    from rlhf.models.loading import load_scalar_model, load_tokenizer
+    from rlhf.tasks.sorting import write_task_files
+    from rlhf.tasks.tiny import make_tiny_checkpoint
+
+    out = Path(out_dir)
+    model_dir = make_tiny_checkpoint(
+        out / "model", "llama", hidden_size=hidden, num_layers=layers, num_heads=heads, seed=seed
+    )
+    torch.manual_seed(seed)  # the new score head
+    rm = load_scalar_model(ModelConfig(path=str(model_dir)), trainable=False)
+    rm.save_pretrained(out / "rm_init")
+    load_tokenizer(str(model_dir)).save_pretrained(out / "rm_init")
+    data = write_task_files(out / "data", n_train=n_train, n_eval=64, seed=seed)
+    return Setup(str(model_dir), str(out / "rm_init"), {k: str(v) for k, v in data.items()})
+
+
+def run_worker(cmd: Sequence[str], result_file: Path, *, timeout: float = 1800) -> dict[str, Any]:
+    """Run one trial in a fresh process; it writes its result as JSON to `result_file`, which is returned."""
+    result_file.unlink(missing_ok=True)
+    proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0 or not result_file.is_file():
+        raise RuntimeError(f"worker failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-4000:]}")
+    return json.loads(result_file.read_text())
+
+
+def alternating(rounds: int, sides: Sequence[str]) -> list[tuple[int, str]]:
+    """(round, side) in ABBA order (A B, B A, A B, ...), so a drift in background load favours neither side."""
+    order = []
+    for r in range(rounds):
+        for side in sides if r % 2 == 0 else list(reversed(sides)):
+            order.append((r, side))
+    return order
+
+
+def median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])

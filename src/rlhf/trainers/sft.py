@@ -1,0 +1,221 @@
+"""Supervised fine-tuning (SFT): maximum likelihood of the demonstrations' responses.
+
+    rlhf train sft --config configs/sft.yaml
+
+The loss is the token-mean cross-entropy over response tokens only (prompt tokens are labelled -100 by the
+data layer and never carry loss): the engine counts one unit per response token, so a step's loss is
+(sum of token NLLs over the global batch) / (response tokens in it), however the batch is split into
+micro-batches and processes. With `data.packing`, several examples share one row; each restarts its
+`position_ids` at 0 and the forward passes no attention mask, so `transformers` (v5) finds the example
+boundaries from the positions and no token attends across them (see `model_inputs`). Every
+`train.eval_every` steps and at the end, the held-out split gives `eval/loss` (token-mean NLL) and
+`eval/perplexity`. The run directory's `final/` is a `save_pretrained` checkpoint with the tokenizer,
+loadable by `AutoModelForCausalLM.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from rlhf.config import (
+    CheckpointConfig,
+    DataConfig,
+    LoggingConfig,
+    ModelConfig,
+    OptimConfig,
+    ScheduleConfig,
+    TrainConfig,
+    check,
+    to_dict,
+)
+from rlhf.data import IGNORE_INDEX, collate_sft, pack_sft
+from rlhf.losses.sft import sft_loss
+from rlhf.models.loading import apply_lora, load_causal_lm, load_tokenizer
+from rlhf.trainers.common import count_steps, load_splits
+from rlhf.trainers.data_order import DataOrder
+from rlhf.trainers.engine import Engine
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/sft"
+    """Run directory: config.yaml, metrics.jsonl, checkpoints/ and the final model in final/."""
+    seed: int = 0
+    """Seed of the data order, the held-out split and every random draw of training."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The causal LM to fine-tune."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """SFT data: `text`, `prompt` + `completion`, or `messages` rows; `packing` packs several per row."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """AdamW."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Learning-rate schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Batches (with packing: packed rows), steps, precision and the evaluation interval."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metrics logging and the progress bar."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Resumable checkpoints."""
+
+    def validate(self) -> None:
+        check(bool(self.output_dir), "output_dir", "must not be empty")
+
+
+# ---------------------------------------------------------------------------------------------- batches
+
+
+def make_batch(examples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    """`collate_sft` plus where the loss is, worked out here on the CPU so the step needs no host sync:
+
+    `logits_to_keep` (int): position p predicts token p + 1, so only the positions from the first one whose
+    next token carries a label (in any row) need the LM head; for prompt + completion data that skips most
+    of the prompt, most of the head's cost with a large vocabulary. `label_positions` (N,): the flat indices,
+    into those K-1 predicting positions of every row, of the N labelled tokens; `targets` (N,): their ids.
+    """
+    batch: dict[str, Any] = collate_sft(examples, pad_id)
+    length = batch["input_ids"].shape[1]
+    predicted = (batch["labels"][:, 1:] != IGNORE_INDEX).any(0)  # (L-1,) positions whose prediction counts
+    first = int(predicted.nonzero()[0, 0]) if bool(predicted.any()) else 0
+    keep = length - first  # >= 2: positions first .. L-1 (the last one predicts nothing)
+    shifted = batch["labels"][:, length - keep + 1 :]  # (B, K-1): the tokens positions first .. L-2 predict
+    batch["logits_to_keep"] = keep
+    batch["label_positions"] = (shifted != IGNORE_INDEX).flatten().nonzero().squeeze(1)  # (N,)
+    batch["targets"] = shifted.flatten()[batch["label_positions"]]  # (N,)
+    return batch
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments of the forward pass.
+
+    Unpacked rows are right padded, so the attention mask changes nothing a loss sees (no real token attends
+    to a later position) but is passed for models that use it otherwise. Packed rows pass `position_ids`
+    and NO attention mask (with `use_cache=False`): `transformers` then reads each example's span from the
+    restarting positions and masks attention across examples (sdpa and eager build a block-diagonal causal
+    mask; flash-attention uses the variable-length kernel), so packing changes the batching, not the loss.
+    """
+    kwargs: dict[str, Any] = {"input_ids": batch["input_ids"], "use_cache": False}
+    kwargs["logits_to_keep"] = batch["logits_to_keep"]
+    if "position_ids" in batch:
+        kwargs["position_ids"] = batch["position_ids"]
+    else:
+        kwargs["attention_mask"] = batch["attention_mask"]
+    return kwargs
+
+
+def token_nll(model: nn.Module, batch: dict[str, Any]) -> Tensor:
+    """NLL of every labelled token of the batch, flattened: (N,).
+
+    Only the labelled positions go through `sft_loss`, as one (1, N, V) slab: the log-softmax is taken over
+    response tokens only, in one call rather than one per row (on small batches mostly per-op overhead).
+    """
+    logits = model(**model_inputs(batch)).logits[:, :-1]  # (B, K-1, V): positions L-K .. L-2
+    picked = logits.flatten(0, 1).index_select(0, batch["label_positions"])  # (N, V)
+    nll, _ = sft_loss(picked[None], batch["targets"][None])  # (1, N)
+    return nll[0]
+
+
+def loss_fn(model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """Engine loss: summed NLL of the response tokens, unit = one response token."""
+    nll = token_nll(model, batch)
+    return nll.sum(), nll.shape[0], {}
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(engine: Engine, examples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, float]:
+    """Token-mean NLL and perplexity on held-out examples (never packed), each process scoring its share."""
+    model = engine.unwrapped_model  # no DDP in evaluation: processes run different numbers of forwards
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(2, dtype=torch.float64, device=engine.device)  # [nll sum, tokens]
+    mine = list(examples)[engine.rank :: engine.world_size]
+    size = engine.train_cfg.micro_batch_size
+    for start in range(0, len(mine), size):
+        nll = token_nll(model, to_device(make_batch(mine[start : start + size], pad_id), engine.device))
+        sums[0] += nll.sum().double()
+        sums[1] += nll.shape[0]
+    if engine.world_size > 1:
+        sums = engine.accelerator.reduce(sums, reduction="sum")
+    model.train(was_training)
+    loss = (sums[0] / sums[1].clamp(min=1)).item()
+    return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 700.0))}
+
+
+def eval_due(step: int, total: int, every: int) -> bool:
+    """Evaluate every `every` steps (0: never in between) and always after the last step."""
+    return step == total or (every > 0 and step % every == 0)
+
+
+def merged_for_saving(model: nn.Module) -> nn.Module:
+    """A LoRA model with its adapters merged into the weights (so `final/` is a plain checkpoint), else as is."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+
+def train(cfg: Config) -> Path:
+    """Fine-tune `cfg.model` on `cfg.data`; return the run directory (its `final/` holds the model)."""
+    out = Path(cfg.output_dir)
+    tokenizer = load_tokenizer(cfg.model.tokenizer_path, trust_remote_code=cfg.model.trust_remote_code)
+    splits = load_splits(cfg.data, "sft", tokenizer, seed=cfg.seed)
+    examples = pack_sft(splits.train, cfg.data.max_length) if cfg.data.packing else splits.train
+    if cfg.data.packing:
+        n_rows, n_examples = len(examples), len(splits.train)
+        logger.info("packed %d examples into %d rows of <= %d tokens", n_examples, n_rows, cfg.data.max_length)
+    if not splits.eval:
+        logger.warning("no held-out data (set data.eval or data.eval_fraction): eval/* metrics are not logged")
+    total = count_steps(cfg.train, len(examples))
+    model = apply_lora(load_causal_lm(cfg.model, trainable=True), cfg.model.lora)
+    engine = Engine(
+        model,
+        run_dir=out,
+        seed=cfg.seed,
+        optim=cfg.optim,
+        schedule=cfg.schedule,
+        train=cfg.train,
+        logging=cfg.logging,
+        checkpoint=cfg.checkpoint,
+        total_steps=total,
+        config_dict=to_dict(cfg),
+    )
+    order = DataOrder(len(examples), cfg.train.batch_size, seed=cfg.seed)
+    engine.register_state("data_order", order)
+    engine.resume()
+    pad_id = tokenizer.pad_token_id
+
+    while engine.step < total:
+        if engine.should_stop():
+            engine.interrupt()
+        micro_batches = [
+            to_device(make_batch([examples[i] for i in idx], pad_id), engine.device)
+            for idx in engine.local_indices(order.next_batch())
+        ]
+        metrics = engine.train_step(micro_batches, loss_fn) or {}
+        if metrics and engine.step == cfg.logging.every:  # the first logged line says what the data was
+            metrics |= splits.report
+        if splits.eval and eval_due(engine.step, total, cfg.train.eval_every):
+            metrics |= evaluate(engine, splits.eval, pad_id)
+        if metrics:
+            engine.log(metrics | {"data/epoch": float(order.epoch)})
+        engine.maybe_save_checkpoint()
+
+    engine.save_final(merged_for_saving(engine.unwrapped_model), tokenizer)
+    engine.close()
+    return out
