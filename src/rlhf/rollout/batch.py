@@ -1,0 +1,161 @@
+"""A rollout batch from generation to the updates: sampling in chunks, the no-grad scoring passes, the text scores.
+
+* `generate_batch` samples one response per prompt row in chunks of rows (one `generate` call each) and masks
+  everything after each response's first EOS.
+* `RolloutBatch` holds the sequences `[left-padded prompt | right-padded response]` (B, P+T) with per-token
+  tensors (B, T) (old log-probs, values, advantages, ...), and selects rows for chunks and minibatches with the
+  padding columns every selected row shares trimmed away (left of the longest prompt, right of the longest
+  response). Trimming changes no result beyond float rounding: positions come from the attention mask.
+* `score_in_chunks` runs a model function over a batch in chunks of rows under `torch.no_grad`, in one batched
+  pass per chunk (old log-probs, reference log-probs and values of a whole rollout: one call each). Chunks and
+  micro-batches group rows of similar length (`chunks_by_length`), so little compute goes to padding.
+* `decode_responses` / `score_responses`: the response text (policy tokenizer, special tokens skipped) and its
+  sequence score from any `RewardSource` (a reward model re-tokenizes the text with its own tokenizer).
+
+Shared by the online trainers (PPO, GRPO, RLOO).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+from rlhf.rollout.generation import GenerationBackend, Rollout, SamplingConfig, mask_after_eos
+from rlhf.rollout.rewards import Prompt, RewardSource
+
+TokenFn = Callable[[Tensor, Tensor, int], Sequence[Tensor | None]]
+"""fn(input_ids (b, L), attention_mask (b, L), T) -> tensors (b, T) (or None) for the last T tokens."""
+
+
+@dataclass
+class RolloutBatch:
+    """A rollout's sequences (B, P+T), its response mask (B, T) and named per-response-token tensors (B, T)."""
+
+    input_ids: Tensor  # (B, P+T) left-padded prompt, right-padded response
+    attention_mask: Tensor  # (B, P+T) long; 0 on padding and after each response's first EOS
+    response_mask: Tensor  # (B, T) float, 1.0 up to and including the first EOS
+    tokens: dict[str, Tensor] = field(default_factory=dict)  # name -> (B, T)
+    rows: Tensor | None = None  # row indices into the batch this one was selected from, when it was
+
+    @classmethod
+    def from_rollout(cls, rollout: Rollout) -> RolloutBatch:
+        return cls(rollout.input_ids, rollout.attention_mask, rollout.response_mask)
+
+    @property
+    def response_len(self) -> int:
+        return self.response_mask.shape[1]
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, rows: Sequence[int] | Tensor | slice) -> RolloutBatch:
+        """The given rows, with the padding columns they all share trimmed away (left and right)."""
+        if not isinstance(rows, slice):
+            rows = torch.as_tensor(rows, dtype=torch.long).to(self.input_ids.device)
+        ids, mask, resp = self.input_ids[rows], self.attention_mask[rows], self.response_mask[rows]
+        prompt_len = ids.shape[1] - resp.shape[1]
+        attended = mask[:, :prompt_len].any(0)  # (P,)
+        start = int(attended.float().argmax()) if bool(attended.any()) else prompt_len
+        keep = max(int(resp.sum(-1).max()), 1) if resp.numel() else 0  # longest response in these rows
+        end = prompt_len + keep
+        return RolloutBatch(
+            ids[:, start:end],
+            mask[:, start:end],
+            resp[:, :keep],
+            {k: v[rows][:, :keep] for k, v in self.tokens.items()},
+        )
+
+    def chunks_by_length(self, rows: Sequence[int] | Tensor, size: int) -> list[RolloutBatch]:
+        """`rows` split into chunks of at most `size`, longest sequences first, each chunk trimmed: grouping rows
+        of similar length keeps the padding (and so the compute) of every chunk small. It is a partition of the
+        rows, so an accumulated gradient does not depend on it (up to float rounding). Each chunk's `rows` holds
+        its row indices into this batch."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        lengths = self.attention_mask.sum(-1).cpu()[rows]
+        order = rows[torch.argsort(lengths, descending=True, stable=True)]
+        chunks = []
+        for start in range(0, len(order), size):
+            chunk = self.select(order[start : start + size])
+            chunk.rows = order[start : start + size]
+            chunks.append(chunk)
+        return chunks
+
+    def to(self, device: torch.device) -> RolloutBatch:
+        return RolloutBatch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.response_mask.to(device),
+            {k: v.to(device) for k, v in self.tokens.items()},
+        )
+
+
+@torch.no_grad()
+def generate_batch(
+    backend: GenerationBackend,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    sampling: SamplingConfig,
+    *,
+    chunk_size: int,
+    eos_token_id: int,
+    pad_token_id: int,
+) -> Rollout:
+    """`generate_rollout` over chunks of `chunk_size` rows, responses padded to the widest chunk.
+
+    A chunk narrower than the widest one finished every row with EOS (a row without EOS runs to max_new_tokens),
+    so the pad columns added here always lie after an EOS and are masked.
+    """
+    chunks = [
+        backend.generate(prompt_ids[s : s + chunk_size], prompt_mask[s : s + chunk_size], sampling)
+        for s in range(0, prompt_ids.shape[0], chunk_size)
+    ]
+    width = max(c.shape[1] for c in chunks)
+    raw = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=pad_token_id) for c in chunks])
+    ids, mask, ended = mask_after_eos(raw, eos_token_id, pad_token_id)
+    return Rollout(prompt_ids, prompt_mask, ids, mask, ended)
+
+
+@torch.no_grad()
+def score_in_chunks(fn: TokenFn, batch: RolloutBatch, chunk_size: int) -> list[Tensor | None]:
+    """`fn` over the batch in chunks of at most `chunk_size` rows grouped by length (`chunks_by_length`), outputs
+    put back in row order and padded to (B, T) with 0. One (B, T) tensor per output of `fn` (None where `fn`
+    returned None)."""
+    B, T = len(batch), batch.response_len
+    chunks = batch.chunks_by_length(torch.arange(B), chunk_size)
+    outputs = [list(fn(c.input_ids, c.attention_mask, c.response_len)) for c in chunks]
+    rows = [c.rows for c in chunks]
+    merged: list[Tensor | None] = []
+    for parts in zip(*outputs, strict=True):
+        if any(p is None for p in parts):
+            merged.append(None)
+            continue
+        full = torch.zeros(B, T, dtype=parts[0].dtype, device=parts[0].device)  # type: ignore[union-attr]
+        for idx, p in zip(rows, parts, strict=True):
+            assert p is not None
+            full[idx.to(full.device), : p.shape[1]] = p
+        merged.append(full)
+    return merged
+
+
+def decode_responses(tokenizer: PreTrainedTokenizerBase, response_ids: Tensor, response_mask: Tensor) -> list[str]:
+    """Each response's text, up to and including its first EOS, special tokens skipped."""
+    lengths = response_mask.sum(-1).long().tolist()
+    rows = response_ids.tolist()
+    return tokenizer.batch_decode([row[:n] for row, n in zip(rows, lengths, strict=True)], skip_special_tokens=True)
+
+
+def score_responses(
+    source: RewardSource, prompts: Sequence[Prompt], completions: Sequence[str], extras: Sequence[dict[str, Any]]
+) -> Tensor:
+    """The sequence score of each completion, (B,) float32 on the CPU, checked for shape and finiteness."""
+    scores = source.score(prompts, completions, extras).float().cpu()
+    if scores.shape != (len(completions),):
+        raise ValueError(f"reward source returned shape {tuple(scores.shape)} for {len(completions)} completions")
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError(f"reward source returned non-finite scores: {scores.tolist()}")
+    return scores

@@ -1,0 +1,494 @@
+"""PPO: the classic online RLHF stage (Ziegler et al. 2019; Stiennon et al. 2020; Ouyang et al. 2022, Sec. 3.5).
+
+    rlhf train ppo --config configs/ppo.yaml
+
+One iteration: draw `rollout.batch_size` prompts; sample one response each from the policy; score the decoded text
+(reward models and/or Python functions); in batched no-grad passes take the old log-probs (with values, from the
+actor-critic) and the reference log-probs; shape per-token rewards (-beta * KL on every token, the shaped score
+added at the last response token); GAE; whiten the advantages; then `ppo_epochs` passes over shuffled minibatches
+of `train.batch_size` responses, each ONE optimizer step (micro-batches of `train.micro_batch_size`) of
+
+    loss = pg_loss + vf_coef * value_loss - ent_coef * entropy       each reduced by `loss_aggregation`
+
+`value_loss` (`losses.value.clipped_value_loss`) already holds the 1/2: 0.5 * max((V - R)^2, (V_clip - R)^2). The
+default vf_coef 0.5 on it is cleanrl's and OpenAI baselines' 0.25 * max(...); TRL's PPOTrainer has the same 1/2
+inside and vf_coef 0.1 (benchmarks/bench_ppo.py sets 0.1 on both sides).
+
+Bookkeeping: `train.batch_size` is the minibatch (responses per optimizer step); an iteration is `ppo_epochs *
+rollout.batch_size / train.batch_size` steps (fewer when `target_approx_kl` stops it early). One metrics line per
+iteration, at its last step. Checkpoints and SIGTERM stops happen only between iterations (a rollout is never
+saved): `checkpoint.every` counts optimizer steps, and the checkpoint is written at the end of the iteration that
+reaches a multiple of it. The prompt order (which also counts the iterations), the KL coefficient and every RNG
+stream (generation samples from torch's global RNG) are in the checkpoint, so a resumed run equals an uninterrupted
+one bit for bit.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from rlhf.advantages import gae
+from rlhf.config import (
+    CheckpointConfig,
+    DataConfig,
+    LoggingConfig,
+    ModelConfig,
+    OptimConfig,
+    ScheduleConfig,
+    TrainConfig,
+    check,
+    check_choice,
+    to_dict,
+)
+from rlhf.data import collate_prompts
+from rlhf.errors import UserError
+from rlhf.losses import (
+    AGGREGATE_MODES,
+    aggregate_parts,
+    clipped_value_loss,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    ppo_policy_loss,
+)
+from rlhf.models.forward import causal_lm_logprobs
+from rlhf.models.loading import apply_lora, disable_dropout, frozen_copy, load_causal_lm, load_tokenizer
+from rlhf.models.value import PolicyWithValue, ValueConfig, load_critic
+from rlhf.rollout.batch import RolloutBatch, decode_responses, generate_batch, score_in_chunks, score_responses
+from rlhf.rollout.config import (
+    KLConfig,
+    RewardConfig,
+    RolloutConfig,
+    build_reward,
+    kl_controller,
+    load_reward_models,
+    move_reward_models,
+)
+from rlhf.rollout.generation import HFGenerationBackend
+from rlhf.rollout.rewards import RewardSource
+from rlhf.rollout.shaping import shape_scores, token_rewards
+from rlhf.trainers.common import load_splits
+from rlhf.trainers.data_order import DataOrder
+from rlhf.trainers.engine import Engine
+from rlhf.trainers.run_dir import SAMPLES_FILE, JsonlWriter
+from rlhf.trainers.sft import merged_for_saving
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/ppo"
+    """Run directory (config, metrics, samples, checkpoints, final/)."""
+    seed: int = 0
+    """Seed of the prompt order, the critic's fresh head, the minibatch shuffles and generation."""
+    total_episodes: int = 0
+    """Responses to generate in the whole run (rounded up to whole iterations); 0: `train.max_steps` optimizer
+    steps (rounded up to whole iterations), or else `train.epochs` passes over the prompts."""
+    ppo_epochs: int = 4
+    """Passes over each rollout batch."""
+    clip_low: float = 0.2
+    """Lower clip of the probability ratio: 1 - clip_low."""
+    clip_high: float = 0.2
+    """Upper clip of the probability ratio: 1 + clip_high (above clip_low: DAPO's clip-higher)."""
+    dual_clip: float | None = None
+    """Dual clip c > 1 (Ye et al. 2020): cap the loss of negative-advantage tokens at -c * A; null: off."""
+    vf_coef: float = 0.5
+    """Coefficient c1 of the value loss, which already holds the 1/2 of a squared error (see the module doc)."""
+    value_clip: float = 0.2
+    """Clip range of the value update around the rollout's values, in reward units."""
+    ent_coef: float = 0.0
+    """Coefficient c2 of the entropy bonus (0: the entropy is not computed in the update)."""
+    gamma: float = 1.0
+    """Discount of GAE over response tokens."""
+    lam: float = 0.95
+    """Lambda of GAE."""
+    whiten_advantages: bool = True
+    """Normalise the advantages over each rollout batch's response tokens (zero mean, unit variance)."""
+    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = "token_mean"
+    """How per-token losses are reduced (rlhf.losses.reduce.aggregate)."""
+    target_approx_kl: float | None = None
+    """Stop an iteration's remaining updates once a minibatch's approx KL to the rollout policy exceeds this
+    (checked on steps that log metrics: every step with logging.every 1); null: never."""
+    samples_every: int = 10
+    """Write `num_samples` (prompt, response, score) rows to samples.jsonl every N iterations (0: never)."""
+    num_samples: int = 4
+    """Rows per samples.jsonl write."""
+    ref_path: str | None = None
+    """A separate reference model directory; null: a frozen copy of the initial policy."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy, usually an SFT checkpoint."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Prompt data (kind `prompt`; extra fields go to reward functions). Held-out prompts (`eval`, `eval_fraction`)
+    are left out of training; PPO runs no evaluation of its own (use `rlhf eval`)."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Prompts per iteration and sampling."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """Reward sources and score shaping."""
+    kl: KLConfig = field(default_factory=KLConfig)
+    """The KL penalty to the reference and its controller."""
+    value: ValueConfig = field(default_factory=ValueConfig)
+    """The critic (trained in full: `model.lora` applies to the policy only)."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """AdamW, over actor and critic together."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Learning-rate schedule over optimizer steps."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """batch_size: responses per optimizer step (the minibatch); micro_batch_size; epochs over the prompts."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metrics and progress."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Resumable checkpoints (written between iterations)."""
+
+    @property
+    def steps_per_iteration(self) -> int:
+        """Optimizer steps of a full iteration: ppo_epochs x minibatches per rollout."""
+        return self.ppo_epochs * (self.rollout.batch_size // self.train.batch_size)
+
+    def validate(self) -> None:
+        check(self.total_episodes >= 0, "total_episodes", f"must be >= 0, got {self.total_episodes}")
+        check(self.ppo_epochs >= 1, "ppo_epochs", f"must be >= 1, got {self.ppo_epochs}")
+        check(self.clip_low >= 0 and self.clip_high >= 0, "clip_low", "clip_low and clip_high must be >= 0")
+        check(self.dual_clip is None or self.dual_clip > 1, "dual_clip", f"must be > 1 or null, got {self.dual_clip}")
+        check(self.vf_coef >= 0, "vf_coef", f"must be >= 0, got {self.vf_coef}")
+        check(self.value_clip >= 0, "value_clip", f"must be >= 0, got {self.value_clip}")
+        check(self.ent_coef >= 0, "ent_coef", f"must be >= 0, got {self.ent_coef}")
+        check(0 <= self.gamma <= 1, "gamma", f"must be in [0, 1], got {self.gamma}")
+        check(0 <= self.lam <= 1, "lam", f"must be in [0, 1], got {self.lam}")
+        check_choice(self.loss_aggregation, AGGREGATE_MODES, "loss_aggregation")
+        check(self.target_approx_kl is None or self.target_approx_kl > 0, "target_approx_kl", "must be > 0 or null")
+        check(self.samples_every >= 0 and self.num_samples >= 0, "samples_every", "samples_every and num_samples >= 0")
+        check(
+            self.rollout.batch_size % self.train.batch_size == 0,
+            "rollout.batch_size",
+            f"must be a multiple of train.batch_size ({self.train.batch_size}), got {self.rollout.batch_size}",
+        )
+        check(
+            self.data.max_prompt_length + self.rollout.max_new_tokens <= self.data.max_length,
+            "rollout.max_new_tokens",
+            f"data.max_prompt_length ({self.data.max_prompt_length}) + max_new_tokens "
+            f"({self.rollout.max_new_tokens}) must fit data.max_length ({self.data.max_length})",
+        )
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+@dataclass
+class Models:
+    """Everything PPO runs: the trained actor-critic, the frozen reference, the reward and the tokenizers."""
+
+    tokenizer: Any
+    actor_critic: PolicyWithValue
+    ref: nn.Module
+    reward: RewardSource
+    reward_models: list[Any]
+    critic_tokenizer: Any = None
+
+
+def build_models(cfg: Config) -> Models:
+    """Policy, reference, reward sources and critic, dropout off everywhere, on the CPU."""
+    if not cfg.model.path:
+        raise UserError("model.path: no policy checkpoint given (usually the SFT run's final/ directory)")
+    torch.manual_seed(cfg.seed)  # a fresh critic head is drawn from the global RNG
+    trust = cfg.model.trust_remote_code
+    tokenizer = load_tokenizer(cfg.model.tokenizer_path, trust_remote_code=trust)
+    policy = load_causal_lm(cfg.model, trainable=True)
+    if cfg.ref_path:
+        ref = load_causal_lm(
+            ModelConfig(path=cfg.ref_path, dtype=cfg.model.dtype, trust_remote_code=trust), trainable=False
+        )
+    else:
+        ref = frozen_copy(policy)
+    policy = apply_lora(policy, cfg.model.lora)
+    for m in (policy, ref):
+        disable_dropout(m)
+    reward_models = load_reward_models(cfg.reward, cfg.data, dtype=cfg.model.dtype, trust_remote_code=trust)
+    reward = build_reward(cfg.reward, reward_models)
+    critic, critic_tokenizer = load_critic(cfg.value, cfg.model, cfg.reward.model_paths, tokenizer)
+    actor_critic = PolicyWithValue(policy, critic, value_head=cfg.value.head_on_policy)
+    return Models(tokenizer, actor_critic, ref, reward, reward_models, critic_tokenizer)
+
+
+# ---------------------------------------------------------------------------------------------- rollout
+
+
+@dataclass
+class RolloutResult:
+    batch: RolloutBatch  # sequences, with old_logprobs, old_values, advantages, returns (B, T) as tokens
+    scores: Tensor  # (B,) raw sequence scores, CPU
+    completions: list[str]  # decoded responses
+    stats: dict[str, Tensor]  # scalar tensors, means over this process's rows
+    generated_tokens: int
+    generation_s: float
+
+
+@dataclass
+class Estimates:
+    shaped: Tensor  # (B,) sequence score after penalties, normalising, clipping
+    rewards: Tensor  # (B, T) -beta * kl_t, plus the shaped score at the last response token
+    kl: Tensor  # (B, T) per-token KL estimate to the reference (0 on padding)
+    advantages: Tensor  # (B, T) GAE, whitened if asked
+    returns: Tensor  # (B, T) value targets
+
+
+def estimate_advantages(
+    cfg: Config, scores: Tensor, ended_with_eos: Tensor, mask: Tensor, tokens: dict[str, Tensor], kl_coef: float
+) -> Estimates:
+    """Scores (B,) and `tokens` logprobs, ref_logprobs, values (B, T) -> shaped rewards, GAE advantages, returns."""
+    shaped = shape_scores(scores, ended_with_eos, mask.sum(-1), **cfg.reward.shaping)
+    rewards, kl = token_rewards(
+        shaped, tokens["logprobs"], tokens["ref_logprobs"], mask, kl_coef=kl_coef, kl_kind=cfg.kl.estimator
+    )
+    advantages, returns = gae(rewards, tokens["values"], mask, gamma=cfg.gamma, lam=cfg.lam)
+    if cfg.whiten_advantages:
+        advantages = masked_whiten(advantages, mask)
+    return Estimates(shaped, rewards, kl, advantages, returns)
+
+
+def make_rollout(
+    cfg: Config, models: Models, actor_critic: PolicyWithValue, examples: list[dict[str, Any]], kl_coef: float
+) -> RolloutResult:
+    """Generate, score, shape and estimate advantages for one batch of prompt examples (this process's share)."""
+    device = next(actor_critic.parameters()).device
+    tok, fbs, temperature = models.tokenizer, cfg.rollout.forward_batch_size, cfg.rollout.temperature
+    prompts = collate_prompts(examples, tok.pad_token_id)
+    ids = {"eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    backend = HFGenerationBackend(actor_critic.policy, **ids)
+    t0 = time.perf_counter()
+    prompt_ids, prompt_mask = prompts["input_ids"].to(device), prompts["attention_mask"].to(device)
+    rollout = generate_batch(backend, prompt_ids, prompt_mask, cfg.rollout.sampling, chunk_size=fbs, **ids)
+    generation_s = time.perf_counter() - t0
+    batch, mask = RolloutBatch.from_rollout(rollout), rollout.response_mask
+
+    def actor(ids: Tensor, att: Tensor, T: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        return actor_critic(ids, att, response_len=T, temperature=temperature, with_entropy=True)
+
+    def reference(ids: Tensor, att: Tensor, T: int) -> tuple[Tensor]:
+        return (causal_lm_logprobs(models.ref, ids, att, response_len=T, temperature=temperature)[0],)
+
+    logprobs, entropy, values = score_in_chunks(actor, batch, fbs)  # old log-probs and values: one batched pass
+    (ref_logprobs,) = score_in_chunks(reference, batch, fbs)
+    assert logprobs is not None and entropy is not None and values is not None and ref_logprobs is not None
+    completions = decode_responses(tok, rollout.response_ids, mask)
+    prompt_text, extras = [ex["prompt"] for ex in examples], [ex.get("extra", {}) for ex in examples]
+    scores = score_responses(models.reward, prompt_text, completions, extras)  # (B,) on the CPU
+    tokens = {"logprobs": logprobs, "ref_logprobs": ref_logprobs, "values": values}
+    est = estimate_advantages(cfg, scores.to(device), rollout.ended_with_eos, mask, tokens, kl_coef)
+    batch.tokens = dict(old_logprobs=logprobs, old_values=values, advantages=est.advantages, returns=est.returns)
+    stats = {
+        "reward/score": scores.mean(),
+        "reward/score_std": scores.std() if len(scores) > 1 else scores.new_zeros(()),
+        "reward/shaped": est.shaped.mean(),
+        "objective/kl": est.kl.sum(-1).mean(),
+        "objective/rlhf_reward": est.rewards.sum(-1).mean(),
+        "objective/entropy": masked_mean(entropy, mask),
+        "response/length": mask.sum(-1).mean(),
+        "response/eos_fraction": rollout.ended_with_eos.float().mean(),
+        "value/mean": masked_mean(values, mask),
+        "value/explained_variance": explained_variance(values, est.returns, mask),
+    }
+    return RolloutResult(batch, scores, completions, stats, int(mask.sum()), generation_s)
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+    """1 - Var(returns - values) / Var(returns) over the response tokens: 1 is a perfect critic, 0 no better than a
+    constant, negative worse (the cleanrl diagnostic). 0 when the returns do not vary."""
+    var_returns = masked_var(returns, mask)
+    ev = 1 - masked_var(returns - values, mask) / var_returns.clamp(min=1e-8)
+    return torch.where(var_returns > 0, ev, torch.zeros_like(ev))
+
+
+# ---------------------------------------------------------------------------------------------- updates
+
+
+def ppo_loss(model: nn.Module, mb: RolloutBatch, cfg: Config) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """The engine's loss_fn: (sum of the per-unit loss, units, metric sums) of one micro-batch.
+
+    Units are tokens (token_mean) or sequences (the seq_* modes), via `aggregate_parts`, so accumulating
+    micro-batches gives exactly the minibatch's aggregate.
+    """
+    want_entropy = cfg.ent_coef > 0
+    out = model(
+        mb.input_ids,
+        mb.attention_mask,
+        response_len=mb.response_len,
+        temperature=cfg.rollout.temperature,
+        with_entropy=want_entropy,
+    )
+    t, mask = mb.tokens, mb.response_mask
+    pg_loss, pg_metrics = ppo_policy_loss(
+        out.logprobs,
+        t["old_logprobs"],
+        t["advantages"],
+        clip_low=cfg.clip_low,
+        clip_high=cfg.clip_high,
+        dual_clip=cfg.dual_clip,
+    )
+    v_loss, v_metrics = clipped_value_loss(out.values, t["old_values"], t["returns"], clip_range=cfg.value_clip)
+
+    def part(x: Tensor) -> Tensor:
+        return aggregate_parts(x, mask, mode=cfg.loss_aggregation)[0]
+
+    pg_sum, units = aggregate_parts(pg_loss, mask, mode=cfg.loss_aggregation)
+    v_sum = part(v_loss)
+    loss = pg_sum + cfg.vf_coef * v_sum
+    metrics = {
+        "policy/loss": pg_sum.detach(),
+        "policy/clipfrac": part(pg_metrics["clipfrac"]),
+        "policy/approx_kl": part(pg_metrics["approx_kl"]),
+        "policy/ratio": part(pg_metrics["ratio"]),
+        "value/loss": v_sum.detach(),
+        "value/clipfrac": part(v_metrics["clipfrac"]),
+    }
+    if want_entropy:
+        assert out.entropy is not None
+        entropy_sum = part(out.entropy)
+        loss = loss - cfg.ent_coef * entropy_sum
+        metrics["policy/entropy"] = entropy_sum.detach()
+    return loss, units, metrics
+
+
+def run_updates(engine: Engine, batch: RolloutBatch, cfg: Config, iteration: int) -> tuple[list[dict[str, float]], int]:
+    """`ppo_epochs` shuffled passes of minibatch steps over this process's rollout rows; a minibatch's micro-batches
+    group its rows by length (less padding; the step's gradient is the same).
+
+    Returns the metrics of the steps that logged and the number of tokens (prompt + response) trained on. The
+    shuffles come from a generator seeded by (seed, iteration, epoch), not from the global RNG.
+    """
+    n, mb_size, micro = len(batch), cfg.train.batch_size // engine.world_size, cfg.train.micro_batch_size
+    engine.micro_batches_per_step()  # checks batch_size against micro_batch_size x processes
+    loss_fn = functools.partial(ppo_loss, cfg=cfg)
+    logged, tokens = [], 0
+    for epoch in range(cfg.ppo_epochs):
+        g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + iteration * 1_009 + epoch) % 2**63)
+        perm = torch.randperm(n, generator=g)
+        for start in range(0, n, mb_size):
+            rows = perm[start : start + mb_size]
+            micro_batches = batch.chunks_by_length(rows, micro)
+            tokens += sum(int(m.attention_mask.sum()) for m in micro_batches)
+            metrics = engine.train_step(micro_batches, loss_fn)
+            if metrics is None:
+                continue
+            logged.append(metrics)
+            if cfg.target_approx_kl is not None and metrics["policy/approx_kl"] > cfg.target_approx_kl:
+                return logged, tokens
+    return logged, tokens
+
+
+LATEST = ("train/nonfinite_skips", "perf/elapsed_s")
+
+
+def mean_metrics(logged: list[dict[str, float]]) -> dict[str, float]:
+    """Mean of each step metric over the iteration's logged steps (counters: their latest value)."""
+    out: dict[str, float] = {}
+    for key in dict.fromkeys(k for m in logged for k in m):
+        values = [m[key] for m in logged if key in m]
+        out[key] = values[-1] if key in LATEST else sum(values) / len(values)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+
+def iterations_done(order: DataOrder) -> int:
+    """Each iteration draws one batch of prompts, so the (checkpointed) data order counts the iterations."""
+    return order.epoch * order.steps_per_epoch + order.position
+
+
+def count_iterations(cfg: Config, num_prompts: int) -> int:
+    """Iterations of the run, by the first setting given: total_episodes / rollout.batch_size, train.max_steps /
+    optimizer steps per iteration (both rounded up), or train.epochs x whole batches of prompts."""
+    if num_prompts < cfg.rollout.batch_size:
+        raise UserError(f"only {num_prompts} prompts for rollout.batch_size {cfg.rollout.batch_size}: lower it")
+    if cfg.total_episodes:
+        return math.ceil(cfg.total_episodes / cfg.rollout.batch_size)
+    if cfg.train.max_steps:
+        return math.ceil(cfg.train.max_steps / cfg.steps_per_iteration)
+    return cfg.train.epochs * (num_prompts // cfg.rollout.batch_size)
+
+
+def train(cfg: Config) -> Path:
+    """Run PPO; return the run directory (final/ holds the policy, final_value/ a separate critic)."""
+    models = build_models(cfg)
+    prompts = load_splits(cfg.data, "prompt", models.tokenizer, seed=cfg.seed).train
+    iterations = count_iterations(cfg, len(prompts))
+    engine = Engine(
+        models.actor_critic,
+        run_dir=Path(cfg.output_dir),
+        seed=cfg.seed,
+        optim=cfg.optim,
+        schedule=cfg.schedule,
+        train=cfg.train,
+        logging=cfg.logging,
+        checkpoint=cfg.checkpoint,
+        total_steps=iterations * cfg.steps_per_iteration,
+        config_dict=to_dict(cfg),
+    )
+    models.ref.to(engine.device)
+    move_reward_models(models.reward_models, engine.device)
+    if cfg.rollout.batch_size % engine.world_size:
+        raise UserError(
+            f"rollout.batch_size {cfg.rollout.batch_size} does not split over {engine.world_size} processes"
+        )
+    order = DataOrder(len(prompts), cfg.rollout.batch_size, seed=cfg.seed)
+    kl_ctl = kl_controller(cfg.kl)
+    engine.register_state("data_order", order)
+    engine.register_state("kl_controller", kl_ctl)
+    if engine.resume() and engine.is_main:
+        print(f"rlhf: resumed at step {engine.step} (iteration {iterations_done(order)})", file=sys.stderr, flush=True)
+    samples = JsonlWriter(engine.run_dir / SAMPLES_FILE) if engine.is_main else None
+    while (iteration := iterations_done(order)) < iterations:
+        if engine.should_stop():
+            engine.interrupt()
+        step_before, kl_coef = engine.step, kl_ctl.value
+        examples = [prompts[i] for i in order.next_batch()[engine.rank :: engine.world_size]]
+        result = make_rollout(cfg, models, engine.unwrapped_model, examples, kl_coef)
+        stats = dict(zip(result.stats, global_mean(engine, list(result.stats.values())), strict=True))
+        kl_ctl.update(stats["objective/kl"], cfg.rollout.batch_size)
+        t0 = time.perf_counter()
+        logged, train_tokens = run_updates(engine, result.batch.to(engine.device), cfg, iteration)
+        train_s = time.perf_counter() - t0
+        iteration += 1
+        engine.log(
+            mean_metrics(logged)
+            | stats
+            | {
+                "objective/kl_coef": kl_coef,
+                "ppo/iteration": float(iteration),
+                "ppo/episodes": float(iteration * cfg.rollout.batch_size),
+                "ppo/updates": float(engine.step - step_before),
+                "perf/generation_tokens_per_s": result.generated_tokens / max(result.generation_s, 1e-9),
+                "perf/train_tokens_per_s": train_tokens / max(train_s, 1e-9),
+            }
+        )
+        if samples is not None and cfg.samples_every and iteration % cfg.samples_every == 0:
+            rows = zip(examples[: cfg.num_samples], result.completions, result.scores.tolist(), strict=False)
+            for ex, text, score in rows:
+                samples.write({"step": engine.step, "iteration": iteration, "prompt": ex["prompt"],
+                               "response": text, "score": score})  # fmt: skip
+        every = cfg.checkpoint.every
+        if every > 0 and engine.step // every > step_before // every:
+            engine.save_checkpoint()
+    engine.save_final(merged_for_saving(models.actor_critic.policy), models.tokenizer)
+    if models.actor_critic.critic is not None:
+        engine.save_final(models.actor_critic.critic, models.critic_tokenizer, subdir="final_value")
+    engine.close()
+    if samples is not None:
+        samples.close()
+    return engine.run_dir
+
+
+def global_mean(engine: Engine, values: list[Tensor]) -> list[float]:
+    """Python floats of scalar tensors averaged over processes (one host sync)."""
+    vec = torch.stack([v.detach().float() for v in values])
+    if engine.world_size > 1:
+        vec = engine.accelerator.reduce(vec, reduction="mean")
+    return vec.tolist()
