@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 from types import ModuleType
@@ -208,6 +209,10 @@ def _error(message: object, status: int) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `rlhf` with `argv` (default: the process arguments); return the exit status."""
     parser = build_parser()
+    # transformers' per-load progress bars and load reports drown our own output (a fresh reward head is
+    # expected, not news); read at its import, so set before anything imports it. A user's setting wins.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         args, extras = parser.parse_known_args(sys.argv[1:] if argv is None else list(argv))
         return _run(parser, args, extras)
