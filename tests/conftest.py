@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from hypothesis import settings
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -20,3 +21,8 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
     root = tmp_path_factory.mktemp("tiny")
     return {style: str(make_tiny_checkpoint(root / style, style, hidden_size=32)) for style in STYLES}
+
+
+# Hypothesis draws the same examples on every run: a test suite must not pass or fail by the luck of the draw.
+settings.register_profile("deterministic", derandomize=True, print_blob=True)
+settings.load_profile("deterministic")

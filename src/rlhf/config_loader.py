@@ -390,9 +390,15 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return plain(dataclasses.asdict(cfg))
 
 
+def config_yaml(data: dict[str, Any]) -> str:
+    """YAML text of a config dict, in field order. Non-ASCII characters are written escaped: raw, some
+    (NEL, LINE SEPARATOR) would be read back as line breaks, and the value would not round-trip."""
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=False)
+
+
 def save_config(cfg: Any, path: str | Path) -> Path:
     """Write the resolved config as YAML (the run directory's `config.yaml`); `load_config` reads it back."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    path.write_text(config_yaml(to_dict(cfg)), encoding="utf-8")
     return path

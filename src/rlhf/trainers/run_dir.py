@@ -17,10 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-import yaml
 from tqdm.auto import tqdm
 
 from rlhf.config import LoggingConfig
+from rlhf.config_loader import config_yaml
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -42,7 +42,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def write_config(run_dir: Path, config_dict: dict[str, Any]) -> None:
-    atomic_write_text(run_dir / CONFIG_FILE, yaml.safe_dump(config_dict, sort_keys=False))
+    atomic_write_text(run_dir / CONFIG_FILE, config_yaml(config_dict))
 
 
 def truncate_step_log(path: Path, max_step: int) -> None:
