@@ -308,3 +308,17 @@ def test_two_processes_sigterm_then_resume_is_bit_identical(tmp_path: Path, two_
     b = load_file(two_process_run / "final" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
     assert (tmp_path / "metrics.jsonl").read_bytes() == (two_process_run / "metrics.jsonl").read_bytes()
+
+
+def test_fresh_start_drops_step_zero_lines_of_a_run_killed_before_its_first_checkpoint(tmp_path: Path) -> None:
+    """A killed run's step-0 line (e.g. a data summary) must not appear twice when the run starts over."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"step": 0, "data/rows": 1.0}\n{"step": 1, "train/loss": 2.0}\n')
+    engine = make_engine(TokenModel(), run_dir)
+    assert engine.resume() is False  # no checkpoint: a fresh start
+    engine.log({"data/rows": 1.0}, step=0)
+    engine.close()
+    assert [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [
+        {"step": 0, "data/rows": 1.0}
+    ]

@@ -122,11 +122,12 @@ class RunLog:
         self._t_start = self._t_last = time.perf_counter()
         self._step_last = 0
 
-    def start(self, step: int) -> None:
-        """Training (re)starts after `step`: cut every step log back to it (0 on a fresh start)."""
+    def start(self, step: int, *, fresh: bool) -> None:
+        """Training (re)starts after `step`: cut every step log back to it; a fresh start empties them (a
+        killed run's step-0 lines would otherwise be written twice)."""
         if self.enabled:
             for name in STEP_LOGS:
-                truncate_step_log(self.run_dir / name, step)
+                truncate_step_log(self.run_dir / name, -1 if fresh else step)
         self._t_start = self._t_last = time.perf_counter()
         self._step_last = step
 
