@@ -63,11 +63,11 @@ def pack_sft(examples: Sequence[dict[str, Any]], max_length: int) -> list[dict[s
     (restarting at 0 for every example) and `seq_lens`.
 
     The label of each example's first token is masked, so no loss is taken for predicting one example from
-    the end of the previous one. Trade-off: attention is NOT isolated between the examples of a pack unless
-    the model's attention implementation uses `position_ids` to find sequence boundaries (Hugging Face
-    models with `attn_implementation="flash_attention_2"` do, the variable-length path); with eager or SDPA
-    attention a token also attends to earlier examples of its pack. That is cross-contamination most
-    pipelines accept for the throughput (no padding), but it is not exactly the unpacked loss.
+    the end of the previous one. Attention is kept within each example when the model finds sequence
+    boundaries from `position_ids`: `transformers` v5 does this when the forward gets `position_ids` and no
+    attention mask (as the SFT trainer calls it; tested there to equal the unpacked loss). A model or call
+    that does not (an attention mask passed, older versions, custom code) lets a token attend to earlier
+    examples of its pack: cross-contamination, and no longer exactly the unpacked loss.
     """
     packs: list[dict[str, Any]] = []
     current: dict[str, Any] | None = None

@@ -49,7 +49,7 @@ def causal_lm_logprobs(
     return logprobs, entropy
 
 
-def _backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """The transformer body and the scalar head of an `AutoModelForSequenceClassification` (or peft wrapper)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = getattr(base, "score", None)
@@ -61,7 +61,7 @@ def _backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 
 def token_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """The scalar head applied at every position, (B, L): a critic's values or a reward model's per-token scores."""
-    backbone, head = _backbone_and_head(model)
+    backbone, head = backbone_and_head(model)
     hidden = backbone(
         input_ids=input_ids,
         attention_mask=attention_mask,

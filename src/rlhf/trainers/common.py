@@ -9,6 +9,9 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+from accelerate.utils import set_seed
+from torch import Tensor, nn
+
 from rlhf.config import DataConfig, TrainConfig
 from rlhf.data import load_records, tokenize_records
 from rlhf.errors import UserError
@@ -70,3 +73,24 @@ def count_steps(train: TrainConfig, num_examples: int) -> int:
             f"only {num_examples} training examples for a batch of {train.batch_size}: lower train.batch_size"
         )
     return train.max_steps or train.epochs * (num_examples // train.batch_size)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch before models are built: LoRA adapters and fresh heads are initialised
+    randomly before the engine seeds again, and identical runs must start from identical weights."""
+    set_seed(seed)
+
+
+def to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
+    """The batch with its tensors moved to `device` (other values, such as `response_start`, as they are)."""
+    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+def eval_due(step: int, total: int, every: int) -> bool:
+    """Evaluate every `every` steps (0: never in between) and always after the last step."""
+    return step == total or (every > 0 and step % every == 0)
+
+
+def merged_for_saving(model: nn.Module) -> nn.Module:
+    """A LoRA model with its adapters merged into the weights (so `final/` is a plain checkpoint), else as is."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model

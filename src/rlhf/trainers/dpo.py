@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from accelerate.utils import set_seed
 from torch import Tensor, nn
 
 from rlhf.config import (
@@ -44,7 +43,7 @@ from rlhf.config import (
 )
 from rlhf.losses.preference import PREFERENCE_LOSSES, dpo_loss, orpo_odds_ratio_loss, simpo_loss
 from rlhf.models.loading import apply_lora, disable_dropout, frozen_copy, load_causal_lm, load_tokenizer
-from rlhf.trainers.common import count_steps, load_splits
+from rlhf.trainers.common import count_steps, load_splits, seed_everything, to_device
 from rlhf.trainers.data_order import DataOrder
 from rlhf.trainers.engine import Engine
 from rlhf.trainers.preference_logps import (
@@ -55,7 +54,6 @@ from rlhf.trainers.preference_logps import (
     collate_responses,
     reference_cache_key,
     response_logps,
-    to_device,
 )
 
 Collate = Callable[[Sequence[dict[str, Any]]], dict[str, Any]]
@@ -339,7 +337,7 @@ def train(cfg: Config) -> Path:
     tokenizer = load_tokenizer(cfg.model.tokenizer_path, trust_remote_code=cfg.model.trust_remote_code)
     data = load_splits(cfg.data, "preference", tokenizer, seed=cfg.seed)
     total = count_steps(cfg.train, len(data.train))
-    set_seed(cfg.seed)  # LoRA adapters are initialised randomly, before the engine seeds everything again
+    seed_everything(cfg.seed)
     policy, ref_model = load_models(cfg)
     engine = Engine(
         policy,

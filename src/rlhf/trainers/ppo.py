@@ -76,11 +76,10 @@ from rlhf.rollout.config import (
 from rlhf.rollout.generation import HFGenerationBackend
 from rlhf.rollout.rewards import RewardSource
 from rlhf.rollout.shaping import shape_scores, token_rewards
-from rlhf.trainers.common import load_splits
+from rlhf.trainers.common import load_splits, merged_for_saving, seed_everything
 from rlhf.trainers.data_order import DataOrder
 from rlhf.trainers.engine import Engine
 from rlhf.trainers.run_dir import SAMPLES_FILE, JsonlWriter
-from rlhf.trainers.sft import merged_for_saving
 
 
 @dataclass
@@ -417,6 +416,7 @@ def count_iterations(cfg: Config, num_prompts: int) -> int:
 
 def train(cfg: Config) -> Path:
     """Run PPO; return the run directory (final/ holds the policy, final_value/ a separate critic)."""
+    seed_everything(cfg.seed)
     models = build_models(cfg)
     prompts = load_splits(cfg.data, "prompt", models.tokenizer, seed=cfg.seed).train
     iterations = count_iterations(cfg, len(prompts))

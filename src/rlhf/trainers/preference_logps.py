@@ -35,6 +35,7 @@ from rlhf.data.collate import pad_sequences
 from rlhf.losses.logprobs import token_logprobs
 from rlhf.losses.reduce import masked_sum
 from rlhf.models.forward import causal_lm_logprobs, position_ids_from_mask
+from rlhf.trainers.common import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -150,11 +151,6 @@ def collate_responses(
         ),
         "response_start": min(len(p) for p in prompts),
     }
-
-
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """The batch with its tensors moved to `device` (other values, such as `response_start`, as they are)."""
-    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
 # ---------------------------------------------------------------------------------------------- cache key

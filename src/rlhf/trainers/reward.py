@@ -48,13 +48,12 @@ from rlhf.data import collate_pairs, pad_sequences
 from rlhf.errors import UserError
 from rlhf.evaluation.calibration import preference_calibration
 from rlhf.losses.reward import bradley_terry_loss, reward_centering_penalty
-from rlhf.models.forward import _backbone_and_head, sequence_scores
+from rlhf.models.forward import backbone_and_head, sequence_scores
 from rlhf.models.loading import apply_lora, disable_dropout, load_scalar_model, load_tokenizer
-from rlhf.trainers.common import count_steps, load_splits
+from rlhf.trainers.common import count_steps, eval_due, load_splits, merged_for_saving, seed_everything, to_device
 from rlhf.trainers.data_order import DataOrder
 from rlhf.trainers.engine import Engine
 from rlhf.trainers.run_dir import atomic_write_text
-from rlhf.trainers.sft import eval_due, merged_for_saving, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +120,7 @@ class SequenceScorer(nn.Module):
         scores of each packed row read at those columns, returned column-major: (K * B,)."""
         if attention_mask.dim() == 2:
             return sequence_scores(self.model, input_ids, attention_mask)  # (N,)
-        backbone, head = _backbone_and_head(self.model)
+        backbone, head = backbone_and_head(self.model)
         dtype = next(head.parameters()).dtype
         additive = torch.zeros(attention_mask.shape, dtype=dtype, device=input_ids.device)
         additive.masked_fill_(~attention_mask, torch.finfo(dtype).min)  # eager adds it; sdpa takes it as is
@@ -274,6 +273,7 @@ def write_calibration(run_dir: Path, step: int, calibration: dict[str, Any]) -> 
 
 def train(cfg: Config) -> Path:
     """Train a reward model on `cfg.data`; return the run directory (its `final/` holds the model)."""
+    seed_everything(cfg.seed)
     out = Path(cfg.output_dir)
     tokenizer = load_tokenizer(cfg.model.tokenizer_path, trust_remote_code=cfg.model.trust_remote_code)
     splits = load_splits(cfg.data, "preference", tokenizer, seed=cfg.seed)

@@ -39,7 +39,7 @@ from rlhf.config import (
 from rlhf.data import IGNORE_INDEX, collate_sft, pack_sft
 from rlhf.losses.sft import sft_loss
 from rlhf.models.loading import apply_lora, load_causal_lm, load_tokenizer
-from rlhf.trainers.common import count_steps, load_splits
+from rlhf.trainers.common import count_steps, eval_due, load_splits, merged_for_saving, seed_everything, to_device
 from rlhf.trainers.data_order import DataOrder
 from rlhf.trainers.engine import Engine
 
@@ -92,10 +92,6 @@ def make_batch(examples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any
     batch["label_positions"] = (shifted != IGNORE_INDEX).flatten().nonzero().squeeze(1)  # (N,)
     batch["targets"] = shifted.flatten()[batch["label_positions"]]  # (N,)
     return batch
-
-
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
@@ -157,21 +153,12 @@ def evaluate(engine: Engine, examples: Sequence[dict[str, Any]], pad_id: int) ->
     return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 700.0))}
 
 
-def eval_due(step: int, total: int, every: int) -> bool:
-    """Evaluate every `every` steps (0: never in between) and always after the last step."""
-    return step == total or (every > 0 and step % every == 0)
-
-
-def merged_for_saving(model: nn.Module) -> nn.Module:
-    """A LoRA model with its adapters merged into the weights (so `final/` is a plain checkpoint), else as is."""
-    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-
-
 # ---------------------------------------------------------------------------------------------- the loop
 
 
 def train(cfg: Config) -> Path:
     """Fine-tune `cfg.model` on `cfg.data`; return the run directory (its `final/` holds the model)."""
+    seed_everything(cfg.seed)
     out = Path(cfg.output_dir)
     tokenizer = load_tokenizer(cfg.model.tokenizer_path, trust_remote_code=cfg.model.trust_remote_code)
     splits = load_splits(cfg.data, "sft", tokenizer, seed=cfg.seed)
