@@ -7,14 +7,16 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from accelerate.utils import set_seed
 from torch import Tensor, nn
 
-from rlhf.config import DataConfig, TrainConfig
+from rlhf.config import DataConfig, TrainConfig, to_dict
 from rlhf.data import load_records, tokenize_records
 from rlhf.errors import UserError
+from rlhf.trainers.engine import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -94,3 +96,20 @@ def eval_due(step: int, total: int, every: int) -> bool:
 def merged_for_saving(model: nn.Module) -> nn.Module:
     """A LoRA model with its adapters merged into the weights (so `final/` is a plain checkpoint), else as is."""
     return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+def make_engine(model: nn.Module, cfg: Any, total_steps: int) -> Engine:
+    """The engine of a run, from the sections every algorithm config has (output_dir, seed, optim, schedule,
+    train, logging, checkpoint); the resolved config goes to the run directory's config.yaml."""
+    return Engine(
+        model,
+        run_dir=Path(cfg.output_dir),
+        seed=cfg.seed,
+        optim=cfg.optim,
+        schedule=cfg.schedule,
+        train=cfg.train,
+        logging=cfg.logging,
+        checkpoint=cfg.checkpoint,
+        total_steps=total_steps,
+        config_dict=to_dict(cfg),
+    )

@@ -39,11 +39,10 @@ from rlhf.config import (
     ScheduleConfig,
     TrainConfig,
     check,
-    to_dict,
 )
 from rlhf.losses.preference import PREFERENCE_LOSSES, dpo_loss, orpo_odds_ratio_loss, simpo_loss
 from rlhf.models.loading import apply_lora, disable_dropout, frozen_copy, load_causal_lm, load_tokenizer
-from rlhf.trainers.common import count_steps, load_splits, seed_everything, to_device
+from rlhf.trainers.common import count_steps, load_splits, make_engine, seed_everything, to_device
 from rlhf.trainers.data_order import DataOrder
 from rlhf.trainers.engine import Engine
 from rlhf.trainers.preference_logps import (
@@ -339,18 +338,7 @@ def train(cfg: Config) -> Path:
     total = count_steps(cfg.train, len(data.train))
     seed_everything(cfg.seed)
     policy, ref_model = load_models(cfg)
-    engine = Engine(
-        policy,
-        run_dir=run_dir,
-        seed=cfg.seed,
-        optim=cfg.optim,
-        schedule=cfg.schedule,
-        train=cfg.train,
-        logging=cfg.logging,
-        checkpoint=cfg.checkpoint,
-        total_steps=total,
-        config_dict=to_dict(cfg),
-    )
+    engine = make_engine(policy, cfg, total)
     try:
         collate, device = pair_collator(cfg, tokenizer.pad_token_id), engine.device
         splits = {"train": data.train, **({"eval": data.eval} if data.eval else {})}

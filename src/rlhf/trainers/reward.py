@@ -42,7 +42,6 @@ from rlhf.config import (
     ScheduleConfig,
     TrainConfig,
     check,
-    to_dict,
 )
 from rlhf.data import collate_pairs, pad_sequences
 from rlhf.errors import UserError
@@ -50,7 +49,15 @@ from rlhf.evaluation.calibration import preference_calibration
 from rlhf.losses.reward import bradley_terry_loss, reward_centering_penalty
 from rlhf.models.forward import backbone_and_head, sequence_scores
 from rlhf.models.loading import apply_lora, disable_dropout, load_scalar_model, load_tokenizer
-from rlhf.trainers.common import count_steps, eval_due, load_splits, merged_for_saving, seed_everything, to_device
+from rlhf.trainers.common import (
+    count_steps,
+    eval_due,
+    load_splits,
+    make_engine,
+    merged_for_saving,
+    seed_everything,
+    to_device,
+)
 from rlhf.trainers.data_order import DataOrder
 from rlhf.trainers.engine import Engine
 from rlhf.trainers.run_dir import atomic_write_text
@@ -291,18 +298,7 @@ def train(cfg: Config) -> Path:
     if cfg.share_prompt and not share_prompt:
         logger.warning("share_prompt: the attention implementation takes no 4-D mask; scoring two rows per pair")
     collate = make_collate(share_prompt)
-    engine = Engine(
-        SequenceScorer(scalar_model),
-        run_dir=out,
-        seed=cfg.seed,
-        optim=cfg.optim,
-        schedule=cfg.schedule,
-        train=cfg.train,
-        logging=cfg.logging,
-        checkpoint=cfg.checkpoint,
-        total_steps=total,
-        config_dict=to_dict(cfg),
-    )
+    engine = make_engine(SequenceScorer(scalar_model), cfg, total)
     order = DataOrder(len(splits.train), cfg.train.batch_size, seed=cfg.seed)
     engine.register_state("data_order", order)
     engine.resume()

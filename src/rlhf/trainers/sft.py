@@ -34,12 +34,19 @@ from rlhf.config import (
     ScheduleConfig,
     TrainConfig,
     check,
-    to_dict,
 )
 from rlhf.data import IGNORE_INDEX, collate_sft, pack_sft
 from rlhf.losses.sft import sft_loss
 from rlhf.models.loading import apply_lora, load_causal_lm, load_tokenizer
-from rlhf.trainers.common import count_steps, eval_due, load_splits, merged_for_saving, seed_everything, to_device
+from rlhf.trainers.common import (
+    count_steps,
+    eval_due,
+    load_splits,
+    make_engine,
+    merged_for_saving,
+    seed_everything,
+    to_device,
+)
 from rlhf.trainers.data_order import DataOrder
 from rlhf.trainers.engine import Engine
 
@@ -170,18 +177,7 @@ def train(cfg: Config) -> Path:
         logger.warning("no held-out data (set data.eval or data.eval_fraction): eval/* metrics are not logged")
     total = count_steps(cfg.train, len(examples))
     model = apply_lora(load_causal_lm(cfg.model, trainable=True), cfg.model.lora)
-    engine = Engine(
-        model,
-        run_dir=out,
-        seed=cfg.seed,
-        optim=cfg.optim,
-        schedule=cfg.schedule,
-        train=cfg.train,
-        logging=cfg.logging,
-        checkpoint=cfg.checkpoint,
-        total_steps=total,
-        config_dict=to_dict(cfg),
-    )
+    engine = make_engine(model, cfg, total)
     order = DataOrder(len(examples), cfg.train.batch_size, seed=cfg.seed)
     engine.register_state("data_order", order)
     engine.resume()
