@@ -50,6 +50,12 @@ def _stage_overrides(out: Path, data: dict[str, Path], quick: bool) -> dict[str,
     }
 
 
+def last_logged(run_dir: Path, key: str) -> float | None:
+    """The last value of `key` in a run's metrics.jsonl (None if never logged)."""
+    values = [row[key] for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if key in row]
+    return values[-1] if values else None
+
+
 def run_stage(algo: str, overrides: Sequence[str]) -> Path:
     """`rlhf train <algo>` with these overrides, in process; returns the run directory."""
     from rlhf.cli import ALGORITHMS
@@ -78,15 +84,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     held_out = prompt_rows(128, seed=args.seed + 20_000)
     policies: dict[str, Path] = {"base": out / "base"}
     timings: dict[str, float] = {}
+    reward_model: dict[str, float | None] = {}
     for algo, overrides in _stage_overrides(out, data, args.quick).items():
         print(f"== {algo}: rlhf train {algo} {' '.join(overrides)}", flush=True)
         start = time.perf_counter()
         run = run_stage(algo, overrides)
         timings[algo] = round(time.perf_counter() - start, 1)
-        if algo != "rm":
+        if algo == "rm":
+            reward_model = {key: last_logged(run, f"eval/{key}") for key in ("accuracy", "margin", "ece")}
+        else:
             policies[algo] = run / "final"
 
-    summary: dict[str, Any] = {"policies": {}, "seconds": timings}
+    summary: dict[str, Any] = {"policies": {}, "reward_model": reward_model, "seconds": timings}
+    print(
+        f"\nreward model, held-out pairs: accuracy {reward_model['accuracy']:.3f}, margin {reward_model['margin']:.3f}"
+    )
     print(f"\n{'policy':8} {'gold score':>10} {'exact':>6} {'length':>7}")
     for name, path in policies.items():
         scores = gold_eval(path, held_out, GOLD_REWARD)
