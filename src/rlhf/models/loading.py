@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -25,6 +27,9 @@ from rlhf.errors import UserError
 
 logger = logging.getLogger(__name__)
 
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "config.json")
+"""A tokenizer directory holds at least one of these (config.json: a model directory whose tokenizer loads from it)."""
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -33,17 +38,32 @@ class ModelLoadError(UserError):
 
 
 def _check_dir(path: str, what: str) -> None:
+    """Fail early, with the path in the message, on what `from_pretrained` would answer with a long traceback."""
     if not path:
         raise ModelLoadError(f"{what}: no path given (set model.path)")
     p = Path(path)
-    if p.exists() and not (p / "config.json").exists() and what != "tokenizer":
-        raise ModelLoadError(f"{what}: {path} has no config.json (not a Hugging Face checkpoint directory)")
+    looks_local = p.is_absolute() or path.startswith((".", "~")) or p.exists()
+    if looks_local and not p.is_dir():
+        raise ModelLoadError(f"{what}: {path}: no such directory")
+    needed = TOKENIZER_FILES if what == "tokenizer" else ("config.json",)
+    if p.is_dir() and not any((p / name).exists() for name in needed):
+        raise ModelLoadError(f"{what}: {path} has no {' or '.join(needed)} (not a Hugging Face {what} directory)")
+
+
+@contextmanager
+def _loading(path: str, what: str) -> Iterator[None]:
+    """Turn `from_pretrained`'s OSError (missing files, no network for a hub id) into a one-line user error."""
+    try:
+        yield
+    except OSError as exc:
+        raise ModelLoadError(f"{what}: cannot load {path}: {exc}") from exc
 
 
 def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer, with a pad token guaranteed (EOS is used, with a warning, when the tokenizer has none)."""
     _check_dir(path, "tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with _loading(path, "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ModelLoadError(f"tokenizer {path}: has neither a pad nor an EOS token")
@@ -81,9 +101,10 @@ def _finish(model: PreTrainedModel, cfg: ModelConfig, trainable: bool) -> PreTra
 def load_causal_lm(cfg: ModelConfig, *, trainable: bool = True) -> PreTrainedModel:
     """A causal LM from `cfg.path` in `cfg.dtype`; frozen and in eval mode unless `trainable`."""
     _check_dir(cfg.path, "model")
-    model = AutoModelForCausalLM.from_pretrained(
-        cfg.path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
-    )
+    with _loading(cfg.path, "model"):
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
+        )
     return _finish(model, cfg, trainable)
 
 
@@ -94,9 +115,10 @@ def load_scalar_model(cfg: ModelConfig, *, trainable: bool = True) -> PreTrained
     copied into the config so the model is usable by `transformers` pipelines too.
     """
     _check_dir(cfg.path, "model")
-    model = AutoModelForSequenceClassification.from_pretrained(
-        cfg.path, num_labels=1, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
-    )
+    with _loading(cfg.path, "model"):
+        model = AutoModelForSequenceClassification.from_pretrained(
+            cfg.path, num_labels=1, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
+        )
     if model.config.pad_token_id is None:
         tokenizer = load_tokenizer(cfg.tokenizer_path, trust_remote_code=cfg.trust_remote_code)
         model.config.pad_token_id = tokenizer.pad_token_id
