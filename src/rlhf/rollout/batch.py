@@ -7,8 +7,9 @@
   padding columns every selected row shares trimmed away (left of the longest prompt, right of the longest
   response). Trimming changes no result beyond float rounding: positions come from the attention mask.
 * `score_in_chunks` runs a model function over a batch in chunks of rows under `torch.no_grad`, in one batched
-  pass per chunk (old log-probs, reference log-probs and values of a whole rollout: one call each). Chunks and
-  micro-batches group rows of similar length (`chunks_by_length`), so little compute goes to padding.
+  pass per chunk (old log-probs, reference log-probs and values of a whole rollout: one call each). Chunks
+  group rows of similar length (`chunks_by_length`), and PPO's micro-batches are also cut where a few long
+  responses would pad many short ones (`chunks_by_cost`), so little compute goes to padding.
 * `decode_responses` / `score_responses`: the response text (policy tokenizer, special tokens skipped) and its
   sequence score from any `RewardSource` (a reward model re-tokenizes the text with its own tokenizer).
 
@@ -82,6 +83,39 @@ class RolloutBatch:
         for start in range(0, len(order), size):
             chunk = self.select(order[start : start + size])
             chunk.rows = order[start : start + size]
+            chunks.append(chunk)
+        return chunks
+
+    def chunks_by_cost(self, rows: Sequence[int] | Tensor, size: int, overhead_tokens: int) -> list[RolloutBatch]:
+        """`rows` split into chunks of at most `size` rows that minimise the estimated compute: a forward costs
+        `overhead_tokens` plus the trimmed chunk's area (rows x (longest prompt + longest response)). Rows are
+        ordered by response length, then prompt length (both descending), and cut where it pays (dynamic
+        programming over the cut points), so a few long responses get a chunk of their own instead of padding
+        the short ones. Like `chunks_by_length` it is a partition of the rows, so an accumulated gradient does
+        not depend on it (up to float rounding); each chunk's `rows` holds its row indices into this batch."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        P = self.input_ids.shape[1] - self.response_len
+        resp = self.response_mask.sum(-1).cpu().long()[rows]
+        prompt = self.attention_mask[:, :P].sum(-1).cpu().long()[rows]
+        order = torch.argsort(resp * (P + 1) + prompt, descending=True, stable=True)
+        r, p, order = resp[order].tolist(), prompt[order].tolist(), rows[order]
+        n = len(r)
+        best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
+        for end in range(1, n + 1):
+            max_p = 0
+            for start in range(end - 1, max(end - size, 0) - 1, -1):
+                max_p = max(max_p, p[start])
+                cost = best[start] + overhead_tokens + (end - start) * (max_p + max(r[start], 1))
+                if cost < best[end]:
+                    best[end], cut[end] = cost, start
+        bounds, end = [], n
+        while end > 0:
+            bounds.append((cut[end], end))
+            end = cut[end]
+        chunks = []
+        for start, end in reversed(bounds):
+            chunk = self.select(order[start:end])
+            chunk.rows = order[start:end]
             chunks.append(chunk)
         return chunks
 

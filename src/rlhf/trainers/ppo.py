@@ -355,9 +355,15 @@ def ppo_loss(model: nn.Module, mb: RolloutBatch, cfg: Config) -> tuple[Tensor, T
     return loss, units, metrics
 
 
+MICRO_BATCH_OVERHEAD_TOKENS = 128
+"""The fixed cost of one micro-batch's forward and backward, in padded tokens (`RolloutBatch.chunks_by_cost`;
+measured on the CPU benchmark, where splitting off a few long responses pays from about this many tokens)."""
+
+
 def run_updates(engine: Engine, batch: RolloutBatch, cfg: Config, iteration: int) -> tuple[list[dict[str, float]], int]:
     """`ppo_epochs` shuffled passes of minibatch steps over this process's rollout rows; a minibatch's micro-batches
-    group its rows by length (less padding; the step's gradient is the same).
+    (at most `train.micro_batch_size` rows each) group its rows by length and are cut where that saves padded
+    compute (`RolloutBatch.chunks_by_cost`; the step's gradient is the same).
 
     Returns the metrics of the steps that logged and the number of tokens (prompt + response) trained on. The
     shuffles come from a generator seeded by (seed, iteration, epoch), not from the global RNG.
@@ -371,7 +377,7 @@ def run_updates(engine: Engine, batch: RolloutBatch, cfg: Config, iteration: int
         perm = torch.randperm(n, generator=g)
         for start in range(0, n, mb_size):
             rows = perm[start : start + mb_size]
-            micro_batches = batch.chunks_by_length(rows, micro)
+            micro_batches = batch.chunks_by_cost(rows, micro, MICRO_BATCH_OVERHEAD_TOKENS)
             tokens += sum(int(m.attention_mask.sum()) for m in micro_batches)
             metrics = engine.train_step(micro_batches, loss_fn)
             if metrics is None:
