@@ -47,7 +47,6 @@ from rlhf.config import (
     TrainConfig,
     check,
     check_choice,
-    to_dict,
 )
 from rlhf.data import collate_prompts
 from rlhf.errors import UserError
@@ -76,7 +75,7 @@ from rlhf.rollout.config import (
 from rlhf.rollout.generation import HFGenerationBackend
 from rlhf.rollout.rewards import RewardSource
 from rlhf.rollout.shaping import shape_scores, token_rewards
-from rlhf.trainers.common import load_splits, merged_for_saving, seed_everything
+from rlhf.trainers.common import load_splits, make_engine, merged_for_saving, seed_everything
 from rlhf.trainers.data_order import DataOrder
 from rlhf.trainers.engine import Engine
 from rlhf.trainers.run_dir import SAMPLES_FILE, JsonlWriter
@@ -426,18 +425,7 @@ def train(cfg: Config) -> Path:
     models = build_models(cfg)
     prompts = load_splits(cfg.data, "prompt", models.tokenizer, seed=cfg.seed).train
     iterations = count_iterations(cfg, len(prompts))
-    engine = Engine(
-        models.actor_critic,
-        run_dir=Path(cfg.output_dir),
-        seed=cfg.seed,
-        optim=cfg.optim,
-        schedule=cfg.schedule,
-        train=cfg.train,
-        logging=cfg.logging,
-        checkpoint=cfg.checkpoint,
-        total_steps=iterations * cfg.steps_per_iteration,
-        config_dict=to_dict(cfg),
-    )
+    engine = make_engine(models.actor_critic, cfg, iterations * cfg.steps_per_iteration)
     models.ref.to(engine.device)
     move_reward_models(models.reward_models, engine.device)
     if cfg.rollout.batch_size % engine.world_size:
