@@ -7,18 +7,11 @@ a full forward, `log_softmax` and `gather` written out here, no code shared with
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
-from _toy import wait_for_step
-from safetensors.torch import load_file
+from _resume import finish, kill_at_step, train_cli
 from transformers import AutoModelForCausalLM
 
 from rlhf.config import DataConfig, load_config, save_config
@@ -27,7 +20,6 @@ from rlhf.models.loading import load_tokenizer
 from rlhf.tasks.sorting import write_task_files
 
 DATA = {"max_length": 48, "max_prompt_length": 24}
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def task_files(root: Path, n_train: int = 256, n_eval: int = 64) -> dict[str, Path]:
@@ -110,47 +102,16 @@ def metrics(run_dir: Path) -> list[dict[str, float]]:
 # ---------------------------------------------------------------- SIGKILL + resume through the command line
 
 
-def run_cli(algo: str, config: Path, **popen: Any) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "rlhf", "train", algo, "--config", str(config)]
-    return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
-
-
 def kill_and_resume(algo: str, cfg: Any, run_dir: Path, kill_at: int) -> dict[str, int]:
     """Start `rlhf train ALGO`, SIGKILL it once metrics.jsonl shows `kill_at`, then run the same command again.
 
     Returns {name: mtime_ns} of the reference cache files as the killed run left them.
     """
     config = save_config(cfg, run_dir.parent / f"{run_dir.name}.yaml")
-    p = run_cli(algo, config)
-    wait_for_step(p, run_dir, kill_at, timeout=120)
-    p.kill()
-    _, err = p.communicate(timeout=60)
-    assert p.returncode == -signal.SIGKILL, err[-2000:]
-    assert not (run_dir / "final").exists(), "the run finished before it was killed: make it longer"
+    kill_at_step(train_cli(algo, config), run_dir, kill_at)
     cache = {f.name: f.stat().st_mtime_ns for f in (run_dir / "ref_logps").glob("*")}
-    p = run_cli(algo, config)
-    _, err = p.communicate(timeout=180)
-    assert p.returncode == 0, err[-3000:]
+    finish(train_cli(algo, config))
     return cache
-
-
-def assert_same_run(a: Path, b: Path) -> None:
-    """Bit-identical final weights and metrics.jsonl bytes."""
-    wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), k
-    assert (a / "metrics.jsonl").read_bytes() == (b / "metrics.jsonl").read_bytes()
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one intra-op thread (two threads on a shared 2-core box mostly wait on each
-    other); the resume tests need it anyway to match the `OMP_NUM_THREADS=1` subprocesses bit for bit."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def quick_sft(base: str | Path, sft_path: Path, out: Path, *, steps: int = 150, lr: float = 3e-3) -> Path:

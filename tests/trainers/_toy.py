@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -109,23 +108,6 @@ def make_engine(model: torch.nn.Module, run_dir: Path, **kw: Any) -> Engine:
         total_steps=kw.pop("total_steps", 10),
         **kw,
     )
-
-
-def last_logged_step(path: Path) -> int:
-    """The step of the last complete line of a metrics.jsonl that is being written (0 if none yet)."""
-    if not path.exists():
-        return 0
-    lines = [line for line in path.read_text().split("\n")[:-1] if line]
-    return json.loads(lines[-1])["step"] if lines else 0
-
-
-def wait_for_step(p: subprocess.Popen, run_dir: Path, step: int, timeout: float = 90) -> None:
-    """Poll the run's metrics.jsonl until it shows `step`; fail if the process ends first."""
-    deadline = time.monotonic() + timeout
-    while last_logged_step(run_dir / "metrics.jsonl") < step:
-        assert p.poll() is None, f"the run ended before step {step}: {p.communicate()[1][-2000:]}"
-        assert time.monotonic() < deadline, "timed out waiting for the run"
-        time.sleep(0.01)
 
 
 # ---------------------------------------------------------------- the toy run

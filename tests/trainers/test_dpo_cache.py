@@ -17,7 +17,6 @@ from _dpo_helpers import (
     load_model,
     make_config,
     metrics,
-    one_thread,  # noqa: F401  (autouse: one intra-op thread)
     pair_logps,
     task_files,
     tokenizer_of,

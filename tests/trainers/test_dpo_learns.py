@@ -19,7 +19,6 @@ from _dpo_helpers import (
     load_model,
     make_config,
     metrics,
-    one_thread,  # noqa: F401  (autouse: one intra-op thread)
     task_files,
     tokenizer_of,
 )

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from _toy import TokenModel, last_logged_step, make_engine, split, token_batches, token_loss, wait_for_step
+from _resume import last_logged_step, wait_for_step
+from _toy import TokenModel, make_engine, split, token_batches, token_loss
 from safetensors.torch import load_file
 
 from rlhf.config import ScheduleConfig

@@ -8,13 +8,12 @@ import random
 from pathlib import Path
 
 from _dpo_helpers import (
-    assert_same_run,
     kill_and_resume,
     make_config,
     metrics,
-    one_thread,  # noqa: F401  (autouse: one intra-op thread)
     task_files,
 )
+from _resume import assert_same_run
 
 from rlhf.trainers import kto
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from rlhf.config import DataConfig, LoggingConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig
@@ -18,15 +17,6 @@ from rlhf.trainers import ppo
 from _ppo_helpers import read_jsonl, sft_warm_start, write_prompts  # isort: skip
 
 BATCH, ITERATIONS, KL_TARGET, HORIZON = 32, 20, 1.0, 64.0
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest, and reproducibly, on one thread (two threads contend on a shared 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

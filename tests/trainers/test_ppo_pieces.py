@@ -44,15 +44,6 @@ def prompt_examples(tokenizer, n: int = 8) -> list[dict]:
     return tokenize_records(records, "prompt", tokenizer, DataConfig(max_length=48, max_prompt_length=32))[0]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest, and reproducibly, on one thread (two threads contend on a shared 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------- shaping and advantages on hand-built rollouts
 
 

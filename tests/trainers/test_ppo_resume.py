@@ -10,31 +10,19 @@ iteration (`_ppo_helpers:slow_gold_reward`) so the kill lands mid-run.
 
 from __future__ import annotations
 
-import os
 import random
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from safetensors.torch import load_file
 
 from rlhf.trainers import checkpoint as ckpt
 from rlhf.trainers.engine import EXIT_INTERRUPTED
 
 from _ppo_helpers import write_prompts  # isort: skip
-from _toy import last_logged_step, wait_for_step  # isort: skip
+from _resume import assert_same_run, finish, kill_at_step, last_logged_step, train_cli, wait_for_step  # isort: skip
 
-HERE = Path(__file__).parent
-ENV = {
-    **os.environ,
-    "OMP_NUM_THREADS": "1",
-    "CUDA_VISIBLE_DEVICES": "",
-    "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
-}
 STEPS_PER_ITERATION, ITERATIONS = 4, 12  # 2 ppo_epochs x (8 responses / minibatches of 4)
 
 
@@ -66,25 +54,9 @@ def write_config(path: Path, run_dir: Path, tiny_dirs: dict[str, str], prompts: 
     return path
 
 
-def start(config: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "rlhf", "train", "ppo", "--config", str(config)]
-    return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def finish(p: subprocess.Popen) -> tuple[int, str]:
-    _, err = p.communicate(timeout=180)
-    assert p.returncode in (0, -signal.SIGKILL, EXIT_INTERRUPTED), err[-3000:]
-    return p.returncode, err
-
-
 def assert_identical(want_dir: Path, got_dir: Path) -> None:
     assert last_logged_step(got_dir / "metrics.jsonl") == STEPS_PER_ITERATION * ITERATIONS
-    for sub in ("final", "final_value"):
-        want, got = load_file(want_dir / sub / "model.safetensors"), load_file(got_dir / sub / "model.safetensors")
-        assert want.keys() == got.keys()
-        assert all(torch.equal(want[k], got[k]) for k in want), sub
-    for name in ("metrics.jsonl", "samples.jsonl"):
-        assert (want_dir / name).read_bytes() == (got_dir / name).read_bytes(), name
+    assert_same_run(want_dir, got_dir, weights=("final", "final_value"), files=("metrics.jsonl", "samples.jsonl"))
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +68,7 @@ def inputs(tiny_dirs, tmp_path_factory) -> tuple[dict[str, str], Path]:
 def reference(inputs, tmp_path_factory) -> Path:
     """The uninterrupted run."""
     root = tmp_path_factory.mktemp("reference")
-    assert finish(start(write_config(root / "ppo.yaml", root / "run", *inputs)))[0] == 0
+    finish(train_cli("ppo", write_config(root / "ppo.yaml", root / "run", *inputs)))
     return root / "run"
 
 
@@ -104,29 +76,24 @@ def test_sigkill_then_resume_auto_is_bit_identical(inputs, reference: Path, tmp_
     run_dir = tmp_path / "run"
     config = write_config(tmp_path / "ppo.yaml", run_dir, *inputs)
     kill_at = STEPS_PER_ITERATION * random.Random(20240611).randint(2, 7)
-    p = start(config)
-    wait_for_step(p, run_dir, kill_at)
-    p.kill()
-    assert finish(p)[0] == -signal.SIGKILL, "the run ended before it could be killed"
-    assert not (run_dir / "final").exists()
+    kill_at_step(train_cli("ppo", config), run_dir, kill_at)
     latest = ckpt.find_latest_complete(run_dir / "checkpoints")
     assert latest is not None and int(latest.name.removeprefix("step-")) >= STEPS_PER_ITERATION
-    rc, err = finish(start(config))
-    assert rc == 0 and f"resumed at step {latest.name.removeprefix('step-')}" in err
+    err = finish(train_cli("ppo", config))
+    assert f"resumed at step {latest.name.removeprefix('step-')}" in err
     assert_identical(reference, run_dir)
 
 
 def test_sigterm_stops_between_iterations_and_resumes_identically(inputs, reference: Path, tmp_path: Path):
     run_dir = tmp_path / "run"
     config = write_config(tmp_path / "ppo.yaml", run_dir, *inputs)
-    p = start(config)
+    p = train_cli("ppo", config)
     wait_for_step(p, run_dir, 2 * STEPS_PER_ITERATION)
     p.send_signal(signal.SIGTERM)
-    rc, err = finish(p)
-    assert rc == EXIT_INTERRUPTED, err[-3000:]
+    err = finish(p, EXIT_INTERRUPTED)
     stopped_at = last_logged_step(run_dir / "metrics.jsonl")
     assert stopped_at % STEPS_PER_ITERATION == 0 and f"interrupted at step {stopped_at}" in err
     ckpt.verify_checkpoint(run_dir / "checkpoints" / f"step-{stopped_at}")
-    rc, err = finish(start(config))
-    assert rc == 0 and f"resumed at step {stopped_at}" in err
+    err = finish(train_cli("ppo", config))
+    assert f"resumed at step {stopped_at}" in err
     assert_identical(reference, run_dir)

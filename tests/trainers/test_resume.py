@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -12,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from _toy import TokenModel, last_logged_step, make_engine, split, token_batches, token_loss, wait_for_step
+from _resume import ENV, last_logged_step, wait_for_step
+from _toy import TokenModel, make_engine, split, token_batches, token_loss
 from safetensors.torch import load_file
 
 from rlhf.trainers import checkpoint as ckpt
@@ -21,7 +21,6 @@ from rlhf.trainers.engine import EXIT_INTERRUPTED
 
 TOY = Path(__file__).with_name("_toy.py")
 TOY_ARGS = ["--steps", "12", "--ckpt-every", "2", "--dropout", "0.1"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
 # ---------------------------------------------------------------- DataOrder
