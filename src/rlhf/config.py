@@ -132,6 +132,10 @@ class DataConfig:
     """Skip invalid rows (each skip counted by reason) instead of stopping at the first one."""
     packing: bool = False
     """Pack several examples into one sequence (SFT only)."""
+    padding_free: bool = True
+    """SFT: run each micro-batch as one row of its examples back to back, attention kept within each example,
+    so no compute goes to padding; the loss is that of padded batches. Needs a `transformers` model on sdpa
+    attention (others use padded batches)."""
 
     def validate(self) -> None:
         check(0 <= self.eval_fraction < 1, "eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")

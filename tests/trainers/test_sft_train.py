@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 from rlhf.config import DataConfig, load_config
 from rlhf.data import IGNORE_INDEX, load_records, pack_sft, tokenize_records
 from rlhf.losses.sft import sft_loss
+from rlhf.models import padding_free
 from rlhf.models.loading import load_tokenizer
 from rlhf.tasks.sorting import write_task_files
 from rlhf.trainers import sft
@@ -84,18 +85,28 @@ def test_sft_learns_the_sorting_task_and_final_loads(tiny_dirs: dict[str, str], 
     assert eval_loss(loaded, held_out, tok.pad_token_id) == pytest.approx(final, rel=1e-5)
 
 
+@pytest.mark.parametrize("flat", [False, True], ids=["padded", "padding_free"])
 @pytest.mark.parametrize("style", ["llama", "gpt2"])
-def test_logits_only_where_labels_are_gives_the_full_loss(tiny_dirs: dict[str, str], task: dict, style: str) -> None:
-    """make_batch's logits_to_keep skips the prompt columns; the NLL sum and token count match full logits."""
+def test_logits_only_where_labels_are_gives_the_full_loss(
+    tiny_dirs: dict[str, str], task: dict, style: str, flat: bool
+) -> None:
+    """make_batch's logits_to_keep skips the prompt columns (padded) or keeps only the labelled positions
+    (padding-free); the NLL sum and token count match full logits of a plain padded batch."""
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs[style])
     exs = examples(tiny_dirs[style], task["sft"], 8)
-    batch = sft.make_batch(exs, load_tokenizer(tiny_dirs[style]).pad_token_id)
+    pad_id = load_tokenizer(tiny_dirs[style]).pad_token_id
+    batch = sft.make_batch(exs, pad_id, flat=flat)
     prompt_lens = [ex["prompt_len"] for ex in exs]
-    assert batch["logits_to_keep"] == batch["input_ids"].shape[1] - (min(prompt_lens) - 1)
+    if flat:
+        assert padding_free.enable(model)
+        assert batch["input_ids"].shape == (1, sum(len(e["input_ids"]) for e in exs))
+    else:
+        assert batch["logits_to_keep"] == batch["input_ids"].shape[1] - (min(prompt_lens) - 1)
     assert batch["targets"].tolist() == [t for e in exs for t in e["input_ids"][e["prompt_len"] :]]
     nll = sft.token_nll(model, batch)
-    full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    nll_full, mask_full = sft_loss(full[:, :-1], batch["labels"][:, 1:])
+    padded = sft.make_batch(exs, pad_id)
+    full = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
+    nll_full, mask_full = sft_loss(full[:, :-1], padded["labels"][:, 1:])
     assert nll.shape[0] == mask_full.sum().item() == sum(len(e["input_ids"]) - e["prompt_len"] for e in exs)
     torch.testing.assert_close(nll.sum(), nll_full.sum())
 
@@ -126,6 +137,9 @@ def test_packing_masks_boundaries_and_keeps_examples_apart(
     nll_u = sft.token_nll(model, sft.make_batch(exs, pad_id))
     assert nll_p.shape == nll_u.shape
     torch.testing.assert_close(nll_p.sum(), nll_u.sum(), rtol=1e-5, atol=1e-4)
+    assert padding_free.enable(model)  # packed rows, padding-free: the examples inside them back to back
+    nll_f = sft.token_nll(model, sft.make_batch(packs, pad_id, flat=True))
+    torch.testing.assert_close(nll_f, nll_u, rtol=1e-5, atol=1e-4)
 
 
 def test_packed_run_trains_and_counts_packed_rows(tiny_dirs: dict[str, str], task: dict, tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from rlhf.config import DataConfig, TrainConfig, to_dict
 from rlhf.data import load_records, tokenize_records
 from rlhf.errors import UserError
+from rlhf.models.padding_free import FlatLayout
 from rlhf.trainers.engine import Engine
 
 logger = logging.getLogger(__name__)
@@ -84,8 +85,8 @@ def seed_everything(seed: int) -> None:
 
 
 def to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
-    """The batch with its tensors moved to `device` (other values, such as `response_start`, as they are)."""
-    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+    """The batch with its tensors (and padding-free layouts) moved to `device`; other values as they are."""
+    return {k: v.to(device) if isinstance(v, (Tensor, FlatLayout)) else v for k, v in batch.items()}
 
 
 def eval_due(step: int, total: int, every: int) -> bool:

@@ -37,7 +37,9 @@ from rlhf.config import (
 )
 from rlhf.data import IGNORE_INDEX, collate_sft, pack_sft
 from rlhf.losses.sft import sft_loss
+from rlhf.models import padding_free
 from rlhf.models.loading import apply_lora, load_causal_lm, load_tokenizer
+from rlhf.models.padding_free import LAYOUT_KWARG, flat_layout, flat_position_ids
 from rlhf.trainers.common import (
     count_steps,
     eval_due,
@@ -81,14 +83,22 @@ class Config:
 # ---------------------------------------------------------------------------------------------- batches
 
 
-def make_batch(examples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]:
-    """`collate_sft` plus where the loss is, worked out here on the CPU so the step needs no host sync:
+def make_batch(examples: Sequence[dict[str, Any]], pad_id: int, *, flat: bool = False) -> dict[str, Any]:
+    """One micro-batch, with where the loss is worked out here on the CPU so the step needs no host sync.
 
-    `logits_to_keep` (int): position p predicts token p + 1, so only the positions from the first one whose
-    next token carries a label (in any row) need the LM head; for prompt + completion data that skips most
-    of the prompt, most of the head's cost with a large vocabulary. `label_positions` (N,): the flat indices,
-    into those K-1 predicting positions of every row, of the N labelled tokens; `targets` (N,): their ids.
+    Padded (default): `collate_sft` plus `logits_to_keep` (int): position p predicts token p + 1, so only the
+    positions from the first one whose next token carries a label (in any row) need the LM head; for prompt +
+    completion data that skips most of the prompt, most of the head's cost with a large vocabulary.
+    `label_positions` (N,): the flat indices, into those K-1 predicting positions of every row, of the N
+    labelled tokens; `targets` (N,): their ids.
+
+    `flat` (padding-free, see `rlhf.models.padding_free`): every example (for packed rows, every example inside
+    them) back to back in one row: `input_ids` and `position_ids` (1, T), `flat_layout`, and `logits_to_keep`
+    (N,) the positions whose next token (in the same example) carries a label, so the LM head sees only those;
+    `targets` (N,) as above, in the same order.
     """
+    if flat:
+        return _flat_batch(examples)
     batch: dict[str, Any] = collate_sft(examples, pad_id)
     length = batch["input_ids"].shape[1]
     predicted = (batch["labels"][:, 1:] != IGNORE_INDEX).any(0)  # (L-1,) positions whose prediction counts
@@ -101,17 +111,35 @@ def make_batch(examples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any
     return batch
 
 
+def _flat_batch(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    lengths = [n for ex in examples for n in ex.get("seq_lens", [len(ex["input_ids"])])]
+    next_label = torch.tensor([t for ex in examples for t in ex["labels"]]).roll(-1)  # (T,) label of t + 1
+    next_label[torch.tensor(lengths).cumsum(0) - 1] = IGNORE_INDEX  # an example's last token predicts nothing
+    positions = (next_label != IGNORE_INDEX).nonzero().squeeze(1)  # (N,)
+    return {
+        "input_ids": torch.tensor([t for ex in examples for t in ex["input_ids"]])[None],  # (1, T)
+        "position_ids": flat_position_ids(lengths),  # (1, T)
+        "flat_layout": flat_layout(lengths),
+        "logits_to_keep": positions,
+        "targets": next_label[positions],  # (N,)
+    }
+
+
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     """Keyword arguments of the forward pass.
 
-    Unpacked rows are right padded, so the attention mask changes nothing a loss sees (no real token attends
-    to a later position) but is passed for models that use it otherwise. Packed rows pass `position_ids`
-    and NO attention mask (with `use_cache=False`): `transformers` then reads each example's span from the
-    restarting positions and masks attention across examples (sdpa and eager build a block-diagonal causal
-    mask; flash-attention uses the variable-length kernel), so packing changes the batching, not the loss.
+    Padding-free batches pass `position_ids` and their `flat_layout` (the attention keeps examples apart).
+    Unpacked padded rows are right padded, so the attention mask changes nothing a loss sees (no real token
+    attends to a later position) but is passed for models that use it otherwise. Packed padded rows pass
+    `position_ids` and NO attention mask (with `use_cache=False`): `transformers` then reads each example's
+    span from the restarting positions and masks attention across examples (sdpa and eager build a
+    block-diagonal causal mask; flash-attention uses the variable-length kernel), so packing changes the
+    batching, not the loss.
     """
     kwargs: dict[str, Any] = {"input_ids": batch["input_ids"], "use_cache": False}
     kwargs["logits_to_keep"] = batch["logits_to_keep"]
+    if "flat_layout" in batch:
+        kwargs[LAYOUT_KWARG] = batch["flat_layout"]
     if "position_ids" in batch:
         kwargs["position_ids"] = batch["position_ids"]
     else:
@@ -125,8 +153,11 @@ def token_nll(model: nn.Module, batch: dict[str, Any]) -> Tensor:
     Only the labelled positions go through `sft_loss`, as one (1, N, V) slab: the log-softmax is taken over
     response tokens only, in one call rather than one per row (on small batches mostly per-op overhead).
     """
-    logits = model(**model_inputs(batch)).logits[:, :-1]  # (B, K-1, V): positions L-K .. L-2
-    picked = logits.flatten(0, 1).index_select(0, batch["label_positions"])  # (N, V)
+    logits = model(**model_inputs(batch)).logits
+    if "flat_layout" in batch:
+        picked = logits[0]  # (N, V): logits_to_keep already picked the labelled positions
+    else:  # (B, K, V): positions L-K .. L-1, the last of which predicts nothing
+        picked = logits[:, :-1].flatten(0, 1).index_select(0, batch["label_positions"])  # (N, V)
     nll, _ = sft_loss(picked[None], batch["targets"][None])  # (1, N)
     return nll[0]
 
@@ -141,7 +172,7 @@ def loss_fn(model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, Tensor, di
 
 
 @torch.no_grad()
-def evaluate(engine: Engine, examples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, float]:
+def evaluate(engine: Engine, examples: Sequence[dict[str, Any]], pad_id: int, *, flat: bool) -> dict[str, float]:
     """Token-mean NLL and perplexity on held-out examples (never packed), each process scoring its share."""
     model = engine.unwrapped_model  # no DDP in evaluation: processes run different numbers of forwards
     was_training = model.training
@@ -150,7 +181,8 @@ def evaluate(engine: Engine, examples: Sequence[dict[str, Any]], pad_id: int) ->
     mine = list(examples)[engine.rank :: engine.world_size]
     size = engine.train_cfg.micro_batch_size
     for start in range(0, len(mine), size):
-        nll = token_nll(model, to_device(make_batch(mine[start : start + size], pad_id), engine.device))
+        batch = make_batch(mine[start : start + size], pad_id, flat=flat)
+        nll = token_nll(model, to_device(batch, engine.device))
         sums[0] += nll.sum().double()
         sums[1] += nll.shape[0]
     if engine.world_size > 1:
@@ -177,6 +209,9 @@ def train(cfg: Config) -> Path:
         logger.warning("no held-out data (set data.eval or data.eval_fraction): eval/* metrics are not logged")
     total = count_steps(cfg.train, len(examples))
     model = apply_lora(load_causal_lm(cfg.model, trainable=True), cfg.model.lora)
+    flat = cfg.data.padding_free and padding_free.enable(model)
+    if cfg.data.padding_free and not flat:
+        logger.info("padding-free batches need a transformers model on sdpa attention: using padded batches")
     engine = make_engine(model, cfg, total)
     order = DataOrder(len(examples), cfg.train.batch_size, seed=cfg.seed)
     engine.register_state("data_order", order)
@@ -187,14 +222,14 @@ def train(cfg: Config) -> Path:
         if engine.should_stop():
             engine.interrupt()
         micro_batches = [
-            to_device(make_batch([examples[i] for i in idx], pad_id), engine.device)
+            to_device(make_batch([examples[i] for i in idx], pad_id, flat=flat), engine.device)
             for idx in engine.local_indices(order.next_batch())
         ]
         metrics = engine.train_step(micro_batches, loss_fn) or {}
         if metrics and engine.step == cfg.logging.every:  # the first logged line says what the data was
             metrics |= splits.report
         if splits.eval and eval_due(engine.step, total, cfg.train.eval_every):
-            metrics |= evaluate(engine, splits.eval, pad_id)
+            metrics |= evaluate(engine, splits.eval, pad_id, flat=flat)
         if metrics:
             engine.log(metrics | {"data/epoch": float(order.epoch)})
         engine.maybe_save_checkpoint()

@@ -1,0 +1,109 @@
+"""Padding-free batches: the flat layout by hand, and the flat forward against the padded one."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from rlhf.models import padding_free
+from rlhf.models.padding_free import LAYOUT_KWARG, flat_layout, flat_position_ids
+
+SEQS = [[5, 70, 71, 72, 2], [5, 80], [5, 90, 91, 92, 93, 94, 2], [5]]
+
+
+def test_layout_by_hand() -> None:
+    """Lengths 2 and 3: block rows [t0 t1 pad] [t2 t3 t4], pads at token 0; flat tokens at 0 1 | 3 4 5."""
+    layout = flat_layout([2, 3])
+    assert (layout.rows, layout.length) == (2, 3)
+    assert layout.gather.tolist() == [0, 1, 0, 2, 3, 4]
+    assert layout.scatter.tolist() == [0, 1, 3, 4, 5]
+    assert flat_position_ids([2, 3]).tolist() == [[0, 1, 0, 1, 2]]
+    with pytest.raises(ValueError, match="at least one token"):
+        flat_layout([2, 0])
+
+
+def _gqa_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, attn_implementation="sdpa",
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg)
+
+
+def _models(tiny_dirs: dict[str, str], style: str) -> torch.nn.Module:
+    if style == "llama-gqa":
+        return _gqa_llama()
+    return AutoModelForCausalLM.from_pretrained(tiny_dirs[style], attn_implementation="sdpa")
+
+
+def _padded_logits(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Each sequence's logits from a right-padded batch with an attention mask (the reference)."""
+    width = max(map(len, SEQS))
+    ids = torch.tensor([s + [0] * (width - len(s)) for s in SEQS])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in SEQS])
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    return [logits[i, : len(s)] for i, s in enumerate(SEQS)]
+
+
+@pytest.mark.parametrize("style", ["llama", "gpt2", "llama-gqa"])
+def test_flat_forward_and_gradients_equal_the_padded_batch(tiny_dirs: dict[str, str], style: str) -> None:
+    padded_model = _models(tiny_dirs, style)
+    flat_model = copy.deepcopy(padded_model)
+    assert padding_free.enable(flat_model)
+
+    want = _padded_logits(padded_model)
+    lengths = [len(s) for s in SEQS]
+    flat_ids = torch.tensor([t for s in SEQS for t in s])[None]
+    got = flat_model(
+        input_ids=flat_ids, position_ids=flat_position_ids(lengths), **{LAYOUT_KWARG: flat_layout(lengths)}
+    ).logits[0]
+    torch.testing.assert_close(got, torch.cat(want), atol=1e-5, rtol=1e-5)
+
+    # the same loss on both sides gives the same gradients (pads get none)
+    torch.cat(want).square().mean().backward()
+    got.square().mean().backward()
+    for (name, p), q in zip(padded_model.named_parameters(), flat_model.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_calls_without_a_layout_are_plain_sdpa(tiny_dirs: dict[str, str]) -> None:
+    """Generation-style left-padded calls on an enabled model give what the unswitched model gives."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], attn_implementation="sdpa")
+    ids = torch.tensor([[0, 0, 5, 70, 71], [5, 80, 81, 82, 83]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    want = model(input_ids=ids, attention_mask=mask).logits
+    assert padding_free.enable(model)
+    assert model.config._attn_implementation == padding_free.ATTENTION
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, want)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 8)
+
+
+def test_gradient_checkpointing_replays_the_flat_attention(tiny_dirs: dict[str, str]) -> None:
+    """Recomputation in the backward goes through the same layout, so the gradients do not change."""
+    plain = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], attn_implementation="sdpa")
+    ckpt = copy.deepcopy(plain)
+    ckpt.gradient_checkpointing_enable()
+    lengths = [len(s) for s in SEQS]
+    kwargs = {
+        "input_ids": torch.tensor([t for s in SEQS for t in s])[None],
+        "position_ids": flat_position_ids(lengths),
+        LAYOUT_KWARG: flat_layout(lengths),
+        "use_cache": False,
+    }
+    for model in (plain, ckpt):
+        assert padding_free.enable(model)
+        model.train()
+        model(**kwargs).logits.square().mean().backward()
+    for p, q in zip(plain.parameters(), ckpt.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad)
+
+
+def test_eager_models_keep_padded_batches(tiny_dirs: dict[str, str]) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], attn_implementation="eager")
+    assert not padding_free.enable(model)
+    assert model.config._attn_implementation == "eager"
