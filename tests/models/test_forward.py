@@ -7,8 +7,17 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf.config import ModelConfig
-from rlhf.models.forward import causal_lm_logprobs, last_token_index, sequence_scores
+from rlhf.models import padding_free
+from rlhf.models.forward import (
+    Unpadded,
+    causal_lm_logits,
+    causal_lm_logprobs,
+    last_token_index,
+    sequence_scores,
+    token_scores,
+)
 from rlhf.models.loading import load_scalar_model
+from rlhf.models.value import PolicyWithValue
 
 
 def _plain_logprobs(model, ids: list[int]) -> torch.Tensor:
@@ -73,3 +82,65 @@ def test_sequence_score_read_at_last_real_token_whatever_padding(tiny_dirs, styl
     torch.testing.assert_close(right, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(left, want, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(without_eos, alone[1])  # the EOS token itself is what gets scored
+
+
+# ---------------------------------------------------------------- padding-free passes of padded batches
+
+
+def _rollout_like_batch(pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """[left-padded prompt | response padded after EOS]: rows of 4+3, 2+1 and 3+2 attended tokens, width 4+3."""
+    ids = torch.tensor([[5, 70, 71, 72, 90, 91, 2], [pad, pad, 5, 80, 2, pad, pad], [pad, 5, 81, 82, 93, 2, pad]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1, 0]])
+    return ids, mask
+
+
+@pytest.mark.parametrize("style", ["llama", "gpt2"])
+def test_padding_free_logprobs_equal_the_padded_pass(tiny_dirs, style):
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs[style])
+    ids, mask = _rollout_like_batch()
+    want, want_entropy = causal_lm_logprobs(model, ids, mask, response_len=3, with_entropy=True)
+    assert padding_free.enable(model)
+    flat = Unpadded.of(mask)
+    assert flat.index.tolist() == [[0, 1, 2, 3, 4, 5, 6], [-1, -1, 7, 8, 9, -1, -1], [-1, 10, 11, 12, 13, 14, -1]]
+    got, entropy = causal_lm_logprobs(model, ids, mask, response_len=3, with_entropy=True, flat=flat)
+    attended = mask[:, -3:].bool()
+    torch.testing.assert_close(got[attended], want[attended], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy[attended], want_entropy[attended], atol=1e-5, rtol=1e-5)
+    logits, _ = causal_lm_logits(model, ids, mask, response_len=3, flat=flat)
+    assert (logits[1, 2] == 0).all()  # predicted from a pad position (after row 1's EOS): 0
+    assert (logits[1, :2] != 0).any(-1).all() and (logits[2] != 0).any(-1).all()
+    full, _ = causal_lm_logprobs(model, ids, mask, flat=flat)  # every position (B, L-1)
+    both = mask[:, 1:].bool() & mask[:, :-1].bool()
+    torch.testing.assert_close(full[both], causal_lm_logprobs(model, ids, mask)[0][both], atol=1e-5, rtol=1e-5)
+
+
+def test_padding_free_scores_and_values_equal_the_padded_pass(tiny_dirs):
+    """Sequence scores, per-token critic values and an actor-critic pass (value head and separate critic)."""
+    ids, mask = _rollout_like_batch()
+    flat = Unpadded.of(mask)
+    rm = load_scalar_model(ModelConfig(path=tiny_dirs["llama"]), trainable=False)
+    want_seq, want_tok = sequence_scores(rm, ids, mask), token_scores(rm, ids, mask)
+    assert padding_free.enable(rm)
+    torch.testing.assert_close(sequence_scores(rm, ids, mask, flat=flat), want_seq, atol=1e-5, rtol=1e-5)
+    got_tok = token_scores(rm, ids, mask, flat=flat)
+    torch.testing.assert_close(got_tok[mask.bool()], want_tok[mask.bool()], atol=1e-5, rtol=1e-5)
+    assert (got_tok[~mask.bool()] == 0).all()
+
+    policy = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"])
+    for actor_critic in (PolicyWithValue(policy, value_head=True), PolicyWithValue(policy, rm)):
+        if actor_critic.value_head is not None:
+            torch.nn.init.normal_(actor_critic.value_head.weight)  # zero-initialised: make the values non-trivial
+        padding_free.enable(policy)
+        want = actor_critic(ids, mask, response_len=3)  # padded: no layout given
+        got = actor_critic(ids, mask, response_len=3, flat=flat)
+        attended = mask[:, -3:].bool()
+        for a, b in ((got.logprobs, want.logprobs), (got.values, want.values)):
+            torch.testing.assert_close(a[attended], b[attended], atol=1e-5, rtol=1e-5)
+
+
+def test_a_layout_for_a_model_that_cannot_run_padding_free_is_ignored(tiny_dirs):
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], attn_implementation="eager")
+    ids, mask = _rollout_like_batch()
+    want, _ = causal_lm_logprobs(model, ids, mask, response_len=3)
+    got, _ = causal_lm_logprobs(model, ids, mask, response_len=3, flat=Unpadded.of(mask))
+    torch.testing.assert_close(got, want)

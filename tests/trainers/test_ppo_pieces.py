@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 from rlhf.config import ConfigError, DataConfig, ModelConfig, TrainConfig, load_config
 from rlhf.data import records_from_rows, tokenize_records
 from rlhf.errors import UserError
+from rlhf.models import padding_free
 from rlhf.models.forward import token_scores
 from rlhf.models.loading import load_causal_lm, load_scalar_model
 from rlhf.models.value import PolicyWithValue
@@ -108,8 +109,9 @@ def rollout_and_models(tiny_dirs, tmp_path_factory):
 def test_old_logprobs_equal_the_first_minibatch_recomputed_before_any_update(rollout_and_models):
     """The old log-probs (and values) come from one chunked no-grad pass (chunks of 3 rows); the first minibatch
     recomputes them with gradients in micro-batches of 2 other rows, trimmed differently: equal to 1e-5, so the
-    first step's ratio is 1 and nothing is clipped."""
+    first step's ratio is 1 and nothing is clipped. The rollout's passes ran padding-free, the updates padded."""
     cfg, models, result = rollout_and_models
+    assert all(padding_free.enabled(m) for m in (models.actor_critic.policy, models.actor_critic.critic, models.ref))
     model = models.actor_critic.train()
     rows = torch.randperm(8, generator=torch.Generator().manual_seed(1))[: cfg.train.batch_size]
     assert result.batch.response_len > 1 and result.batch.response_mask.sum(-1).min() < result.batch.response_len

@@ -98,13 +98,23 @@ def attention(
     return out[None], None
 
 
+def _config(model: nn.Module) -> Any:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    return getattr(base, "config", None)
+
+
+def enabled(model: nn.Module) -> bool:
+    """Whether `enable(model)` switched the model to padding-free attention."""
+    return getattr(_config(model), "_attn_implementation", None) == ATTENTION
+
+
 def enable(model: nn.Module) -> bool:
     """Route the model's attention through `attention` (registered once); False if the model cannot use it."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    config = getattr(model, "config", None)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    config = _config(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if config is None or not type(base).__module__.startswith("transformers."):
         return False
     if getattr(config, "_attn_implementation", None) not in ("sdpa", ATTENTION):

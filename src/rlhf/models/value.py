@@ -16,7 +16,7 @@ response width T these are positions -(T+1) .. -2.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 from torch import Tensor, nn
 from torch.nn.utils import skip_init
@@ -25,7 +25,7 @@ from transformers import PreTrainedTokenizerBase
 from rlhf.config import ModelConfig
 from rlhf.errors import UserError
 from rlhf.losses.logprobs import entropy_from_logits, token_logprobs
-from rlhf.models.forward import position_ids_from_mask, token_scores
+from rlhf.models.forward import Unpadded, causal_lm_logits, token_scores
 
 
 class ActorCriticOutput(NamedTuple):
@@ -65,41 +65,39 @@ class PolicyWithValue(nn.Module):
         temperature: float = 1.0,
         with_entropy: bool = False,
         with_values: bool = True,
+        flat: Unpadded | None = None,
     ) -> ActorCriticOutput:
         """Log-probs (and optionally entropy and values) of the last `response_len` tokens. (B, T) each.
 
         Only the last T+1 positions go through the LM head. Position ids come from the mask, so a left-padded
-        prompt is scored exactly as it was generated.
+        prompt is scored exactly as it was generated. `flat`: the batch's padding-free layout, used by the models
+        that can (`rlhf.models.forward`).
         """
         T = response_len
-        kwargs: dict[str, Any] = {
-            "attention_mask": attention_mask,
-            "position_ids": position_ids_from_mask(attention_mask),
-            "logits_to_keep": T + 1,
-            "use_cache": False,
-        }
         head_values = with_values and self.value_head is not None
-        out = self.policy(input_ids=input_ids, output_hidden_states=head_values, **kwargs)
-        logits = out.logits[:, :-1]  # (B, T, V): the logits at position i score token i+1
+        logits, hidden = causal_lm_logits(
+            self.policy, input_ids, attention_mask, response_len=T, flat=flat, hidden=head_values
+        )  # (B, T, V): the logits at position i score token i+1; hidden (B, T, H) after the final norm
         if temperature != 1.0:
             logits = logits / temperature
         logprobs = token_logprobs(logits, input_ids[:, -T:])  # (B, T)
         entropy = entropy_from_logits(logits) if with_entropy else None
         values = None
         if head_values:
-            assert self.value_head is not None
-            hidden = out.hidden_states[-1][:, -(T + 1) : -1]  # (B, T, H), after the final norm
+            assert self.value_head is not None and hidden is not None
             values = self.value_head(hidden).squeeze(-1).float()  # (B, T)
         elif with_values:
-            values = self.values(input_ids, attention_mask, response_len=T)
+            values = self.values(input_ids, attention_mask, response_len=T, flat=flat)
         return ActorCriticOutput(logprobs, entropy, values)
 
-    def values(self, input_ids: Tensor, attention_mask: Tensor, *, response_len: int) -> Tensor:
+    def values(
+        self, input_ids: Tensor, attention_mask: Tensor, *, response_len: int, flat: Unpadded | None = None
+    ) -> Tensor:
         """Values of the last `response_len` tokens' states, (B, T), from the separate critic or the value head."""
         T = response_len
         if self.critic is not None:
-            return token_scores(self.critic, input_ids, attention_mask)[:, -(T + 1) : -1]  # (B, T)
-        return self.forward(input_ids, attention_mask, response_len=T).values  # type: ignore[return-value]
+            return token_scores(self.critic, input_ids, attention_mask, flat=flat)[:, -(T + 1) : -1]  # (B, T)
+        return self.forward(input_ids, attention_mask, response_len=T, flat=flat).values  # type: ignore[return-value]
 
     @property
     def separate_critic(self) -> bool:

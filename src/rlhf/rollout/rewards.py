@@ -103,7 +103,7 @@ class RewardModelReward:
 
     @torch.no_grad()
     def score(self, prompts: Sequence[Prompt], completions: Sequence[str], extras: Sequence[dict[str, Any]]) -> Tensor:
-        from rlhf.models.forward import sequence_scores
+        from rlhf.models.forward import Unpadded, sequence_scores
 
         device = next(self.model.parameters()).device
         pad_id = self.tokenizer.pad_token_id
@@ -114,7 +114,7 @@ class RewardModelReward:
             width = max(len(x) for x in chunk)
             input_ids = torch.tensor([x + [pad_id] * (width - len(x)) for x in chunk], device=device)
             mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in chunk], device=device)
-            out.append(sequence_scores(self.model, input_ids, mask).float().cpu())
+            out.append(sequence_scores(self.model, input_ids, mask, flat=Unpadded.of(mask)).float().cpu())
         return torch.cat(out)
 
 

@@ -59,7 +59,8 @@ from rlhf.losses import (
     masked_whiten,
     ppo_policy_loss,
 )
-from rlhf.models.forward import causal_lm_logprobs
+from rlhf.models import padding_free
+from rlhf.models.forward import Unpadded, causal_lm_logprobs
 from rlhf.models.loading import apply_lora, disable_dropout, frozen_copy, load_causal_lm, load_tokenizer
 from rlhf.models.value import PolicyWithValue, ValueConfig, load_critic
 from rlhf.rollout.batch import RolloutBatch, decode_responses, generate_batch, score_in_chunks, score_responses
@@ -211,6 +212,9 @@ def build_models(cfg: Config) -> Models:
     reward_models = load_reward_models(cfg.reward, cfg.data, dtype=cfg.model.dtype, trust_remote_code=trust)
     reward = build_reward(cfg.reward, reward_models)
     critic, critic_tokenizer = load_critic(cfg.value, cfg.model, cfg.reward.model_paths, tokenizer)
+    for m in (policy, ref, critic, *(r.model for r in reward_models)):
+        if m is not None:
+            padding_free.enable(m)  # the no-grad scoring passes skip the rollout's padding where they can
     actor_critic = PolicyWithValue(policy, critic, value_head=cfg.value.head_on_policy)
     return Models(tokenizer, actor_critic, ref, reward, reward_models, critic_tokenizer)
 
@@ -267,10 +271,12 @@ def make_rollout(
     batch, mask = RolloutBatch.from_rollout(rollout), rollout.response_mask
 
     def actor(ids: Tensor, att: Tensor, T: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        return actor_critic(ids, att, response_len=T, temperature=temperature, with_entropy=True)
+        flat = Unpadded.of(att)
+        return actor_critic(ids, att, response_len=T, temperature=temperature, with_entropy=True, flat=flat)
 
     def reference(ids: Tensor, att: Tensor, T: int) -> tuple[Tensor]:
-        return (causal_lm_logprobs(models.ref, ids, att, response_len=T, temperature=temperature)[0],)
+        flat = Unpadded.of(att)
+        return (causal_lm_logprobs(models.ref, ids, att, response_len=T, temperature=temperature, flat=flat)[0],)
 
     logprobs, entropy, values = score_in_chunks(actor, batch, fbs)  # old log-probs and values: one batched pass
     (ref_logprobs,) = score_in_chunks(reference, batch, fbs)
