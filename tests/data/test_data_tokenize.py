@@ -227,3 +227,12 @@ def test_percentile_nearest_rank() -> None:
     assert percentile([3, 1, 2, 4], 50) == 2  # ceil(0.5 * 4) = 2nd smallest
     assert percentile([3, 1, 2, 4], 51) == 3
     assert percentile(list(range(1, 101)), 99) == 99
+
+
+def test_special_tokens_are_probed_again_when_they_change(cfg: DataConfig) -> None:
+    """The BOS/EOS probe is cached per tokenizer, but a changed EOS is what the next example ends with."""
+    tok = build_tokenizer("llama")
+    rec = parse_row({"prompt": "Q:", "completion": " abc"}, "sft")
+    assert tokenize_sft(rec, tok, cfg)["input_ids"][-1] == EOS
+    tok.eos_token = tok.convert_ids_to_tokens(USER)
+    assert tokenize_sft(rec, tok, cfg)["input_ids"][-1] == USER

@@ -25,6 +25,7 @@ The rules (each one guards against a classic silent RLHF bug):
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -68,13 +69,20 @@ class _Special:
     adds_bos: bool
 
 
+_SPECIAL: weakref.WeakKeyDictionary[PreTrainedTokenizerBase, _Special] = weakref.WeakKeyDictionary()
+
+
 def _special(tokenizer: PreTrainedTokenizerBase) -> _Special:
+    """BOS, EOS and whether encoding adds a BOS, probed once per tokenizer (again if BOS or EOS change)."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no eos_token; responses must end with EOS (set tokenizer.eos_token)")
     bos = tokenizer.bos_token_id
-    probe = tokenizer.encode("a")  # what the tokenizer does by default
-    return _Special(bos, eos, adds_bos=bos is not None and probe[:1] == [bos])
+    known = _SPECIAL.get(tokenizer)
+    if known is None or (known.bos, known.eos) != (bos, eos):
+        probe = tokenizer.encode("a")  # what the tokenizer does by default
+        known = _SPECIAL[tokenizer] = _Special(bos, eos, adds_bos=bos is not None and probe[:1] == [bos])
+    return known
 
 
 def _check_cfg(cfg: DataConfig) -> None:
