@@ -71,6 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="give TRL its shipped default gradient_checkpointing=True (more compute; same loss curve)",
     )
     p.add_argument("--ours-two-rows", action="store_true", help="RM: score chosen and rejected as two rows each")
+    p.add_argument("--ours-padded", action="store_true", help="SFT: padded batches (data.padding_free false)")
     p.add_argument("--workdir", default=None, help="where models, data and run directories go (default: a temp dir)")
     # worker mode (one trial), used by the orchestrator
     p.add_argument("--worker", choices=("ours", "trl"), help=argparse.SUPPRESS)
@@ -168,6 +169,8 @@ def worker_ours(args: argparse.Namespace, setup: Setup, stage: str, run_dir: Pat
     }
     if stage == "rm":
         overrides["share_prompt"] = not args.ours_two_rows
+    else:
+        overrides["data.padding_free"] = not args.ours_padded
     cfg = load_config(module.Config, None, [f"--{k}={v}" for k, v in overrides.items()])
     clock = StepClock()
     train_step = Engine.train_step
@@ -293,9 +296,8 @@ def trial(args: argparse.Namespace, side: str, stage: str, files: dict[str, Path
         "seed": args.seed,
     } | extra
     cmd = [sys.executable, __file__, *(f"--{k}={v}" for k, v in values.items())]
-    cmd += [
-        f"--{flag}" for flag in ("trl-gradient-checkpointing", "ours-two-rows") if getattr(args, flag.replace("-", "_"))
-    ]
+    flags = ("trl-gradient-checkpointing", "ours-two-rows", "ours-padded")
+    cmd += [f"--{flag}" for flag in flags if getattr(args, flag.replace("-", "_"))]
     result = run_worker(cmd, files["result"])
     result["losses"] = {int(k): v for k, v in result["losses"].items()}
     return result

@@ -4,7 +4,8 @@
 
 One iteration: draw `rollout.batch_size` prompts; sample one response each from the policy; score the decoded text
 (reward models and/or Python functions); in batched no-grad passes take the old log-probs (with values, from the
-actor-critic) and the reference log-probs; shape per-token rewards (-beta * KL on every token, the shaped score
+actor-critic) and the reference log-probs (these passes, and the reward models', run padding-free where the model
+allows: `rlhf.models.forward.Unpadded`); shape per-token rewards (-beta * KL on every token, the shaped score
 added at the last response token); GAE; whiten the advantages; then `ppo_epochs` passes over shuffled minibatches
 of `train.batch_size` responses, each ONE optimizer step (micro-batches of `train.micro_batch_size`) of
 
