@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -34,3 +37,27 @@ def test_generate_rollout_is_seeded_and_left_padded(tiny_dirs):
     assert a.input_ids.shape == (2, 5 + a.response_ids.shape[1])
     assert torch.equal(a.attention_mask[:, :5], prompt_mask)
     assert model.training  # generation leaves the train/eval mode as it found it
+
+
+def test_the_checkpoints_generation_config_does_not_change_sampling(tiny_dirs, tmp_path):
+    """A generation_config.json with a repetition penalty, a minimum length and top_k 1 changes what plain
+    `generate` draws; the backend draws exactly what it draws from the same weights without that file."""
+    shipped = tmp_path / "shipped"
+    shutil.copytree(tiny_dirs["llama"], shipped)
+    settings = {"do_sample": True, "top_k": 1, "repetition_penalty": 5.0, "min_new_tokens": 8}
+    (shipped / "generation_config.json").write_text(json.dumps(settings | {"eos_token_id": 2, "pad_token_id": 0}))
+    plain, with_file = (AutoModelForCausalLM.from_pretrained(d).eval() for d in (tiny_dirs["llama"], shipped))
+    prompt_ids = torch.tensor([[1, 5, 70], [1, 5, 71]]).repeat(4, 1)
+    prompt_mask = torch.ones_like(prompt_ids)
+    sampling = SamplingConfig(max_new_tokens=8)
+
+    def draw(model, *, raw=False):
+        torch.manual_seed(7)
+        if raw:
+            kwargs = {"do_sample": True, "max_new_tokens": 8, "eos_token_id": 2, "pad_token_id": 0}
+            return model.generate(prompt_ids, attention_mask=prompt_mask, **kwargs)[:, 3:]
+        return HFGenerationBackend(model, eos_token_id=2, pad_token_id=0).generate(prompt_ids, prompt_mask, sampling)
+
+    assert not torch.equal(draw(plain, raw=True), draw(with_file, raw=True))  # the file does change plain generate
+    assert torch.equal(draw(with_file), draw(plain))
+    assert with_file.generation_config.repetition_penalty == 5.0  # and is back in place afterwards

@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import GenerationConfig
 
 from rlhf.config import DataConfig, ModelConfig
 from rlhf.data import collate_prompts, records_from_rows, tokenize_records
 from rlhf.models.loading import load_causal_lm, load_tokenizer
-from rlhf.rollout.generation import mask_after_eos
+from rlhf.rollout.generation import generate_as_configured, mask_after_eos
 from rlhf.rollout.rewards import FunctionReward, load_reward_function
 
 
@@ -28,16 +29,16 @@ def greedy_responses(
     model = load_causal_lm(ModelConfig(path=str(model_dir)), trainable=False)
     records, _ = records_from_rows(list(rows), "prompt")
     examples, _ = tokenize_records(records, "prompt", tokenizer, DataConfig())
+    config = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     texts: list[str] = []
     for start in range(0, len(examples), batch_size):
         batch = collate_prompts(examples[start : start + batch_size], tokenizer.pad_token_id)
-        out = model.generate(
-            **batch,
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        out = generate_as_configured(model, batch["input_ids"], batch["attention_mask"], config)
         ids, _, _ = mask_after_eos(
             out[:, batch["input_ids"].shape[1] :], tokenizer.eos_token_id, tokenizer.pad_token_id
         )

@@ -12,6 +12,7 @@ from typing import Protocol
 
 import torch
 from torch import Tensor, nn
+from transformers import GenerationConfig
 
 
 @dataclass
@@ -64,7 +65,11 @@ class GenerationBackend(Protocol):
 
 
 class HFGenerationBackend:
-    """`transformers` generation with a KV cache; the model is the (unwrapped) policy itself."""
+    """`transformers` generation with a KV cache; the model is the (unwrapped) policy itself.
+
+    Sampling follows `SamplingConfig` alone (`generate_as_configured`), so the log-probs the losses use are
+    those of the sampler.
+    """
 
     def __init__(self, model: nn.Module, *, eos_token_id: int, pad_token_id: int) -> None:
         self.model = model
@@ -75,9 +80,7 @@ class HFGenerationBackend:
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, sampling: SamplingConfig) -> Tensor:
         was_training = self.model.training
         self.model.eval()
-        out = self.model.generate(
-            input_ids=prompt_ids,
-            attention_mask=prompt_mask,
+        config = GenerationConfig(
             do_sample=True,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
@@ -87,8 +90,25 @@ class HFGenerationBackend:
             pad_token_id=self.pad_token_id,
             use_cache=True,
         )
+        out = generate_as_configured(self.model, prompt_ids, prompt_mask, config)
         self.model.train(was_training)
         return out[:, prompt_ids.shape[1] :]
+
+
+def generate_as_configured(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, config: GenerationConfig
+) -> Tensor:
+    """`model.generate` with `config` and nothing else.
+
+    `transformers` fills every field a passed config leaves unset from the model's own `generation_config` (the
+    checkpoint's generation_config.json), so that one is swapped for a blank during the call: a repetition
+    penalty, a minimum length or banned words shipped with a checkpoint would otherwise change the decoding.
+    """
+    shipped, model.generation_config = model.generation_config, GenerationConfig()
+    try:
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    finally:
+        model.generation_config = shipped
 
 
 def mask_after_eos(response_ids: Tensor, eos_token_id: int, pad_token_id: int) -> tuple[Tensor, Tensor, Tensor]:
