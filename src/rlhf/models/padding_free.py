@@ -82,7 +82,7 @@ def attention(
 
     layout: FlatLayout | None = kwargs.pop(LAYOUT_KWARG, None)
     if layout is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)  # type: ignore[no-any-return]
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     window = kwargs.get("sliding_window")
     if window is not None and layout.length > window:
@@ -98,14 +98,13 @@ def attention(
     return out[None], None
 
 
-def _config(model: nn.Module) -> Any:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
-    return getattr(base, "config", None)
+def _base(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
 
 
 def enabled(model: nn.Module) -> bool:
     """Whether `enable(model)` switched the model to padding-free attention."""
-    return getattr(_config(model), "_attn_implementation", None) == ATTENTION
+    return getattr(getattr(_base(model), "config", None), "_attn_implementation", None) == ATTENTION
 
 
 def enable(model: nn.Module) -> bool:
@@ -113,8 +112,8 @@ def enable(model: nn.Module) -> bool:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    config = _config(model)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base(model)
+    config = getattr(base, "config", None)
     if config is None or not type(base).__module__.startswith("transformers."):
         return False
     if getattr(config, "_attn_implementation", None) not in ("sdpa", ATTENTION):

@@ -119,7 +119,7 @@ def _flat_batch(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {
         "input_ids": torch.tensor([t for ex in examples for t in ex["input_ids"]])[None],  # (1, T)
         "position_ids": flat_position_ids(lengths),  # (1, T)
-        "flat_layout": flat_layout(lengths),
+        LAYOUT_KWARG: flat_layout(lengths),
         "logits_to_keep": positions,
         "targets": next_label[positions],  # (N,)
     }
@@ -138,8 +138,8 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     """
     kwargs: dict[str, Any] = {"input_ids": batch["input_ids"], "use_cache": False}
     kwargs["logits_to_keep"] = batch["logits_to_keep"]
-    if "flat_layout" in batch:
-        kwargs[LAYOUT_KWARG] = batch["flat_layout"]
+    if LAYOUT_KWARG in batch:
+        kwargs[LAYOUT_KWARG] = batch[LAYOUT_KWARG]
     if "position_ids" in batch:
         kwargs["position_ids"] = batch["position_ids"]
     else:
@@ -154,7 +154,7 @@ def token_nll(model: nn.Module, batch: dict[str, Any]) -> Tensor:
     response tokens only, in one call rather than one per row (on small batches mostly per-op overhead).
     """
     logits = model(**model_inputs(batch)).logits
-    if "flat_layout" in batch:
+    if LAYOUT_KWARG in batch:
         picked = logits[0]  # (N, V): logits_to_keep already picked the labelled positions
     else:  # (B, K, V): positions L-K .. L-1, the last of which predicts nothing
         picked = logits[:, :-1].flatten(0, 1).index_select(0, batch["label_positions"])  # (N, V)
