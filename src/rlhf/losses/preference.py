@@ -131,15 +131,7 @@ def dpo_loss(
     rejected_logratios = upcast(policy_rejected_logps) - upcast(ref_rejected_logps)
     h = chosen_logratios - rejected_logratios
     losses = PREFERENCE_LOSSES[loss_type](h, beta=beta, label_smoothing=label_smoothing)
-    chosen_rewards = beta * chosen_logratios.detach()
-    rejected_rewards = beta * rejected_logratios.detach()
-    metrics = {
-        "rewards/chosen": chosen_rewards,
-        "rewards/rejected": rejected_rewards,
-        "rewards/accuracy": (chosen_rewards > rejected_rewards).to(losses.dtype),
-        "rewards/margin": chosen_rewards - rejected_rewards,
-    }
-    return losses, metrics
+    return losses, _reward_metrics(beta * chosen_logratios, beta * rejected_logratios)
 
 
 def simpo_loss(
@@ -161,14 +153,18 @@ def simpo_loss(
     chosen_rewards = beta * upcast(chosen_avg_logps)
     rejected_rewards = beta * upcast(rejected_avg_logps)
     losses = -F.logsigmoid(chosen_rewards - rejected_rewards - gamma)
-    chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
-    metrics = {
-        "rewards/chosen": chosen_rewards,
-        "rewards/rejected": rejected_rewards,
-        "rewards/accuracy": (chosen_rewards > rejected_rewards).to(losses.dtype),
-        "rewards/margin": chosen_rewards - rejected_rewards,
+    return losses, _reward_metrics(chosen_rewards, rejected_rewards)
+
+
+def _reward_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Detached per-pair metrics of implied rewards (B,): chosen, rejected, accuracy (1.0 where chosen wins), margin."""
+    chosen, rejected = chosen_rewards.detach(), rejected_rewards.detach()
+    return {
+        "rewards/chosen": chosen,
+        "rewards/rejected": rejected,
+        "rewards/accuracy": (chosen > rejected).to(chosen.dtype),
+        "rewards/margin": chosen - rejected,
     }
-    return losses, metrics
 
 
 LOG_PROB_MAX = -1e-6
