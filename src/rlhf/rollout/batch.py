@@ -6,8 +6,8 @@
   tensors (B, T) (old log-probs, values, advantages, ...), and selects rows for chunks and minibatches with the
   padding columns every selected row shares trimmed away (left of the longest prompt, right of the longest
   response). Trimming changes no result beyond float rounding: positions come from the attention mask.
-* `score_in_chunks` runs a model function over a batch in chunks of rows under `torch.no_grad`, in one batched
-  pass per chunk (old log-probs, reference log-probs and values of a whole rollout: one call each). Chunks
+* `score_in_chunks` runs a model function over a batch in chunks of rows under `torch.no_grad`, one batched
+  forward per model and chunk (PPO: old log-probs and values, and reference log-probs, in one call). Chunks
   group rows of similar length (`chunks_by_length`), and PPO's micro-batches are also cut where a few long
   responses would pad many short ones (`chunks_by_cost`), so little compute goes to padding.
 * `decode_responses` / `score_responses`: the response text (policy tokenizer, special tokens skipped) and its

@@ -271,16 +271,14 @@ def make_rollout(
     generation_s = time.perf_counter() - t0
     batch, mask = RolloutBatch.from_rollout(rollout), rollout.response_mask
 
-    def actor(ids: Tensor, att: Tensor, T: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        flat = Unpadded.of(att)
-        return actor_critic(ids, att, response_len=T, temperature=temperature, with_entropy=True, flat=flat)
+    def passes(ids: Tensor, att: Tensor, T: int) -> tuple[Tensor | None, ...]:
+        """Per chunk: one actor-critic pass (old log-probs, entropy, values) and one reference pass."""
+        flat = Unpadded.of(att)  # one padding-free layout for both
+        out = actor_critic(ids, att, response_len=T, temperature=temperature, with_entropy=True, flat=flat)
+        ref, _ = causal_lm_logprobs(models.ref, ids, att, response_len=T, temperature=temperature, flat=flat)
+        return (*out, ref)
 
-    def reference(ids: Tensor, att: Tensor, T: int) -> tuple[Tensor]:
-        flat = Unpadded.of(att)
-        return (causal_lm_logprobs(models.ref, ids, att, response_len=T, temperature=temperature, flat=flat)[0],)
-
-    logprobs, entropy, values = score_in_chunks(actor, batch, fbs)  # old log-probs and values: one batched pass
-    (ref_logprobs,) = score_in_chunks(reference, batch, fbs)
+    logprobs, entropy, values, ref_logprobs = score_in_chunks(passes, batch, fbs)
     assert logprobs is not None and entropy is not None and values is not None and ref_logprobs is not None
     completions = decode_responses(tok, rollout.response_ids, mask)
     prompt_text, extras = [ex["prompt"] for ex in examples], [ex.get("extra", {}) for ex in examples]
