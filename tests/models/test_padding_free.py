@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from rlhf.models import padding_free
-from rlhf.models.padding_free import LAYOUT_KWARG, flat_layout, flat_position_ids
+from rlhf.models.padding_free import flat_inputs, flat_layout, flat_position_ids
 
 SEQS = [[5, 70, 71, 72, 2], [5, 80], [5, 90, 91, 92, 93, 94, 2], [5]]
 
@@ -58,9 +58,7 @@ def test_flat_forward_and_gradients_equal_the_padded_batch(tiny_dirs: dict[str, 
     want = _padded_logits(padded_model)
     lengths = [len(s) for s in SEQS]
     flat_ids = torch.tensor([t for s in SEQS for t in s])[None]
-    got = flat_model(
-        input_ids=flat_ids, position_ids=flat_position_ids(lengths), **{LAYOUT_KWARG: flat_layout(lengths)}
-    ).logits[0]
+    got = flat_model(input_ids=flat_ids, **flat_inputs(lengths)).logits[0]
     torch.testing.assert_close(got, torch.cat(want), atol=1e-5, rtol=1e-5)
 
     # the same loss on both sides gives the same gradients (pads get none)
@@ -68,6 +66,30 @@ def test_flat_forward_and_gradients_equal_the_padded_batch(tiny_dirs: dict[str, 
     got.square().mean().backward()
     for (name, p), q in zip(padded_model.named_parameters(), flat_model.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("style", ["llama", "gpt2"])
+def test_flat_forward_builds_no_attention_mask(
+    tiny_dirs: dict[str, str], style: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`transformers` would otherwise materialise a (T, T) block-diagonal mask from the restarting positions
+    (quadratic in the batch's tokens) that the flat attention never reads; padded calls still get theirs."""
+    seen: list[torch.Tensor | None] = []
+    attention = padding_free.attention
+
+    def spy(module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: object, **kw: object):  # type: ignore[no-untyped-def]
+        seen.append(mask)
+        return attention(module, q, k, v, mask, **kw)
+
+    monkeypatch.setattr(padding_free, "attention", spy)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs[style], attn_implementation="sdpa")
+    assert padding_free.enable(model)
+    lengths = [len(s) for s in SEQS]
+    model(input_ids=torch.tensor([t for s in SEQS for t in s])[None], **flat_inputs(lengths), use_cache=False)
+    assert seen and all(m is None for m in seen)
+    seen.clear()
+    model(input_ids=torch.tensor([[0, 5, 70], [5, 80, 81]]), attention_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]))
+    assert seen and all(m is not None for m in seen)
 
 
 def test_calls_without_a_layout_are_plain_sdpa(tiny_dirs: dict[str, str]) -> None:
@@ -89,12 +111,7 @@ def test_gradient_checkpointing_replays_the_flat_attention(tiny_dirs: dict[str, 
     ckpt = copy.deepcopy(plain)
     ckpt.gradient_checkpointing_enable()
     lengths = [len(s) for s in SEQS]
-    kwargs = {
-        "input_ids": torch.tensor([t for s in SEQS for t in s])[None],
-        "position_ids": flat_position_ids(lengths),
-        LAYOUT_KWARG: flat_layout(lengths),
-        "use_cache": False,
-    }
+    kwargs = {"input_ids": torch.tensor([t for s in SEQS for t in s])[None], **flat_inputs(lengths), "use_cache": False}
     for model in (plain, ckpt):
         assert padding_free.enable(model)
         model.train()

@@ -42,8 +42,7 @@ class Unpadded:
 
     tokens: Tensor
     index: Tensor
-    position_ids: Tensor  # (1, N), restarting at 0 for each row
-    layout: padding_free.FlatLayout
+    inputs: dict[str, Any]  # `padding_free.flat_inputs`: position ids, mask and layout of the flat forward
 
     @classmethod
     def of(cls, attention_mask: Tensor) -> Unpadded:
@@ -53,17 +52,12 @@ class Unpadded:
         tokens = real.flatten().nonzero().squeeze(1)
         index = torch.full(real.shape, -1, dtype=torch.long, device=real.device)
         index.view(-1)[tokens] = torch.arange(len(tokens), device=real.device)
-        position_ids = padding_free.flat_position_ids(lengths).to(real.device)
-        return cls(tokens, index, position_ids, padding_free.flat_layout(lengths).to(real.device))
+        inputs = {k: v.to(real.device) for k, v in padding_free.flat_inputs(lengths).items()}
+        return cls(tokens, index, inputs)
 
     def kwargs(self, input_ids: Tensor) -> dict[str, Any]:
         """Keyword arguments of the flat forward of `input_ids` (B, L)."""
-        return {
-            "input_ids": input_ids.flatten()[self.tokens][None],  # (1, N)
-            "position_ids": self.position_ids,
-            padding_free.LAYOUT_KWARG: self.layout,
-            "use_cache": False,
-        }
+        return {"input_ids": input_ids.flatten()[self.tokens][None], **self.inputs, "use_cache": False}  # (1, N)
 
     def take(self, flat: Tensor, positions: Tensor) -> Tensor:
         """Rows of `flat` (1, N, ...) at padded `positions` (B, K) of flat indices: (B, K, ...), 0 where -1."""

@@ -39,7 +39,7 @@ from rlhf.data import IGNORE_INDEX, collate_sft, pack_sft
 from rlhf.losses.sft import sft_loss
 from rlhf.models import padding_free
 from rlhf.models.loading import apply_lora, load_causal_lm, load_tokenizer
-from rlhf.models.padding_free import LAYOUT_KWARG, flat_layout, flat_position_ids
+from rlhf.models.padding_free import LAYOUT_KWARG, flat_inputs
 from rlhf.trainers.common import (
     count_steps,
     eval_due,
@@ -93,7 +93,7 @@ def make_batch(examples: Sequence[dict[str, Any]], pad_id: int, *, flat: bool = 
     labelled tokens; `targets` (N,): their ids.
 
     `flat` (padding-free, see `rlhf.models.padding_free`): every example (for packed rows, every example inside
-    them) back to back in one row: `input_ids` and `position_ids` (1, T), `flat_layout`, and `logits_to_keep`
+    them) back to back in one row: `input_ids` (1, T), `padding_free.flat_inputs`, and `logits_to_keep`
     (N,) the positions whose next token (in the same example) carries a label, so the LM head sees only those;
     `targets` (N,) as above, in the same order.
     """
@@ -118,8 +118,7 @@ def _flat_batch(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     positions = (next_label != IGNORE_INDEX).nonzero().squeeze(1)  # (N,)
     return {
         "input_ids": torch.tensor([t for ex in examples for t in ex["input_ids"]])[None],  # (1, T)
-        "position_ids": flat_position_ids(lengths),  # (1, T)
-        LAYOUT_KWARG: flat_layout(lengths),
+        **flat_inputs(lengths),  # position_ids, attention_mask (1, T) and the layout
         "logits_to_keep": positions,
         "targets": next_label[positions],  # (N,)
     }
@@ -128,7 +127,8 @@ def _flat_batch(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     """Keyword arguments of the forward pass.
 
-    Padding-free batches pass `position_ids` and their `flat_layout` (the attention keeps examples apart).
+    Padding-free batches pass `position_ids`, an all-ones mask and their `flat_layout` (the attention keeps
+    examples apart; see `padding_free.flat_inputs`).
     Unpacked padded rows are right padded, so the attention mask changes nothing a loss sees (no real token
     attends to a later position) but is passed for models that use it otherwise. Packed padded rows pass
     `position_ids` and NO attention mask (with `use_cache=False`): `transformers` then reads each example's
@@ -136,15 +136,14 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     block-diagonal causal mask; flash-attention uses the variable-length kernel), so packing changes the
     batching, not the loss.
     """
-    kwargs: dict[str, Any] = {"input_ids": batch["input_ids"], "use_cache": False}
-    kwargs["logits_to_keep"] = batch["logits_to_keep"]
     if LAYOUT_KWARG in batch:
-        kwargs[LAYOUT_KWARG] = batch[LAYOUT_KWARG]
-    if "position_ids" in batch:
-        kwargs["position_ids"] = batch["position_ids"]
+        keys: tuple[str, ...] = ("position_ids", "attention_mask", LAYOUT_KWARG)  # `padding_free.flat_inputs`
+    elif "position_ids" in batch:
+        keys = ("position_ids",)  # packed rows: no mask
     else:
-        kwargs["attention_mask"] = batch["attention_mask"]
-    return kwargs
+        keys = ("attention_mask",)
+    kwargs = {"input_ids": batch["input_ids"], "logits_to_keep": batch["logits_to_keep"], "use_cache": False}
+    return kwargs | {k: batch[k] for k in keys}
 
 
 def token_nll(model: nn.Module, batch: dict[str, Any]) -> Tensor:
