@@ -8,7 +8,7 @@ import shutil
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlhf.rollout.generation import HFGenerationBackend, SamplingConfig, generate_rollout, mask_after_eos
+from rlhf.rollout.generation import HFGenerationBackend, SamplingConfig, generate_rollout, mask_after_eos, sampler
 
 
 def test_mask_after_eos_hand_case():
@@ -61,3 +61,32 @@ def test_the_checkpoints_generation_config_does_not_change_sampling(tiny_dirs, t
     assert not torch.equal(draw(plain, raw=True), draw(with_file, raw=True))  # the file does change plain generate
     assert torch.equal(draw(with_file), draw(plain))
     assert with_file.generation_config.repetition_penalty == 5.0  # and is back in place afterwards
+
+
+def _draw_frequencies(logits: torch.Tensor, sampling: SamplingConfig, n: int = 40_000) -> torch.Tensor:
+    torch.manual_seed(0)
+    scores = sampler(sampling)(torch.zeros(n, 1, dtype=torch.long), logits.repeat(n, 1))
+    return torch.bincount(scores.argmax(-1), minlength=logits.shape[0]).double() / n
+
+
+def _assert_frequencies(freq: torch.Tensor, probs: torch.Tensor, n: int = 40_000) -> None:
+    sigma = (probs * (1 - probs) / n).sqrt()
+    assert ((freq - probs).abs() <= 5 * sigma + 1e-12).all(), (freq, probs)
+
+
+def test_greedy_argmax_of_the_sampler_draws_from_the_softmax():
+    """The exponential race picks token i with probability softmax(logits)_i; -inf tokens never."""
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, float("-inf")])
+    freq = _draw_frequencies(logits, SamplingConfig())
+    probs = torch.tensor([2.0, 1.0, 0.0, -1.0]).exp().double()
+    _assert_frequencies(freq, torch.cat([probs / probs.sum(), torch.zeros(1, dtype=torch.double)]))
+    assert freq[-1] == 0
+
+
+def test_the_sampler_applies_temperature_and_top_k_as_do_sample_does():
+    """temperature 0.5, top_k 2 on logits [1, 0, 0.5, -2]: tokens 0 and 2 only, in the ratio e^(1/0.5) : e^(0.5/0.5)."""
+    logits = torch.tensor([1.0, 0.0, 0.5, -2.0])
+    freq = _draw_frequencies(logits, SamplingConfig(temperature=0.5, top_k=2))
+    p0 = 1 / (1 + torch.tensor(-1.0).exp().double())  # e^2 / (e^2 + e^1)
+    _assert_frequencies(freq, torch.stack([p0, torch.tensor(0.0).double(), 1 - p0, torch.tensor(0.0).double()]))
+    assert freq[1] == freq[3] == 0

@@ -12,7 +12,13 @@ from typing import Protocol
 
 import torch
 from torch import Tensor, nn
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessorList
+from transformers.generation.logits_process import (
+    LogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 
 @dataclass
@@ -64,11 +70,40 @@ class GenerationBackend(Protocol):
         ...
 
 
+class ExponentialRace(LogitsProcessor):
+    """Sampling as an argmax: returns `scores - log E` with E_i ~ Exp(1) i.i.d., whose argmax is token i with
+    probability softmax(scores)_i (the exponential race: argmax_i p_i / E_i; equivalently the Gumbel-max trick,
+    -log E being Gumbel(0, 1)). Tokens at -inf stay there.
+
+    `generate` then runs in greedy mode and draws from the same distribution as `do_sample=True`. It is faster
+    on the CPU: `torch.multinomial` draws its exponentials with a scalar loop (0.24 ms for 64 x 263 scores, 16%
+    of the benchmark's generation); here they come from one vectorised uniform draw (E = -log U, U in [0, 1)),
+    from the same global RNG.
+    """
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        exponential = torch.rand_like(scores).log_().neg_()  # U = 0 gives E = inf: that token just loses
+        return scores - exponential.log_()
+
+
+def sampler(sampling: SamplingConfig) -> LogitsProcessorList:
+    """What `generate(do_sample=True, temperature, top_k, top_p)` applies to the logits and draws, as logits
+    processors for greedy mode: `transformers`' own warpers, then `ExponentialRace`."""
+    warpers: list[LogitsProcessor] = []
+    if sampling.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(sampling.temperature))
+    if sampling.top_k:
+        warpers.append(TopKLogitsWarper(sampling.top_k))
+    if sampling.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(sampling.top_p))
+    return LogitsProcessorList([*warpers, ExponentialRace()])
+
+
 class HFGenerationBackend:
     """`transformers` generation with a KV cache; the model is the (unwrapped) policy itself.
 
-    Sampling follows `SamplingConfig` alone (`generate_as_configured`), so the log-probs the losses use are
-    those of the sampler.
+    Sampling follows `SamplingConfig` alone (`generate_as_configured`, `sampler`), so the log-probs the losses
+    use are those of the sampler.
     """
 
     def __init__(self, model: nn.Module, *, eos_token_id: int, pad_token_id: int) -> None:
@@ -81,24 +116,25 @@ class HFGenerationBackend:
         was_training = self.model.training
         self.model.eval()
         config = GenerationConfig(
-            do_sample=True,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=sampling.top_k,
+            do_sample=False,  # the draw is `sampler`'s last processor
             max_new_tokens=sampling.max_new_tokens,
             eos_token_id=self.eos_token_id,
             pad_token_id=self.pad_token_id,
             use_cache=True,
         )
-        out = generate_as_configured(self.model, prompt_ids, prompt_mask, config)
+        out = generate_as_configured(self.model, prompt_ids, prompt_mask, config, sampler(sampling))
         self.model.train(was_training)
         return out[:, prompt_ids.shape[1] :]
 
 
 def generate_as_configured(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, config: GenerationConfig
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    config: GenerationConfig,
+    logits_processor: LogitsProcessorList | None = None,
 ) -> Tensor:
-    """`model.generate` with `config` and nothing else.
+    """`model.generate` with `config` (and `logits_processor`) and nothing else.
 
     `transformers` fills every field a passed config leaves unset from the model's own `generation_config` (the
     checkpoint's generation_config.json), so that one is swapped for a blank during the call: a repetition
@@ -106,7 +142,12 @@ def generate_as_configured(
     """
     shipped, model.generation_config = model.generation_config, GenerationConfig()
     try:
-        return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+        return model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            generation_config=config,
+            logits_processor=logits_processor,
+        )
     finally:
         model.generation_config = shipped
 
