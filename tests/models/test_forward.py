@@ -10,7 +10,6 @@ from rlhf.config import ModelConfig
 from rlhf.models import padding_free
 from rlhf.models.forward import (
     Unpadded,
-    causal_lm_logits,
     causal_lm_logprobs,
     last_token_index,
     sequence_scores,
@@ -37,7 +36,7 @@ def test_left_padded_response_logprobs_match_unpadded_rows(tiny_dirs, style):
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) + [1, 1, 1] for p in prompts])
     mask[1, -1] = 0
     with torch.no_grad():
-        got, entropy = causal_lm_logprobs(model, ids, mask, response_len=3, with_entropy=True)
+        got, entropy, _ = causal_lm_logprobs(model, ids, mask, response_len=3, with_entropy=True)
         assert got.shape == (2, 3) and entropy is not None and entropy.shape == (2, 3)
         for row, (p, r) in enumerate(zip(prompts, responses, strict=True)):
             n = 3 if row == 0 else 2
@@ -49,7 +48,7 @@ def test_full_sequence_logprobs_shape_and_values(tiny_dirs):
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"]).eval()
     ids = [1, 5, 70, 71, 6, 90, 2]
     with torch.no_grad():
-        got, entropy = causal_lm_logprobs(model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
+        got, entropy, _ = causal_lm_logprobs(model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
         assert entropy is None
         torch.testing.assert_close(got[0], _plain_logprobs(model, ids), atol=1e-5, rtol=1e-5)
 
@@ -98,20 +97,21 @@ def _rollout_like_batch(pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 def test_padding_free_logprobs_equal_the_padded_pass(tiny_dirs, style):
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs[style])
     ids, mask = _rollout_like_batch()
-    want, want_entropy = causal_lm_logprobs(model, ids, mask, response_len=3, with_entropy=True)
+    want = causal_lm_logprobs(model, ids, mask, response_len=3, with_entropy=True, hidden=True)
     assert padding_free.enable(model)
     flat = Unpadded.of(mask)
     assert flat.index.tolist() == [[0, 1, 2, 3, 4, 5, 6], [-1, -1, 7, 8, 9, -1, -1], [-1, 10, 11, 12, 13, 14, -1]]
-    got, entropy = causal_lm_logprobs(model, ids, mask, response_len=3, with_entropy=True, flat=flat)
+    got = causal_lm_logprobs(model, ids, mask, response_len=3, with_entropy=True, flat=flat, hidden=True)
     attended = mask[:, -3:].bool()
-    torch.testing.assert_close(got[attended], want[attended], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(entropy[attended], want_entropy[attended], atol=1e-5, rtol=1e-5)
-    logits, _ = causal_lm_logits(model, ids, mask, response_len=3, flat=flat)
-    assert (logits[1, 2] == 0).all()  # predicted from a pad position (after row 1's EOS): 0
-    assert (logits[1, :2] != 0).any(-1).all() and (logits[2] != 0).any(-1).all()
-    full, _ = causal_lm_logprobs(model, ids, mask, flat=flat)  # every position (B, L-1)
+    from_pad = ~mask[:, -4:-1].bool()  # row 1's last response token is predicted from a pad (after its EOS)
+    assert from_pad.tolist() == [[False] * 3, [False, False, True], [False] * 3]
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a[attended], b[attended], atol=1e-5, rtol=1e-5)
+        assert (a[from_pad] == 0).all() and (a[~from_pad] != 0).any(-1).all()
+    full = causal_lm_logprobs(model, ids, mask, flat=flat).logprobs  # every position (B, L-1)
     both = mask[:, 1:].bool() & mask[:, :-1].bool()
-    torch.testing.assert_close(full[both], causal_lm_logprobs(model, ids, mask)[0][both], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(full[both], causal_lm_logprobs(model, ids, mask).logprobs[both], atol=1e-5, rtol=1e-5)
+    assert (full[~mask[:, :-1].bool()] == 0).all()  # predicted from a pad
 
 
 def test_padding_free_scores_and_values_equal_the_padded_pass(tiny_dirs):
@@ -141,6 +141,6 @@ def test_padding_free_scores_and_values_equal_the_padded_pass(tiny_dirs):
 def test_a_layout_for_a_model_that_cannot_run_padding_free_is_ignored(tiny_dirs):
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], attn_implementation="eager")
     ids, mask = _rollout_like_batch()
-    want, _ = causal_lm_logprobs(model, ids, mask, response_len=3)
-    got, _ = causal_lm_logprobs(model, ids, mask, response_len=3, flat=Unpadded.of(mask))
+    want = causal_lm_logprobs(model, ids, mask, response_len=3)
+    got = causal_lm_logprobs(model, ids, mask, response_len=3, flat=Unpadded.of(mask))
     torch.testing.assert_close(got, want)

@@ -24,8 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from rlhf.config import ModelConfig
 from rlhf.errors import UserError
-from rlhf.losses.logprobs import entropy_from_logits, token_logprobs
-from rlhf.models.forward import Unpadded, causal_lm_logits, token_scores
+from rlhf.models.forward import Unpadded, causal_lm_logprobs, token_scores
 
 
 class ActorCriticOutput(NamedTuple):
@@ -75,20 +74,23 @@ class PolicyWithValue(nn.Module):
         """
         T = response_len
         head_values = with_values and self.value_head is not None
-        logits, hidden = causal_lm_logits(
-            self.policy, input_ids, attention_mask, response_len=T, flat=flat, hidden=head_values
-        )  # (B, T, V): the logits at position i score token i+1; hidden (B, T, H) after the final norm
-        if temperature != 1.0:
-            logits = logits / temperature
-        logprobs = token_logprobs(logits, input_ids[:, -T:])  # (B, T)
-        entropy = entropy_from_logits(logits) if with_entropy else None
+        out = causal_lm_logprobs(
+            self.policy,
+            input_ids,
+            attention_mask,
+            response_len=T,
+            with_entropy=with_entropy,
+            temperature=temperature,
+            flat=flat,
+            hidden=head_values,
+        )
         values = None
         if head_values:
-            assert self.value_head is not None and hidden is not None
-            values = self.value_head(hidden).squeeze(-1).float()  # (B, T)
+            assert self.value_head is not None and out.hidden is not None
+            values = self.value_head(out.hidden).squeeze(-1).float()  # (B, T)
         elif with_values:
             values = self.values(input_ids, attention_mask, response_len=T, flat=flat)
-        return ActorCriticOutput(logprobs, entropy, values)
+        return ActorCriticOutput(out.logprobs, out.entropy, values)
 
     def values(
         self, input_ids: Tensor, attention_mask: Tensor, *, response_len: int, flat: Unpadded | None = None

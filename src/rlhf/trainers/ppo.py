@@ -275,8 +275,8 @@ def make_rollout(
         """Per chunk: one actor-critic pass (old log-probs, entropy, values) and one reference pass."""
         flat = Unpadded.of(att)  # one padding-free layout for both
         out = actor_critic(ids, att, response_len=T, temperature=temperature, with_entropy=True, flat=flat)
-        ref, _ = causal_lm_logprobs(models.ref, ids, att, response_len=T, temperature=temperature, flat=flat)
-        return (*out, ref)
+        ref = causal_lm_logprobs(models.ref, ids, att, response_len=T, temperature=temperature, flat=flat)
+        return (*out, ref.logprobs)
 
     logprobs, entropy, values, ref_logprobs = score_in_chunks(passes, batch, fbs)
     assert logprobs is not None and entropy is not None and values is not None and ref_logprobs is not None

@@ -82,7 +82,7 @@ def response_logps(model: nn.Module, batch: dict[str, Any]) -> ResponseLogps:
     else:
         ids, mask = batch["input_ids"], batch["attention_mask"]
         start = max(1, int(batch.get("response_start", 1)))
-        logprobs, _ = causal_lm_logprobs(model, ids, mask, response_len=ids.shape[1] - start)  # (N, L - start)
+        logprobs = causal_lm_logprobs(model, ids, mask, response_len=ids.shape[1] - start).logprobs  # (N, L - start)
         resp = batch["response_mask"][:, start:]  # (N, L - start)
     total = masked_sum(logprobs, resp, dim=-1).float()  # (N,)
     tokens = resp.sum(-1).float()  # (N,)
