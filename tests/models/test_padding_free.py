@@ -15,14 +15,24 @@ SEQS = [[5, 70, 71, 72, 2], [5, 80], [5, 90, 91, 92, 93, 94, 2], [5]]
 
 
 def test_layout_by_hand() -> None:
-    """Lengths 2 and 3: block rows [t0 t1 pad] [t2 t3 t4], pads at token 0; flat tokens at 0 1 | 3 4 5."""
+    """Lengths 2 and 3: one block, longest first: rows [t2 t3 t4] [t0 t1 pad], pads at token 0."""
     layout = flat_layout([2, 3])
-    assert (layout.rows, layout.length) == (2, 3)
-    assert layout.gather.tolist() == [0, 1, 0, 2, 3, 4]
-    assert layout.scatter.tolist() == [0, 1, 3, 4, 5]
+    assert [(b.rows, b.length) for b in layout.blocks] == [(2, 3)]
+    assert layout.blocks[0].gather.tolist() == [2, 3, 4, 0, 1, 0]
+    assert layout.scatter.tolist() == [3, 4, 0, 1, 2]
     assert flat_position_ids([2, 3]).tolist() == [[0, 1, 0, 1, 2]]
     with pytest.raises(ValueError, match="at least one token"):
         flat_layout([2, 0])
+
+
+def test_a_long_sequence_gets_its_own_block() -> None:
+    """Lengths 1, 100, 1, 1, 1: one block of 5 x 100 costs 128 + 500 x 2.5625 = 1409 positions; the long one
+    alone plus a 4 x 1 block costs 128 + 256.25 + 128 + 4.0625 = 516.3."""
+    layout = flat_layout([1, 100, 1, 1, 1])
+    assert [(b.rows, b.length) for b in layout.blocks] == [(1, 100), (4, 1)]
+    assert layout.blocks[0].gather.tolist() == list(range(1, 101))
+    assert layout.blocks[1].gather.tolist() == [0, 101, 102, 103]
+    assert layout.scatter.tolist() == [100, *range(100), 101, 102, 103]
 
 
 def _gqa_llama() -> LlamaForCausalLM:
@@ -50,7 +60,13 @@ def _padded_logits(model: torch.nn.Module) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("style", ["llama", "gpt2", "llama-gqa"])
-def test_flat_forward_and_gradients_equal_the_padded_batch(tiny_dirs: dict[str, str], style: str) -> None:
+@pytest.mark.parametrize("block_overhead", [padding_free.BLOCK_OVERHEAD_POSITIONS, 0])
+def test_flat_forward_and_gradients_equal_the_padded_batch(
+    tiny_dirs: dict[str, str], style: str, block_overhead: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the default cost one attention block; with no block overhead one block per length (4 here)."""
+    monkeypatch.setattr(padding_free, "BLOCK_OVERHEAD_POSITIONS", block_overhead)
+    assert len(flat_layout([len(s) for s in SEQS]).blocks) == (1 if block_overhead else 4)
     padded_model = _models(tiny_dirs, style)
     flat_model = copy.deepcopy(padded_model)
     assert padding_free.enable(flat_model)
