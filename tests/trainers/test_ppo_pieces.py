@@ -109,21 +109,24 @@ def rollout_and_models(tiny_dirs, tmp_path_factory):
 def test_old_logprobs_equal_the_first_minibatch_recomputed_before_any_update(rollout_and_models):
     """The old log-probs (and values) come from one chunked no-grad pass (chunks of 3 rows); the first minibatch
     recomputes them with gradients in micro-batches of 2 other rows, trimmed differently: equal to 1e-5, so the
-    first step's ratio is 1 and nothing is clipped. The rollout's passes ran padding-free, the updates padded."""
+    first step's ratio is 1 and nothing is clipped. The rollout's passes ran padding-free; the updates' micro-batches
+    are checked both padded and padding-free."""
     cfg, models, result = rollout_and_models
     assert all(padding_free.enabled(m) for m in (models.actor_critic.policy, models.actor_critic.critic, models.ref))
+    assert models.actor_critic.padding_free
     model = models.actor_critic.train()
     rows = torch.randperm(8, generator=torch.Generator().manual_seed(1))[: cfg.train.batch_size]
     assert result.batch.response_len > 1 and result.batch.response_mask.sum(-1).min() < result.batch.response_len
-    for i in range(0, len(rows), cfg.train.micro_batch_size):
-        mb = result.batch.select(rows[i : i + cfg.train.micro_batch_size])
-        out = model(mb.input_ids, mb.attention_mask, response_len=mb.response_len, temperature=0.7)
-        mask = mb.response_mask.bool()
-        torch.testing.assert_close(out.logprobs[mask], mb.tokens["old_logprobs"][mask], atol=1e-5, rtol=0)
-        torch.testing.assert_close(out.values[mask], mb.tokens["old_values"][mask], atol=1e-5, rtol=0)
-        _, units, metrics = ppo.ppo_loss(model, mb, cfg)
-        assert metrics["policy/ratio"].item() / units.item() == pytest.approx(1.0, abs=1e-5)
-        assert metrics["policy/approx_kl"].item() < 1e-9 and metrics["policy/clipfrac"].item() == 0
+    for flat in (False, True):
+        for mb in ppo.micro_batches(result.batch, rows, cfg.train.micro_batch_size, flat=flat):
+            assert (mb.flat is not None) == flat
+            out = model(mb.input_ids, mb.attention_mask, response_len=mb.response_len, temperature=0.7, flat=mb.flat)
+            mask = mb.response_mask.bool()
+            torch.testing.assert_close(out.logprobs[mask], mb.tokens["old_logprobs"][mask], atol=1e-5, rtol=0)
+            torch.testing.assert_close(out.values[mask], mb.tokens["old_values"][mask], atol=1e-5, rtol=0)
+            _, units, metrics = ppo.ppo_loss(model, mb, cfg)
+            assert metrics["policy/ratio"].item() / units.item() == pytest.approx(1.0, abs=1e-5)
+            assert metrics["policy/approx_kl"].item() < 1e-9 and metrics["policy/clipfrac"].item() == 0
 
 
 def test_rollout_scores_are_the_gold_scores_of_the_decoded_text(rollout_and_models):

@@ -9,8 +9,9 @@ Given a batch's `Unpadded` layout (`flat=`) and a model switched to padding-free
 are put back in the padded layout (log-probs, entropy, hidden states and scores are 0 where the position is
 not attended; the padded pass leaves values of no meaning there). At attended positions the values (and
 gradients) equal the padded forward's up to float summation order. A rollout batch (left-padded prompts,
-responses padded after EOS) is often more than half padding: PPO's no-grad scoring passes run this way, about
-2x faster at 40% attended tokens on a hidden-256 model, and 1.7x on the tiny benchmark model at 45%.
+responses padded after EOS) is often more than half padding: PPO's scoring passes and updates run this way
+(the no-grad passes about 2x faster at 40% attended tokens on a hidden-256 model, and 1.7x on the tiny
+benchmark model at 45%).
 Building the layout reads the mask on the host, so build it where a sync costs nothing, not inside a step.
 """
 

@@ -24,6 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from rlhf.config import ModelConfig
 from rlhf.errors import UserError
+from rlhf.models import padding_free
 from rlhf.models.forward import Unpadded, causal_lm_logprobs, token_scores
 
 
@@ -104,6 +105,11 @@ class PolicyWithValue(nn.Module):
     @property
     def separate_critic(self) -> bool:
         return self.critic is not None
+
+    @property
+    def padding_free(self) -> bool:
+        """Whether the policy and the critic (if separate) both run padding-free batches (`padding_free.enable`)."""
+        return padding_free.enabled(self.policy) and (self.critic is None or padding_free.enabled(self.critic))
 
 
 @dataclass

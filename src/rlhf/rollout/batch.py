@@ -8,8 +8,9 @@
   response). Trimming changes no result beyond float rounding: positions come from the attention mask.
 * `score_in_chunks` runs a model function over a batch in chunks of rows under `torch.no_grad`, one batched
   forward per model and chunk (PPO: old log-probs and values, and reference log-probs, in one call). Chunks
-  group rows of similar length (`chunks_by_length`), and PPO's micro-batches are also cut where a few long
-  responses would pad many short ones (`chunks_by_cost`), so little compute goes to padding.
+  group rows of similar length (`chunks_by_length`). Micro-batches of models that cannot run padding-free
+  (`with_flat_layout`) are also cut where a few long responses would pad many short ones (`chunks_by_cost`),
+  so little compute goes to padding.
 * `decode_responses` / `score_responses`: the response text (policy tokenizer, special tokens skipped) and its
   sequence score from any `RewardSource` (a reward model re-tokenizes the text with its own tokenizer).
 
@@ -26,6 +27,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from rlhf.models.forward import Unpadded
 from rlhf.rollout.generation import GenerationBackend, Rollout, SamplingConfig, mask_after_eos
 from rlhf.rollout.rewards import Prompt, RewardSource
 
@@ -42,6 +44,7 @@ class RolloutBatch:
     response_mask: Tensor  # (B, T) float, 1.0 up to and including the first EOS
     tokens: dict[str, Tensor] = field(default_factory=dict)  # name -> (B, T)
     rows: Tensor | None = None  # row indices into the batch this one was selected from, when it was
+    flat: Unpadded | None = None  # its padding-free layout, when it runs padding-free (`with_flat_layout`)
 
     @classmethod
     def from_rollout(cls, rollout: Rollout) -> RolloutBatch:
@@ -118,6 +121,12 @@ class RolloutBatch:
             chunk.rows = order[start:end]
             chunks.append(chunk)
         return chunks
+
+    def with_flat_layout(self) -> RolloutBatch:
+        """This batch with its padding-free layout attached (`rlhf.models.forward.Unpadded`; reads the mask on
+        the host, so build it outside a training step)."""
+        self.flat = Unpadded.of(self.attention_mask)
+        return self
 
     def to(self, device: torch.device) -> RolloutBatch:
         return RolloutBatch(
