@@ -101,8 +101,8 @@ def causal_lm_logprobs(
         logits, targets = out.logits, labels[keep][None]  # (1, N, V), (1, N)
         last_hidden = out.hidden_states[-1][:, rows] if hidden else None  # (1, N, H)
     else:
-        positions = position_ids_from_mask(attention_mask)
-        kwargs = {"attention_mask": attention_mask, "position_ids": positions, "use_cache": False}
+        position_ids = position_ids_from_mask(attention_mask)
+        kwargs = {"attention_mask": attention_mask, "position_ids": position_ids, "use_cache": False}
         out = model(input_ids=input_ids, logits_to_keep=width + 1, output_hidden_states=hidden, **kwargs)
         logits, targets = out.logits[:, :-1], labels  # (B, W, V), (B, W)
         last_hidden = out.hidden_states[-1][:, -(width + 1) : -1] if hidden else None
