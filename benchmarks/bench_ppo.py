@@ -57,7 +57,6 @@ def run_ours(policy: str, rm: str, prompts: str, out: str, iterations: int) -> d
         "rollout.forward_batch_size": BATCH,
         "rollout.max_new_tokens": NEW_TOKENS,
         "reward.model": rm,
-        "reward.batch_size": BATCH,
         "kl.coef": KL_COEF,
         "value.init": "reward",
         "optim.lr": LR,

@@ -70,3 +70,14 @@ def test_reward_model_with_other_tokenizer_scores_text_as_when_called_directly(t
         with torch.no_grad():
             want = sequence_scores(rm, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
         assert got[i].item() == pytest.approx(want.item(), abs=1e-5)
+
+
+@pytest.mark.parametrize(("reward_rows", "want"), [(None, 8), (3, 3)])
+def test_reward_model_rows_per_pass_default_to_the_rollouts(tiny_dirs, reward_rows, want):
+    from rlhf.config import DataConfig
+    from rlhf.rollout.config import RewardConfig, load_reward_models
+
+    cfg = RewardConfig(model=tiny_dirs["llama"], batch_size=reward_rows)
+    cfg.validate()
+    (source,) = load_reward_models(cfg, DataConfig(), forward_batch_size=8)
+    assert source.batch_size == want

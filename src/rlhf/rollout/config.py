@@ -75,8 +75,9 @@ class RewardConfig:
     """Ensemble weights, in the order model, models..., function, functions... (empty: equal weights)."""
     uncertainty_penalty: float = 0.0
     """Ensemble score = weighted mean - this x weighted standard deviation of the members (Coste et al. 2024)."""
-    batch_size: int = 16
-    """Rows per reward-model forward pass."""
+    batch_size: int | None = None
+    """Rows per reward-model forward pass; null: `rollout.forward_batch_size` (set it lower for a reward model
+    much larger than the policy)."""
     missing_eos_penalty: float = 0.0
     """Subtracted from the score of a response that hit max_new_tokens without an EOS."""
     length_penalty: float = 0.0
@@ -96,7 +97,7 @@ class RewardConfig:
         check(all(w >= 0 for w in self.weights), "weights", f"must be >= 0, got {self.weights}")
         check(not self.weights or sum(self.weights) > 0, "weights", "must not all be 0")
         check(self.uncertainty_penalty >= 0, "uncertainty_penalty", f"must be >= 0, got {self.uncertainty_penalty}")
-        check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        check(self.batch_size is None or self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         check(self.missing_eos_penalty >= 0, "missing_eos_penalty", f"must be >= 0, got {self.missing_eos_penalty}")
         check(self.length_penalty >= 0, "length_penalty", f"must be >= 0, got {self.length_penalty}")
         check(self.clip is None or self.clip > 0, "clip", f"must be > 0 or null, got {self.clip}")
@@ -123,9 +124,15 @@ class RewardConfig:
 
 
 def load_reward_models(
-    cfg: RewardConfig, data: DataConfig, *, dtype: str = "float32", trust_remote_code: bool = False
+    cfg: RewardConfig,
+    data: DataConfig,
+    *,
+    forward_batch_size: int,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
 ) -> list[RewardModelReward]:
-    """Each reward model, frozen, in eval mode, dropout off, with its own tokenizer (still on the CPU)."""
+    """Each reward model, frozen, in eval mode, dropout off, with its own tokenizer (still on the CPU), scoring
+    `cfg.batch_size` rows per forward pass, else `forward_batch_size` (the rollout's)."""
     from rlhf.models.loading import disable_dropout, load_scalar_model, load_tokenizer
 
     sources = []
@@ -135,7 +142,8 @@ def load_reward_models(
         )
         disable_dropout(model)
         tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-        sources.append(RewardModelReward(model, tokenizer, data, batch_size=cfg.batch_size, name=path))
+        rows = cfg.batch_size or forward_batch_size
+        sources.append(RewardModelReward(model, tokenizer, data, batch_size=rows, name=path))
     return sources
 
 

@@ -210,7 +210,13 @@ def build_models(cfg: Config) -> Models:
     policy = apply_lora(policy, cfg.model.lora)
     for m in (policy, ref):
         disable_dropout(m)
-    reward_models = load_reward_models(cfg.reward, cfg.data, dtype=cfg.model.dtype, trust_remote_code=trust)
+    reward_models = load_reward_models(
+        cfg.reward,
+        cfg.data,
+        forward_batch_size=cfg.rollout.forward_batch_size,
+        dtype=cfg.model.dtype,
+        trust_remote_code=trust,
+    )
     reward = build_reward(cfg.reward, reward_models)
     critic, critic_tokenizer = load_critic(cfg.value, cfg.model, cfg.reward.model_paths, tokenizer)
     for m in (policy, ref, critic, *(r.model for r in reward_models)):
