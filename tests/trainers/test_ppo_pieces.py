@@ -118,7 +118,7 @@ def test_old_logprobs_equal_the_first_minibatch_recomputed_before_any_update(rol
     rows = torch.randperm(8, generator=torch.Generator().manual_seed(1))[: cfg.train.batch_size]
     assert result.batch.response_len > 1 and result.batch.response_mask.sum(-1).min() < result.batch.response_len
     for flat in (False, True):
-        for mb in ppo.micro_batches(result.batch, rows, cfg.train.micro_batch_size, flat=flat):
+        for mb in result.batch.micro_batches(rows, cfg.train.micro_batch_size, flat=flat):
             assert (mb.flat is not None) == flat
             out = model(mb.input_ids, mb.attention_mask, response_len=mb.response_len, temperature=0.7, flat=mb.flat)
             mask = mb.response_mask.bool()

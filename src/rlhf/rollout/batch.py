@@ -8,9 +8,9 @@
   response). Trimming changes no result beyond float rounding: positions come from the attention mask.
 * `score_in_chunks` runs a model function over a batch in chunks of rows under `torch.no_grad`, one batched
   forward per model and chunk (PPO: old log-probs and values, and reference log-probs, in one call). Chunks
-  group rows of similar length (`chunks_by_length`). Micro-batches of models that cannot run padding-free
-  (`with_flat_layout`) are also cut where a few long responses would pad many short ones (`chunks_by_cost`),
-  so little compute goes to padding.
+  group rows of similar length (`chunks_by_length`). A training step's `micro_batches` run padding-free
+  (`with_flat_layout`) where the models can; otherwise they are also cut where a few long responses would pad
+  many short ones (`chunks_by_cost`), so little compute goes to padding.
 * `decode_responses` / `score_responses`: the response text (policy tokenizer, special tokens skipped) and its
   sequence score from any `RewardSource` (a reward model re-tokenizes the text with its own tokenizer).
 
@@ -30,6 +30,10 @@ from transformers import PreTrainedTokenizerBase
 from rlhf.models.forward import Unpadded
 from rlhf.rollout.generation import GenerationBackend, Rollout, SamplingConfig, mask_after_eos
 from rlhf.rollout.rewards import Prompt, RewardSource
+
+MICRO_BATCH_OVERHEAD_TOKENS = 128
+"""The fixed cost of one padded micro-batch's forward and backward, in padded tokens (`chunks_by_cost`; measured
+on the CPU PPO benchmark, where splitting off a few long responses pays from about this many tokens)."""
 
 TokenFn = Callable[[Tensor, Tensor, int], Sequence[Tensor | None]]
 """fn(input_ids (b, L), attention_mask (b, L), T) -> tensors (b, T) (or None) for the last T tokens."""
@@ -121,6 +125,18 @@ class RolloutBatch:
             chunk.rows = order[start:end]
             chunks.append(chunk)
         return chunks
+
+    def micro_batches(self, rows: Sequence[int] | Tensor, size: int, *, flat: bool) -> list[RolloutBatch]:
+        """A minibatch's `rows` as the micro-batches of a training step, at most `size` rows each.
+
+        Padding-free (`flat`): rows of similar length (`chunks_by_length`), each with its layout attached; its
+        attention blocks already group the lengths, so a long response costs the others nothing. Padded: cut
+        where that saves padded compute (`chunks_by_cost`). Either way a partition of the rows, so the step's
+        gradient does not depend on it (up to float rounding).
+        """
+        if flat:
+            return [chunk.with_flat_layout() for chunk in self.chunks_by_length(rows, size)]
+        return self.chunks_by_cost(rows, size, MICRO_BATCH_OVERHEAD_TOKENS)
 
     def with_flat_layout(self) -> RolloutBatch:
         """This batch with its padding-free layout attached (`rlhf.models.forward.Unpadded`; reads the mask on

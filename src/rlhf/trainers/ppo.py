@@ -366,27 +366,9 @@ def ppo_loss(model: nn.Module, mb: RolloutBatch, cfg: Config) -> tuple[Tensor, T
     return loss, units, metrics
 
 
-MICRO_BATCH_OVERHEAD_TOKENS = 128
-"""The fixed cost of one padded micro-batch's forward and backward, in padded tokens (`RolloutBatch.chunks_by_cost`;
-measured on the CPU benchmark, where splitting off a few long responses pays from about this many tokens)."""
-
-
-def micro_batches(batch: RolloutBatch, rows: Tensor, size: int, *, flat: bool) -> list[RolloutBatch]:
-    """A minibatch's rows as micro-batches of at most `size` rows.
-
-    Padding-free (`flat`): consecutive rows of similar length, each micro-batch with its layout; its attention
-    blocks already group the lengths, so a long response costs nothing in the others. Padded: cut where that
-    saves padded compute (`RolloutBatch.chunks_by_cost`). Either way a partition of the rows, so the step's
-    gradient does not depend on it (up to float rounding).
-    """
-    if flat:
-        return [mb.with_flat_layout() for mb in batch.chunks_by_length(rows, size)]
-    return batch.chunks_by_cost(rows, size, MICRO_BATCH_OVERHEAD_TOKENS)
-
-
 def run_updates(engine: Engine, batch: RolloutBatch, cfg: Config, iteration: int) -> tuple[list[dict[str, float]], int]:
-    """`ppo_epochs` shuffled passes of minibatch steps over this process's rollout rows, in `micro_batches` of at
-    most `train.micro_batch_size` rows (padding-free when the actor-critic can).
+    """`ppo_epochs` shuffled passes of minibatch steps over this process's rollout rows, in micro-batches of at
+    most `train.micro_batch_size` rows (`RolloutBatch.micro_batches`; padding-free when the actor-critic can).
 
     Returns the metrics of the steps that logged and the number of tokens (prompt + response) trained on. The
     shuffles come from a generator seeded by (seed, iteration, epoch), not from the global RNG.
@@ -400,7 +382,7 @@ def run_updates(engine: Engine, batch: RolloutBatch, cfg: Config, iteration: int
         g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + iteration * 1_009 + epoch) % 2**63)
         perm = torch.randperm(n, generator=g)
         for start in range(0, n, mb_size):
-            step_batches = micro_batches(batch, perm[start : start + mb_size], micro, flat=flat)
+            step_batches = batch.micro_batches(perm[start : start + mb_size], micro, flat=flat)
             tokens += sum(int(m.attention_mask.sum()) for m in step_batches)
             metrics = engine.train_step(step_batches, loss_fn)
             if metrics is None:
