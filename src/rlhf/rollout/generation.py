@@ -23,22 +23,12 @@ from transformers.generation.logits_process import (
 
 @dataclass
 class SamplingConfig:
-    max_new_tokens: int = 32
-    """Tokens generated per response at most."""
-    temperature: float = 1.0
-    """Softmax temperature of sampling (also applied to the log-probs the losses see)."""
-    top_p: float = 1.0
-    """Nucleus sampling: keep the smallest set of tokens with this total probability (1.0: off)."""
-    top_k: int = 0
-    """Keep only the k most likely tokens (0: off)."""
+    """What a backend samples with; `RolloutConfig.sampling` builds it from the checked config (`rollout.*`)."""
 
-    def validate(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be >= 1")
-        if self.temperature <= 0:
-            raise ValueError("temperature must be > 0 (sampling is always on in RL rollouts)")
-        if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0  # 1.0: off
+    top_k: int = 0  # 0: off
 
 
 @dataclass
