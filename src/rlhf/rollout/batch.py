@@ -9,8 +9,8 @@
 * `score_in_chunks` runs a model function over a batch in chunks of rows under `torch.no_grad`, one batched
   forward per model and chunk (PPO: old log-probs and values, and reference log-probs, in one call). Chunks
   group rows of similar length (`chunks_by_length`). A training step's `micro_batches` run padding-free
-  (`with_flat_layout`) where the models can; otherwise they are also cut where a few long responses would pad
-  many short ones (`chunks_by_cost`), so little compute goes to padding.
+  (with their `Unpadded` layout) where the models can; otherwise they are also cut where a few long
+  responses would pad many short ones (`chunks_by_cost`), so little compute goes to padding.
 * `decode_responses` / `score_responses`: the response text (policy tokenizer, special tokens skipped) and its
   sequence score from any `RewardSource` (a reward model re-tokenizes the text with its own tokenizer).
 
@@ -48,7 +48,7 @@ class RolloutBatch:
     response_mask: Tensor  # (B, T) float, 1.0 up to and including the first EOS
     tokens: dict[str, Tensor] = field(default_factory=dict)  # name -> (B, T)
     rows: Tensor | None = None  # row indices into the batch this one was selected from, when it was
-    flat: Unpadded | None = None  # its padding-free layout, when it runs padding-free (`with_flat_layout`)
+    flat: Unpadded | None = None  # its padding-free layout, when it runs padding-free (`micro_batches`)
 
     @classmethod
     def from_rollout(cls, rollout: Rollout) -> RolloutBatch:
@@ -134,15 +134,12 @@ class RolloutBatch:
         where that saves padded compute (`chunks_by_cost`). Either way a partition of the rows, so the step's
         gradient does not depend on it (up to float rounding).
         """
-        if flat:
-            return [chunk.with_flat_layout() for chunk in self.chunks_by_length(rows, size)]
-        return self.chunks_by_cost(rows, size, MICRO_BATCH_OVERHEAD_TOKENS)
-
-    def with_flat_layout(self) -> RolloutBatch:
-        """This batch with its padding-free layout attached (`rlhf.models.forward.Unpadded`; reads the mask on
-        the host, so build it outside a training step)."""
-        self.flat = Unpadded.of(self.attention_mask)
-        return self
+        if not flat:
+            return self.chunks_by_cost(rows, size, MICRO_BATCH_OVERHEAD_TOKENS)
+        chunks = self.chunks_by_length(rows, size)
+        for chunk in chunks:
+            chunk.flat = Unpadded.of(chunk.attention_mask)  # reads the mask on the host: built before the step
+        return chunks
 
     def to(self, device: torch.device) -> RolloutBatch:
         return RolloutBatch(
