@@ -135,20 +135,18 @@ def test_config_errors_are_one_line_exit_2(trainer: dict[str, Any], capsys: Any,
 
 
 def test_user_errors_from_a_run_are_one_line_exit_1(monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
-    class DataError(Exception):  # stands in for rlhf.data.formats.DataError, which is not a UserError
-        pass
+    from rlhf.data import DataError
 
     errors = {
         "user": UserError("the reward model has 2 labels; expected 1"),
         "missing": FileNotFoundError(2, "No such file or directory", "data/train.jsonl"),
-        "data": DataError("train.jsonl:3: prompt: missing field"),
+        "data": DataError("train.jsonl", 3, "prompt", "missing field"),
     }
 
     def train(cfg: FakeConfig) -> Path:
         raise errors[current]
 
     monkeypatch.setitem(sys.modules, "fake_trainer", fake_module("fake_trainer", Config=FakeConfig, train=train))
-    monkeypatch.setitem(sys.modules, "rlhf.data.formats", fake_module("rlhf.data.formats", DataError=DataError))
     monkeypatch.setitem(cli.ALGORITHMS, "sft", "fake_trainer")
     expected = {
         "user": "rlhf: error: the reward model has 2 labels; expected 1\n",

@@ -227,11 +227,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _error(f"{exc.strerror}: {exc.filename}" if exc.filename else exc, 1)
     except KeyboardInterrupt:
         return _error("interrupted", 130)
-    except Exception as exc:
-        data_error = getattr(sys.modules.get("rlhf.data.formats"), "DataError", None)  # loaded if it can be raised
-        if data_error is not None and isinstance(exc, data_error):
-            return _error(exc, 1)
-        raise
 
 
 if __name__ == "__main__":

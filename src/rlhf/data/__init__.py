@@ -13,9 +13,9 @@ from __future__ import annotations
 from typing import Any
 
 from rlhf.data.check import data_check, render_tokens
+from rlhf.data.errors import DataError
 from rlhf.data.formats import (
     KINDS,
-    DataError,
     Message,
     PreferenceRecord,
     PromptRecord,
@@ -41,7 +41,16 @@ from rlhf.data.tokenize import (
     tokenize_unpaired,
 )
 
-_COLLATE = ("collate_sft", "collate_pairs", "collate_unpaired", "collate_prompts", "pack_sft", "pad_sequences")
+_COLLATE = (
+    "collate_sft",
+    "collate_pairs",
+    "collate_unpaired",
+    "collate_prompts",
+    "collate_responses",
+    "pack_sft",
+    "pad_sequences",
+    "to_device",
+)
 
 
 def __getattr__(name: str) -> Any:

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.config import DataConfig
-from rlhf.data.formats import DataError, Record, SkipReport, check_kind, iter_records
+from rlhf.data.errors import DataError
+from rlhf.data.formats import Record, SkipReport, check_kind, iter_records
 from rlhf.data.tokenize import IGNORE_INDEX, TOKENIZE_FNS, SkipExample, TokenizeReport, tokenize_records
 
 MAX_PRINTED_ERRORS = 50

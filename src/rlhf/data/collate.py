@@ -128,3 +128,40 @@ def _prompt_response_batch(
         "attention_mask": _attention(seqs),  # (N, L)
         "response_mask": pad_sequences(response, 0.0, dtype=torch.float),  # (N, L)
     }
+
+
+def collate_responses(
+    examples: Sequence[dict[str, Any]], pad_id: int, response_keys: Sequence[str], *, share_prompt: bool
+) -> dict[str, Any]:
+    """A batch of len(response_keys) responses per example, as blocks [key 0 rows; key 1 rows; ...].
+
+    `share_prompt`: prompts once, left padded (`prompt_ids`, `prompt_mask` (B, P)) and responses right padded
+    (`response_ids` (k*B, R), `response_mask` float); else every prompt+response row in full, right padded
+    (`input_ids`, `attention_mask`, `response_mask` (k*B, L), unshifted) with `response_start`.
+    """
+    prompts = [ex["prompt_ids"] for ex in examples]
+    responses = [ex[key] for key in response_keys for ex in examples]
+    if share_prompt:
+        return {
+            "prompt_ids": pad_sequences(prompts, pad_id, left=True),  # (B, P)
+            "prompt_mask": pad_sequences([[1] * len(p) for p in prompts], 0, left=True),  # (B, P)
+            "response_ids": pad_sequences(responses, pad_id),  # (k*B, R)
+            "response_mask": pad_sequences([[1.0] * len(r) for r in responses], 0.0, dtype=torch.float),
+        }
+    rows = [[*p, *r] for p, r in zip(prompts * len(response_keys), responses, strict=True)]
+    return {
+        "input_ids": pad_sequences(rows, pad_id),  # (k*B, L)
+        "attention_mask": pad_sequences([[1] * len(r) for r in rows], 0),  # (k*B, L)
+        "response_mask": pad_sequences(
+            [[0.0] * len(p) + [1.0] * len(r) for p, r in zip(prompts * len(response_keys), responses, strict=True)],
+            0.0,
+            dtype=torch.float,
+        ),
+        "response_start": min(len(p) for p in prompts),
+    }
+
+
+def to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
+    """The batch with every value that has a `.to` (tensors, padding-free layouts) moved to `device`; the
+    others (ints, lists) as they are."""
+    return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}

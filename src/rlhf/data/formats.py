@@ -24,6 +24,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from rlhf.data.errors import DataError
+from rlhf.data.readers import read_rows
+
 KINDS: tuple[str, ...] = ("sft", "preference", "unpaired", "prompt")
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 HH_ASSISTANT = "\n\nAssistant:"
@@ -31,23 +34,6 @@ HH_ASSISTANT = "\n\nAssistant:"
 
 Message = dict[str, str]
 Text = str | list[Message]
-
-
-class DataError(Exception):
-    """A problem with the data, located as precisely as we can: `file:row: field: reason`.
-
-    `row` is a 1-based line number for .jsonl and .csv files and a 1-based row index otherwise; it is None
-    for problems with the whole file. `category` is the short name skips are counted under.
-    """
-
-    def __init__(self, file: str, row: int | None, field: str | None, reason: str, category: str | None = None) -> None:
-        self.file, self.row, self.field, self.reason = file, row, field, reason
-        self.category = category or reason
-        super().__init__(str(self))
-
-    def __str__(self) -> str:
-        where = self.file if self.row is None else f"{self.file}:{self.row}"
-        return f"{where}: {self.field}: {self.reason}" if self.field else f"{where}: {self.reason}"
 
 
 class _Invalid(Exception):
@@ -397,8 +383,6 @@ def _located(record: Record, source: str, row: int) -> Record:
 def iter_records(path: str | Path, kind: str) -> Iterator[Record | DataError]:
     """Each row of a file as a record, or as the DataError that row raises (row problems are yielded, so a
     checker can list them all). Problems with the whole file (missing, unreadable) are raised."""
-    from rlhf.data.readers import read_rows
-
     check_kind(kind)
     source = str(path)
     for row, value in read_rows(path):

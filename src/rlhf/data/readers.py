@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from rlhf.data.formats import DataError
+from rlhf.data.errors import DataError
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
