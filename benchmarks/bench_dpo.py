@@ -101,7 +101,7 @@ def run_ours(model: str, data: str, out: str, epochs: int, cache: bool) -> dict[
         "logging.progress": False,
         "checkpoint.resume": "never",
     }
-    from rlhf.trainers.engine import Engine
+    from rlhf.runtime.engine import Engine
 
     marks: dict[str, float] = {}
     resume, save_final = Engine.resume, Engine.save_final

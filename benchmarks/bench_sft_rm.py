@@ -92,7 +92,7 @@ def batch_plan(
     from rlhf.config import DataConfig
     from rlhf.data import load_records, tokenize_records
     from rlhf.models.loading import load_tokenizer
-    from rlhf.trainers.data_order import DataOrder
+    from rlhf.runtime.data_order import DataOrder
 
     path = Path(setup.data[STAGE_DATA[stage]])
     rows = [json.loads(line) for line in path.read_text().splitlines()]
@@ -144,8 +144,8 @@ class StepClock:
 
 def worker_ours(args: argparse.Namespace, setup: Setup, stage: str, run_dir: Path) -> dict[str, Any]:
     from rlhf.config import load_config
+    from rlhf.runtime.engine import Engine
     from rlhf.trainers import reward, sft
-    from rlhf.trainers.engine import Engine
 
     module = sft if stage == "sft" else reward
     overrides = {

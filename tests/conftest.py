@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import settings
 
+# Test helpers shared by several folders (`from _resume import ...`): tests/support is importable everywhere.
+sys.path.insert(0, str(Path(__file__).parent / "support"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Tiny models spend more on thread hand-offs than on arithmetic: one thread is fastest, and CI has two cores.

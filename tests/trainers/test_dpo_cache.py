@@ -1,7 +1,7 @@
 """The reference log-prob cache: it trains like the live reference, it is reused, and a stale one is never read.
 
 The cache lives in run_dir/ref_logps/<key>.safetensors; the key covers the reference weights, the data files,
-the tokenization settings and the tokenizer (see rlhf.trainers.preference_logps).
+the tokenization settings and the tokenizer (see rlhf.models.reference).
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from _dpo_helpers import (
 )
 from safetensors.torch import load_file
 
+from rlhf.models import reference as pl
 from rlhf.tasks.sorting import preference_rows
 from rlhf.tasks.tiny import make_tiny_checkpoint
 from rlhf.trainers import dpo
-from rlhf.trainers import preference_logps as pl
 
 
 @pytest.fixture()

@@ -28,10 +28,10 @@ from _dpo_helpers import (
 
 from rlhf.config import ConfigError
 from rlhf.losses.preference import dpo_loss, orpo_odds_ratio_loss, simpo_loss
+from rlhf.models.reference import Reference
+from rlhf.runtime.data_order import DataOrder
 from rlhf.tasks.tiny import make_tiny_checkpoint
 from rlhf.trainers import dpo
-from rlhf.trainers.data_order import DataOrder
-from rlhf.trainers.preference_logps import Reference
 
 B = 6
 

@@ -28,9 +28,9 @@ from _dpo_helpers import (
 from safetensors.torch import load_file
 
 from rlhf.losses.preference import kto_loss
+from rlhf.runtime.data_order import DataOrder
 from rlhf.tasks.tiny import make_tiny_checkpoint
 from rlhf.trainers import kto
-from rlhf.trainers.data_order import DataOrder
 
 
 @pytest.fixture(scope="module")

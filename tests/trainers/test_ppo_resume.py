@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf.trainers import checkpoint as ckpt
-from rlhf.trainers.engine import EXIT_INTERRUPTED
+from rlhf.runtime import checkpoint as ckpt
+from rlhf.runtime.engine import EXIT_INTERRUPTED
 
 from _ppo_helpers import write_prompts  # isort: skip
 from _resume import assert_same_run, finish, kill_at_step, last_logged_step, train_cli, wait_for_step  # isort: skip

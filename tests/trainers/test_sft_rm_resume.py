@@ -11,8 +11,8 @@ import pytest
 import yaml
 from _resume import assert_same_run, finish, kill_at_step, train_cli
 
+from rlhf.runtime import checkpoint as ckpt
 from rlhf.tasks.sorting import write_task_files
-from rlhf.trainers import checkpoint as ckpt
 
 STEPS = 60
 

@@ -1,1 +1,1 @@
-"""evaluation."""
+"""Evaluation of trained models: gold-reward scores of a policy's answers, reward-model calibration, `rlhf eval`."""

@@ -1,1 +1,2 @@
-"""trainers."""
+"""The algorithms, one file each (`Config`, loss function, `train(cfg) -> run directory`): sft, reward (rm), dpo
+(the DPO family, SimPO, ORPO), kto, ppo. `rlhf.cli.ALGORITHMS` maps each `rlhf train` name to its module."""

@@ -13,7 +13,7 @@ used with gradient checkpointing): for short answers to long prompts that is mos
 The reference (DPO family only; SimPO and ORPO are reference-free and never load one) is a frozen copy of
 the initial policy, or `ref.path`, or with LoRA the base model under the adapters. `precompute_ref` scores
 every example once before training and caches the numbers beside the run (`ref_logps/<key>.safetensors`,
-see `preference_logps`), after which the reference model is not kept in memory at all.
+see `rlhf.models.reference`), after which the reference model is not kept in memory at all.
 
 Dropout is switched off in the policy and the reference (as TRL does): the log-ratios compare two
 deterministic scorings of the same tokens.
@@ -40,20 +40,15 @@ from rlhf.config import (
     TrainConfig,
     check,
 )
+from rlhf.data import collate_responses, to_device
 from rlhf.losses.preference import PREFERENCE_LOSSES, dpo_loss, orpo_odds_ratio_loss, simpo_loss
 from rlhf.models.loading import apply_lora, disable_dropout, frozen_copy, load_causal_lm, load_tokenizer
-from rlhf.trainers.common import count_steps, load_splits, make_engine, seed_everything, to_device
-from rlhf.trainers.data_order import DataOrder
-from rlhf.trainers.engine import Engine
-from rlhf.trainers.preference_logps import (
-    ExampleLayout,
-    Reference,
-    ResponseLogps,
-    cached_reference_tables,
-    collate_responses,
-    reference_cache_key,
-    response_logps,
-)
+from rlhf.models.reference import ExampleLayout, Reference, cached_reference_tables, reference_cache_key
+from rlhf.models.sequence_logps import ResponseLogps, response_logps
+from rlhf.runtime.data_order import DataOrder
+from rlhf.runtime.engine import Engine
+from rlhf.runtime.finish import save_final
+from rlhf.runtime.setup import count_steps, eval_due, load_splits, make_engine, seed_everything
 
 Collate = Callable[[Sequence[dict[str, Any]]], dict[str, Any]]
 RESPONSES = ("chosen_ids", "rejected_ids")
@@ -338,8 +333,8 @@ def train(cfg: Config) -> Path:
     total = count_steps(cfg.train, len(data.train))
     seed_everything(cfg.seed)
     policy, ref_model = load_models(cfg)
-    engine = make_engine(policy, cfg, total)
-    try:
+    engine = make_engine(policy, cfg, total, data_report=data.report)
+    with engine:
         collate, device = pair_collator(cfg, tokenizer.pad_token_id), engine.device
         splits = {"train": data.train, **({"eval": data.eval} if data.eval else {})}
         reference = setup_reference(cfg, engine, ref_model, splits, collate)
@@ -348,6 +343,7 @@ def train(cfg: Config) -> Path:
         engine.resume()
         step_loss = partial(loss_fn, cfg)
         batch_kw = {"split": "train", "collate": collate, "device": device, "reference": reference}
+        eval_kw = {"collate": collate, "device": device, "autocast": engine.accelerator.autocast}
         while engine.step < total:
             if engine.should_stop():
                 engine.interrupt()
@@ -355,22 +351,10 @@ def train(cfg: Config) -> Path:
             scale = len(idx) / max(1, chosen_tokens(data.train, idx))  # ORPO: token mean over the global batch
             mbs = [make_batch(data.train, i, sft_scale=scale, **batch_kw) for i in engine.local_indices(idx)]
             metrics = engine.train_step(mbs, step_loss) or {}
-            every = cfg.train.eval_every
-            if engine.step == total or (every > 0 and engine.step % every == 0):
-                model = engine.unwrapped_model
-                metrics |= evaluate(
-                    cfg,
-                    model,
-                    data.eval,
-                    reference,
-                    collate=collate,
-                    device=device,
-                    autocast=engine.accelerator.autocast,
-                )
+            if data.eval and eval_due(engine.step, total, cfg.train.eval_every):
+                metrics |= evaluate(cfg, engine.unwrapped_model, data.eval, reference, **eval_kw)
             if metrics:
                 engine.log(metrics | {"data/epoch": float(order.epoch)})
             engine.maybe_save_checkpoint()
-        engine.save_final(engine.unwrapped_model, tokenizer)
-    finally:
-        engine.close()
+        save_final(engine, engine.unwrapped_model, tokenizer, base_path=cfg.model.path)
     return run_dir

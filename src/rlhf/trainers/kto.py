@@ -37,19 +37,15 @@ from rlhf.config import (
     TrainConfig,
     check,
 )
+from rlhf.data import collate_responses, to_device
 from rlhf.losses.preference import kto_loss
 from rlhf.models.loading import apply_lora, disable_dropout, frozen_copy, load_causal_lm, load_tokenizer
-from rlhf.trainers.common import count_steps, load_splits, make_engine, seed_everything, to_device
-from rlhf.trainers.data_order import DataOrder
-from rlhf.trainers.engine import Engine
-from rlhf.trainers.preference_logps import (
-    ExampleLayout,
-    Reference,
-    cached_reference_tables,
-    collate_responses,
-    reference_cache_key,
-    response_logps,
-)
+from rlhf.models.reference import ExampleLayout, Reference, cached_reference_tables, reference_cache_key
+from rlhf.models.sequence_logps import response_logps
+from rlhf.runtime.data_order import DataOrder
+from rlhf.runtime.engine import Engine
+from rlhf.runtime.finish import save_final
+from rlhf.runtime.setup import count_steps, eval_due, load_splits, make_engine, seed_everything
 
 SUMS = "sum/"
 """Prefix of helper metric sums that become per-class means after the step (never logged as such)."""
@@ -307,8 +303,8 @@ def train(cfg: Config) -> Path:
     total = count_steps(cfg.train, len(data.train))
     seed_everything(cfg.seed)
     policy, ref_model = load_models(cfg)
-    engine = make_engine(policy, cfg, total)
-    try:
+    engine = make_engine(policy, cfg, total, data_report=data.report)
+    with engine:
         pad_id, device, autocast = tokenizer.pad_token_id, engine.device, engine.accelerator.autocast
         splits = {"train": data.train, **({"eval": data.eval} if data.eval else {})}
         reference = setup_reference(cfg, engine, ref_model, splits, pad_id)
@@ -331,13 +327,10 @@ def train(cfg: Config) -> Path:
                 mbs.append(batch | {"kl_ref": kl_ref})
             metrics = engine.train_step(mbs, step_loss)
             metrics = class_means(metrics) if metrics is not None else {}
-            every = cfg.train.eval_every
-            if engine.step == total or (every > 0 and engine.step % every == 0):
+            if data.eval and eval_due(engine.step, total, cfg.train.eval_every):
                 metrics |= evaluate(cfg, engine.unwrapped_model, data.eval, reference, **score_kw)
             if metrics:
                 engine.log(metrics | {"data/epoch": float(order.epoch)})
             engine.maybe_save_checkpoint()
-        engine.save_final(engine.unwrapped_model, tokenizer)
-    finally:
-        engine.close()
+        save_final(engine, engine.unwrapped_model, tokenizer, base_path=cfg.model.path)
     return run_dir

@@ -77,10 +77,11 @@ from rlhf.rollout.config import (
 from rlhf.rollout.generation import HFGenerationBackend
 from rlhf.rollout.rewards import RewardSource
 from rlhf.rollout.shaping import shape_scores, token_rewards
-from rlhf.trainers.common import load_splits, make_engine, merged_for_saving, seed_everything
-from rlhf.trainers.data_order import DataOrder
-from rlhf.trainers.engine import Engine
-from rlhf.trainers.run_dir import SAMPLES_FILE, JsonlWriter
+from rlhf.runtime.data_order import DataOrder
+from rlhf.runtime.engine import Engine
+from rlhf.runtime.finish import save_final
+from rlhf.runtime.run_dir import SAMPLES_FILE, JsonlWriter
+from rlhf.runtime.setup import load_splits, make_engine, seed_everything
 
 
 @dataclass
@@ -477,7 +478,7 @@ def train(cfg: Config) -> Path:
         every = cfg.checkpoint.every
         if every > 0 and engine.step // every > step_before // every:
             engine.save_checkpoint()
-    engine.save_final(merged_for_saving(models.actor_critic.policy), models.tokenizer)
+    save_final(engine, models.actor_critic.policy, models.tokenizer, base_path=cfg.model.path)
     if models.actor_critic.critic is not None:
         engine.save_final(models.actor_critic.critic, models.critic_tokenizer, subdir="final_value")
     engine.close()

@@ -43,24 +43,17 @@ from rlhf.config import (
     TrainConfig,
     check,
 )
-from rlhf.data import collate_pairs, pad_sequences
+from rlhf.data import collate_pairs, pad_sequences, to_device
 from rlhf.errors import UserError
 from rlhf.evaluation.calibration import preference_calibration
 from rlhf.losses.reward import bradley_terry_loss, reward_centering_penalty
 from rlhf.models.forward import backbone_and_head, sequence_scores
 from rlhf.models.loading import apply_lora, disable_dropout, load_scalar_model, load_tokenizer
-from rlhf.trainers.common import (
-    count_steps,
-    eval_due,
-    load_splits,
-    make_engine,
-    merged_for_saving,
-    seed_everything,
-    to_device,
-)
-from rlhf.trainers.data_order import DataOrder
-from rlhf.trainers.engine import Engine
-from rlhf.trainers.run_dir import atomic_write_text
+from rlhf.runtime.data_order import DataOrder
+from rlhf.runtime.engine import Engine
+from rlhf.runtime.finish import save_final
+from rlhf.runtime.run_dir import atomic_write_text
+from rlhf.runtime.setup import count_steps, eval_due, load_splits, make_engine, seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -298,34 +291,30 @@ def train(cfg: Config) -> Path:
     if cfg.share_prompt and not share_prompt:
         logger.warning("share_prompt: the attention implementation takes no 4-D mask; scoring two rows per pair")
     collate = make_collate(share_prompt)
-    engine = make_engine(SequenceScorer(scalar_model), cfg, total)
-    order = DataOrder(len(splits.train), cfg.train.batch_size, seed=cfg.seed)
-    engine.register_state("data_order", order)
-    engine.resume()
-    pad_id = tokenizer.pad_token_id
-    loss_fn = make_loss_fn(cfg.use_margin, cfg.center_coef)
-
-    while engine.step < total:
-        if engine.should_stop():
-            engine.interrupt()
-        micro_batches = [
-            to_device(collate([splits.train[i] for i in idx], pad_id), engine.device)
-            for idx in engine.local_indices(order.next_batch())
-        ]
-        metrics = engine.train_step(micro_batches, loss_fn) or {}
-        if metrics and engine.step == cfg.logging.every:  # the first logged line says what the data was
-            metrics |= splits.report
-        if splits.eval and eval_due(engine.step, total, cfg.train.eval_every):
-            values, calibration = evaluate(
-                engine, splits.eval, pad_id, use_margin=cfg.use_margin, share_prompt=share_prompt
-            )
-            metrics |= values
-            if engine.is_main:
-                write_calibration(out, engine.step, calibration)
-        if metrics:
-            engine.log(metrics | {"data/epoch": float(order.epoch)})
-        engine.maybe_save_checkpoint()
-
-    engine.save_final(merged_for_saving(engine.unwrapped_model.model), tokenizer)
-    engine.close()
+    engine = make_engine(SequenceScorer(scalar_model), cfg, total, data_report=splits.report)
+    with engine:
+        order = DataOrder(len(splits.train), cfg.train.batch_size, seed=cfg.seed)
+        engine.register_state("data_order", order)
+        engine.resume()
+        pad_id = tokenizer.pad_token_id
+        loss_fn = make_loss_fn(cfg.use_margin, cfg.center_coef)
+        while engine.step < total:
+            if engine.should_stop():
+                engine.interrupt()
+            micro_batches = [
+                to_device(collate([splits.train[i] for i in idx], pad_id), engine.device)
+                for idx in engine.local_indices(order.next_batch())
+            ]
+            metrics = engine.train_step(micro_batches, loss_fn) or {}
+            if splits.eval and eval_due(engine.step, total, cfg.train.eval_every):
+                values, calibration = evaluate(
+                    engine, splits.eval, pad_id, use_margin=cfg.use_margin, share_prompt=share_prompt
+                )
+                metrics |= values
+                if engine.is_main:
+                    write_calibration(out, engine.step, calibration)
+            if metrics:
+                engine.log(metrics | {"data/epoch": float(order.epoch)})
+            engine.maybe_save_checkpoint()
+        save_final(engine, engine.unwrapped_model.model, tokenizer, base_path=cfg.model.path)
     return out

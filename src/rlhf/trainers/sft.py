@@ -35,22 +35,15 @@ from rlhf.config import (
     TrainConfig,
     check,
 )
-from rlhf.data import IGNORE_INDEX, collate_sft, pack_sft
+from rlhf.data import IGNORE_INDEX, collate_sft, pack_sft, to_device
 from rlhf.losses.sft import sft_loss
 from rlhf.models import padding_free
 from rlhf.models.loading import apply_lora, load_causal_lm, load_tokenizer
 from rlhf.models.padding_free import LAYOUT_KWARG, flat_inputs
-from rlhf.trainers.common import (
-    count_steps,
-    eval_due,
-    load_splits,
-    make_engine,
-    merged_for_saving,
-    seed_everything,
-    to_device,
-)
-from rlhf.trainers.data_order import DataOrder
-from rlhf.trainers.engine import Engine
+from rlhf.runtime.data_order import DataOrder
+from rlhf.runtime.engine import Engine
+from rlhf.runtime.finish import save_final
+from rlhf.runtime.setup import count_steps, eval_due, load_splits, make_engine, seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -211,28 +204,24 @@ def train(cfg: Config) -> Path:
     flat = cfg.data.padding_free and padding_free.enable(model)
     if cfg.data.padding_free and not flat:
         logger.info("padding-free batches need a transformers model on sdpa attention: using padded batches")
-    engine = make_engine(model, cfg, total)
-    order = DataOrder(len(examples), cfg.train.batch_size, seed=cfg.seed)
-    engine.register_state("data_order", order)
-    engine.resume()
-    pad_id = tokenizer.pad_token_id
-
-    while engine.step < total:
-        if engine.should_stop():
-            engine.interrupt()
-        micro_batches = [
-            to_device(make_batch([examples[i] for i in idx], pad_id, flat=flat), engine.device)
-            for idx in engine.local_indices(order.next_batch())
-        ]
-        metrics = engine.train_step(micro_batches, loss_fn) or {}
-        if metrics and engine.step == cfg.logging.every:  # the first logged line says what the data was
-            metrics |= splits.report
-        if splits.eval and eval_due(engine.step, total, cfg.train.eval_every):
-            metrics |= evaluate(engine, splits.eval, pad_id, flat=flat)
-        if metrics:
-            engine.log(metrics | {"data/epoch": float(order.epoch)})
-        engine.maybe_save_checkpoint()
-
-    engine.save_final(merged_for_saving(engine.unwrapped_model), tokenizer)
-    engine.close()
+    engine = make_engine(model, cfg, total, data_report=splits.report)
+    with engine:
+        order = DataOrder(len(examples), cfg.train.batch_size, seed=cfg.seed)
+        engine.register_state("data_order", order)
+        engine.resume()
+        pad_id = tokenizer.pad_token_id
+        while engine.step < total:
+            if engine.should_stop():
+                engine.interrupt()
+            micro_batches = [
+                to_device(make_batch([examples[i] for i in idx], pad_id, flat=flat), engine.device)
+                for idx in engine.local_indices(order.next_batch())
+            ]
+            metrics = engine.train_step(micro_batches, loss_fn) or {}
+            if splits.eval and eval_due(engine.step, total, cfg.train.eval_every):
+                metrics |= evaluate(engine, splits.eval, pad_id, flat=flat)
+            if metrics:
+                engine.log(metrics | {"data/epoch": float(order.epoch)})
+            engine.maybe_save_checkpoint()
+        save_final(engine, engine.unwrapped_model, tokenizer, base_path=cfg.model.path)
     return out

@@ -13,9 +13,9 @@ import torch
 from _toy import TokenModel, make_engine, split, token_batches, token_loss
 from transformers import AutoModelForCausalLM
 
+from rlhf.runtime import checkpoint as ckpt
+from rlhf.runtime.data_order import DataOrder
 from rlhf.tasks.tiny import build_model, build_tokenizer
-from rlhf.trainers import checkpoint as ckpt
-from rlhf.trainers.data_order import DataOrder
 
 
 class Counter:

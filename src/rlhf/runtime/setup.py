@@ -1,5 +1,5 @@
 """What every trainer does the same way before its loop: read and tokenize the data, hold out an eval split,
-and count optimizer steps. Kept here once so the algorithm files stay about their algorithm.
+count optimizer steps, build the engine. Kept here once so the algorithm files stay about their algorithm.
 """
 
 from __future__ import annotations
@@ -11,13 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from accelerate.utils import set_seed
-from torch import Tensor, nn
+from torch import nn
 
 from rlhf.config import DataConfig, TrainConfig, to_dict
-from rlhf.data import load_records, tokenize_records
+from rlhf.data import TokenizeReport, load_records, tokenize_records
 from rlhf.errors import UserError
-from rlhf.models.padding_free import FlatLayout
-from rlhf.trainers.engine import Engine
+from rlhf.runtime.engine import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -31,11 +30,22 @@ class Splits:
     report: dict[str, float] = field(default_factory=dict)
 
 
-def _tokenized(records: list[Any], kind: str, tokenizer: Any, cfg: DataConfig, what: str) -> list[dict[str, Any]]:
+def _tokenized(
+    records: list[Any], kind: str, tokenizer: Any, cfg: DataConfig, what: str
+) -> tuple[list[dict[str, Any]], TokenizeReport]:
     examples, report = tokenize_records(records, kind, tokenizer, cfg)
     for reason, count in report.dropped.items():
         logger.warning("%s: dropped %d row(s): %s", what, count, reason)
-    return examples
+    if report.truncated_prompts or report.truncated_responses:
+        logger.warning(
+            "%s: truncated %d prompt(s) to data.max_prompt_length %d and %d response(s) to data.max_length %d",
+            what,
+            report.truncated_prompts,
+            cfg.max_prompt_length,
+            report.truncated_responses,
+            cfg.max_length,
+        )
+    return examples, report
 
 
 def load_splits(cfg: DataConfig, kind: str, tokenizer: Any, *, seed: int) -> Splits:
@@ -57,14 +67,17 @@ def load_splits(cfg: DataConfig, kind: str, tokenizer: Any, *, seed: int) -> Spl
         held = set(order[:n_eval])
         eval_records = [r for i, r in enumerate(records) if i in held]
         records = [r for i, r in enumerate(records) if i not in held]
-    train = _tokenized(records, kind, tokenizer, cfg, cfg.train)
-    held_out = _tokenized(eval_records, kind, tokenizer, cfg, cfg.eval or f"{cfg.train} (held out)")
+    train, train_report = _tokenized(records, kind, tokenizer, cfg, cfg.train)
+    held_out, _ = _tokenized(eval_records, kind, tokenizer, cfg, cfg.eval or f"{cfg.train} (held out)")
     if not train:
         raise UserError(f"{cfg.train}: no usable training rows after validation and tokenization")
     report = {
         "data/train_rows": float(len(train)),
         "data/eval_rows": float(len(held_out)),
         "data/skipped_rows": float(skips.total),
+        "data/dropped_rows": float(sum(train_report.dropped.values())),
+        "data/truncated_prompts": float(train_report.truncated_prompts),
+        "data/truncated_responses": float(train_report.truncated_responses),
     }
     return Splits(train, held_out, report)
 
@@ -84,24 +97,15 @@ def seed_everything(seed: int) -> None:
     set_seed(seed)
 
 
-def to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
-    """The batch with its tensors (and padding-free layouts) moved to `device`; other values as they are."""
-    return {k: v.to(device) if isinstance(v, (Tensor, FlatLayout)) else v for k, v in batch.items()}
-
-
 def eval_due(step: int, total: int, every: int) -> bool:
     """Evaluate every `every` steps (0: never in between) and always after the last step."""
     return step == total or (every > 0 and step % every == 0)
 
 
-def merged_for_saving(model: nn.Module) -> nn.Module:
-    """A LoRA model with its adapters merged into the weights (so `final/` is a plain checkpoint), else as is."""
-    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-
-
-def make_engine(model: nn.Module, cfg: Any, total_steps: int) -> Engine:
+def make_engine(model: nn.Module, cfg: Any, total_steps: int, *, data_report: dict[str, float] | None = None) -> Engine:
     """The engine of a run, from the sections every algorithm config has (output_dir, seed, optim, schedule,
-    train, logging, checkpoint); the resolved config goes to the run directory's config.yaml."""
+    train, logging, checkpoint); the resolved config goes to the run directory's config.yaml, and `data_report`
+    (`Splits.report`: the `data/*` counts) onto the run's first metrics line."""
     return Engine(
         model,
         run_dir=Path(cfg.output_dir),
@@ -113,4 +117,5 @@ def make_engine(model: nn.Module, cfg: Any, total_steps: int) -> Engine:
         checkpoint=cfg.checkpoint,
         total_steps=total_steps,
         config_dict=to_dict(cfg),
+        data_report=data_report,
     )

@@ -1,18 +1,14 @@
-"""Response log-probs for the direct preference trainers (DPO family, SimPO, ORPO, KTO), and the reference cache.
+"""The reference model of the offline preference trainers, and the cache of its log-probs.
 
-Two things every offline preference method needs, kept once here:
+`Reference` gives reference log-probs of a batch: from a precomputed table per split, or from a frozen model
+scored on the fly (with LoRA and no separate reference: the policy with its adapters switched off).
 
-* `response_logps`: the summed and the length-averaged log-prob of each row's response tokens, from ONE forward
-  pass over a right-padded prompt+response batch. For pairs, `rlhf.data.collate_pairs` lays chosen and rejected
-  out as 2B rows of one batch, so both responses go through the model together. Positions that are prompt in
-  every row never reach the LM head (`logits_to_keep`), which for short answers to long prompts is most of
-  the vocabulary projection and log-softmax saved.
-* the reference log-prob cache: the frozen reference scores each example once for the whole data set
-  (`precompute_ref`), saved as `run_dir/ref_logps/<key>.safetensors`. The key hashes everything the numbers
-  depend on - the reference weights (the bytes of its checkpoint files), its dtype and the autocast
-  precision, the data files' bytes, the DataConfig fields, the tokenizer files, the split seed, and the token
-  ids themselves - so a cache from other data, another tokenizer or another reference is never read: a new
-  key simply misses and is recomputed. With a cache hit the reference model is not even loaded.
+The cache: the frozen reference scores each example once for the whole data set (`precompute_ref`), saved as
+`run_dir/ref_logps/<key>.safetensors`. The key hashes everything the numbers depend on - the reference weights
+(the bytes of its checkpoint files), its dtype and the autocast precision, the data files' bytes, the
+DataConfig fields, the tokenizer files, the split seed, and the token ids themselves - so a cache from other
+data, another tokenizer or another reference is never read: a new key simply misses and is recomputed. With a
+cache hit the reference model is not even loaded.
 """
 
 from __future__ import annotations
@@ -31,11 +27,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from rlhf.data.collate import pad_sequences
-from rlhf.losses.logprobs import token_logprobs
-from rlhf.losses.reduce import masked_sum
-from rlhf.models.forward import causal_lm_logprobs, position_ids_from_mask
-from rlhf.trainers.common import to_device
+from rlhf.data.collate import to_device
+from rlhf.models.sequence_logps import response_logps
 
 logger = logging.getLogger(__name__)
 
@@ -43,114 +36,6 @@ CACHE_FORMAT = 1
 """Bumped whenever the cache layout or the meaning of its numbers changes (old files then simply miss)."""
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-
-
-# ---------------------------------------------------------------------------------------------- log-probs
-
-
-@dataclass
-class ResponseLogps:
-    """Per-row response log-probs of one forward pass. Each field is (N,) float32 (rows in batch order)."""
-
-    sum: Tensor  # sum over response tokens of log p(token | prefix)
-    avg: Tensor  # sum / number of response tokens (0 for a row without response tokens)
-    tokens: Tensor  # number of response tokens
-
-    def chunk(self) -> tuple[ResponseLogps, ResponseLogps]:
-        """Split 2B rows laid out as [chosen; rejected] into (chosen, rejected), B rows each."""
-        halves = [t.chunk(2) for t in (self.sum, self.avg, self.tokens)]
-        return ResponseLogps(*(h[0] for h in halves)), ResponseLogps(*(h[1] for h in halves))
-
-
-def response_logps(model: nn.Module, batch: dict[str, Any]) -> ResponseLogps:
-    """Summed and averaged log-probs of the response tokens of a batch, in row order.
-
-    Two batch layouts (see `collate_responses`):
-      * shared prompt (`prompt_ids` present): each prompt once, left padded (B, P); its k responses right
-        padded (k*B, R) as k blocks of B rows. One forward over the prompts fills a KV cache, which is
-        repeated k times; one forward over all k*B responses continues from it. Gradients flow through the
-        cache into the prompt pass, so this is the same function of the weights as scoring every
-        prompt+response row in full, with the prompt computed once instead of k times.
-      * concatenated (`input_ids`): every prompt+response row right padded (N, L), one forward; with
-        `response_start`, the first column holding a response token in any row, only the logits from that
-        column on are computed. Token t is scored by the logits at t - 1.
-    """
-    if "prompt_ids" in batch:
-        logits = shared_prompt_logits(model, batch)  # (k*B, R, V): position t predicts response token t
-        logprobs = token_logprobs(logits, batch["response_ids"])
-        resp = batch["response_mask"]  # (k*B, R)
-    else:
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        start = max(1, int(batch.get("response_start", 1)))
-        logprobs = causal_lm_logprobs(model, ids, mask, response_len=ids.shape[1] - start).logprobs  # (N, L - start)
-        resp = batch["response_mask"][:, start:]  # (N, L - start)
-    total = masked_sum(logprobs, resp, dim=-1).float()  # (N,)
-    tokens = resp.sum(-1).float()  # (N,)
-    return ResponseLogps(total, total / tokens.clamp(min=1.0), tokens)
-
-
-def shared_prompt_logits(model: nn.Module, batch: dict[str, Any]) -> Tensor:
-    """Logits predicting each response token, (k*B, R, V), from one prompt pass and one response pass.
-
-    The prompt pass keeps only its last position's logits (they predict the first response token) and the
-    KV cache; `reorder_cache` repeats the cache rows as [0..B-1] k times, matching the response blocks.
-    Response positions continue each prompt's own positions (prompt length + t), as in generation.
-    """
-    prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]  # (B, P)
-    n_prompts, n_rows = prompt_ids.shape[0], batch["response_ids"].shape[0]
-    out = model(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        position_ids=position_ids_from_mask(prompt_mask),
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    rows = torch.arange(n_prompts, device=prompt_ids.device).repeat(n_rows // n_prompts)  # (k*B,)
-    cache = out.past_key_values
-    cache.reorder_cache(rows)
-    response_attn = (batch["response_mask"] > 0).long()  # (k*B, R), right padded
-    steps = torch.arange(response_attn.shape[1], device=prompt_ids.device)
-    positions = prompt_mask.sum(-1)[rows, None] + steps[None, :]  # (k*B, R)
-    attention = torch.cat([prompt_mask[rows], response_attn], dim=1)  # (k*B, P + R)
-    out2 = model(
-        input_ids=batch["response_ids"],
-        attention_mask=attention,
-        position_ids=positions,
-        past_key_values=cache,
-        use_cache=True,
-    )
-    return torch.cat([out.logits[rows, -1:], out2.logits[:, :-1]], dim=1)  # (k*B, R, V)
-
-
-def collate_responses(
-    examples: Sequence[dict[str, Any]], pad_id: int, response_keys: Sequence[str], *, share_prompt: bool
-) -> dict[str, Any]:
-    """A batch of len(response_keys) responses per example, as blocks [key 0 rows; key 1 rows; ...].
-
-    `share_prompt`: prompts once, left padded (`prompt_ids`, `prompt_mask` (B, P)) and responses right padded
-    (`response_ids` (k*B, R), `response_mask` float); else every prompt+response row in full, right padded
-    (`input_ids`, `attention_mask`, `response_mask` (k*B, L), unshifted) with `response_start`.
-    """
-    prompts = [ex["prompt_ids"] for ex in examples]
-    responses = [ex[key] for key in response_keys for ex in examples]
-    if share_prompt:
-        return {
-            "prompt_ids": pad_sequences(prompts, pad_id, left=True),  # (B, P)
-            "prompt_mask": pad_sequences([[1] * len(p) for p in prompts], 0, left=True),  # (B, P)
-            "response_ids": pad_sequences(responses, pad_id),  # (k*B, R)
-            "response_mask": pad_sequences([[1.0] * len(r) for r in responses], 0.0, dtype=torch.float),
-        }
-    rows = [[*p, *r] for p, r in zip(prompts * len(response_keys), responses, strict=True)]
-    return {
-        "input_ids": pad_sequences(rows, pad_id),  # (k*B, L)
-        "attention_mask": pad_sequences([[1] * len(r) for r in rows], 0),  # (k*B, L)
-        "response_mask": pad_sequences(
-            [[0.0] * len(p) + [1.0] * len(r) for p, r in zip(prompts * len(response_keys), responses, strict=True)],
-            0.0,
-            dtype=torch.float,
-        ),
-        "response_start": min(len(p) for p in prompts),
-    }
 
 
 # ---------------------------------------------------------------------------------------------- cache key

@@ -19,11 +19,11 @@ from _toy import TokenModel, make_engine, split, token_batches, token_loss
 from safetensors.torch import load_file
 
 from rlhf.config import ScheduleConfig
+from rlhf.runtime import checkpoint as ckpt
+from rlhf.runtime.engine import NonFiniteError, lr_factor
 from rlhf.tasks.tiny import build_model, build_tokenizer
-from rlhf.trainers import checkpoint as ckpt
-from rlhf.trainers.engine import NonFiniteError, lr_factor
 
-TOY = Path(__file__).with_name("_toy.py")
+TOY = Path(__file__).parents[1] / "support" / "_toy.py"
 
 
 def _run(engine, batches, micro: int, loss_fn=token_loss) -> list[dict | None]:

@@ -15,11 +15,11 @@ from _resume import ENV, last_logged_step, wait_for_step
 from _toy import TokenModel, make_engine, split, token_batches, token_loss
 from safetensors.torch import load_file
 
-from rlhf.trainers import checkpoint as ckpt
-from rlhf.trainers.data_order import DataOrder
-from rlhf.trainers.engine import EXIT_INTERRUPTED
+from rlhf.runtime import checkpoint as ckpt
+from rlhf.runtime.data_order import DataOrder
+from rlhf.runtime.engine import EXIT_INTERRUPTED
 
-TOY = Path(__file__).with_name("_toy.py")
+TOY = Path(__file__).parents[1] / "support" / "_toy.py"
 TOY_ARGS = ["--steps", "12", "--ckpt-every", "2", "--dropout", "0.1"]
 
 

@@ -32,8 +32,8 @@ from torch import Tensor, nn
 
 from rlhf.config import CheckpointConfig, LoggingConfig, OptimConfig, ScheduleConfig, TrainConfig
 from rlhf.errors import UserError
-from rlhf.trainers import checkpoint as ckpt
-from rlhf.trainers.run_dir import RunLog, StopSignals, flatten, write_config
+from rlhf.runtime import checkpoint as ckpt
+from rlhf.runtime.run_dir import RunLog, StopSignals, flatten, write_config
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ class Engine:
         checkpoint: CheckpointConfig,
         total_steps: int,
         config_dict: dict[str, Any] | None = None,
+        data_report: dict[str, float] | None = None,
     ) -> None:
         if schedule.name not in SCHEDULES:
             raise ValueError(f"schedule.name {schedule.name!r}: expected one of {', '.join(SCHEDULES)}")
@@ -137,6 +138,8 @@ class Engine:
         tracker_log = self.accelerator.log if logging.trackers else None
         self._runlog = RunLog(self.run_dir, logging, total_steps, enabled=self.is_main, tracker_log=tracker_log)
         self._units_since_log = torch.zeros((), dtype=self._acc_dtype, device=self.device)
+        self._data_report = dict(data_report or {})
+        self._report_pending = False
         self._closed = False
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -318,9 +321,13 @@ class Engine:
     def log(self, metrics: dict[str, float], *, step: int | None = None) -> None:
         """Append {"step": N, **metrics} to metrics.jsonl (keys under `perf/` go to perf.jsonl instead),
         send everything to the configured trackers, and update the progress bar. Main process only; a no-op
-        elsewhere. Values should be Python numbers (a tensor is converted, at the cost of a host sync)."""
+        elsewhere. Values should be Python numbers (a tensor is converted, at the cost of a host sync).
+        The run's first metrics line also carries the engine's `data_report` (what the data was)."""
         self._ensure_started()
         values = {k: float(v) if isinstance(v, Tensor) else v for k, v in metrics.items()}
+        if self._report_pending and any(not k.startswith("perf/") for k in values):
+            values = self._data_report | values
+            self._report_pending = False
         self._runlog.log(values, self.step if step is None else step)
 
     def log_perf(self, metrics: dict[str, float], step: int | None = None) -> None:
@@ -335,6 +342,7 @@ class Engine:
 
     def _begin(self, step: int, *, fresh: bool) -> None:
         self._runlog.start(step, fresh=fresh)
+        self._report_pending = bool(self._data_report) and not self._runlog.has_metrics()
         self._started = True
         self._units_since_log.zero_()
 

@@ -131,6 +131,11 @@ class RunLog:
         self._t_start = self._t_last = time.perf_counter()
         self._step_last = step
 
+    def has_metrics(self) -> bool:
+        """Whether metrics.jsonl already holds a line (after `start` cut it back)."""
+        path = self.run_dir / METRICS_FILE
+        return self.enabled and path.is_file() and path.stat().st_size > 0
+
     def throughput(self, step: int, samples_per_step: int, units: float) -> dict[str, float]:
         """Wall-clock `perf/*` figures since the previous call; `units` were processed in that time."""
         now = time.perf_counter()

@@ -2,7 +2,7 @@
 
 Used as a subprocess by the resume (SIGKILL, SIGTERM) and multi-process (`accelerate launch`) tests:
 
-    python tests/trainers/_toy.py --run-dir RUN --steps 12 --ckpt-every 2
+    python tests/support/_toy.py --run-dir RUN --steps 12 --ckpt-every 2
 
 Data: 64 random token sequences of length 16 with random lengths (so micro-batches have unequal token
 counts), drawn from a generator seeded by --seed. Loss: token-mean next-token cross-entropy. Each step also
@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from rlhf.config import CheckpointConfig, LoggingConfig, OptimConfig, ScheduleConfig, TrainConfig
+from rlhf.runtime.data_order import DataOrder
+from rlhf.runtime.engine import Engine
 from rlhf.tasks.tiny import build_model, build_tokenizer
-from rlhf.trainers.data_order import DataOrder
-from rlhf.trainers.engine import Engine
 
 N_SAMPLES, SEQ_LEN = 64, 16
 

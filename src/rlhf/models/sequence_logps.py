@@ -1,0 +1,95 @@
+"""Response log-probs of the direct preference trainers (DPO family, SimPO, ORPO, KTO) and of their reference.
+
+`response_logps`: the summed and the length-averaged log-prob of each row's response tokens, from ONE forward
+pass over a right-padded prompt+response batch. For pairs, `rlhf.data.collate_responses` lays chosen and
+rejected out as 2B rows of one batch, so both responses go through the model together. Positions that are prompt
+in every row never reach the LM head (`logits_to_keep`), which for short answers to long prompts is most of the
+vocabulary projection and log-softmax saved. With a shared prompt, the prompt runs once and its KV cache serves
+every response (`shared_prompt_logits`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from rlhf.losses.logprobs import token_logprobs
+from rlhf.losses.reduce import masked_sum
+from rlhf.models.forward import causal_lm_logprobs, position_ids_from_mask
+
+
+@dataclass
+class ResponseLogps:
+    """Per-row response log-probs of one forward pass. Each field is (N,) float32 (rows in batch order)."""
+
+    sum: Tensor  # sum over response tokens of log p(token | prefix)
+    avg: Tensor  # sum / number of response tokens (0 for a row without response tokens)
+    tokens: Tensor  # number of response tokens
+
+    def chunk(self) -> tuple[ResponseLogps, ResponseLogps]:
+        """Split 2B rows laid out as [chosen; rejected] into (chosen, rejected), B rows each."""
+        halves = [t.chunk(2) for t in (self.sum, self.avg, self.tokens)]
+        return ResponseLogps(*(h[0] for h in halves)), ResponseLogps(*(h[1] for h in halves))
+
+
+def response_logps(model: nn.Module, batch: dict[str, Any]) -> ResponseLogps:
+    """Summed and averaged log-probs of the response tokens of a batch, in row order.
+
+    Two batch layouts (see `collate_responses`):
+      * shared prompt (`prompt_ids` present): each prompt once, left padded (B, P); its k responses right
+        padded (k*B, R) as k blocks of B rows. One forward over the prompts fills a KV cache, which is
+        repeated k times; one forward over all k*B responses continues from it. Gradients flow through the
+        cache into the prompt pass, so this is the same function of the weights as scoring every
+        prompt+response row in full, with the prompt computed once instead of k times.
+      * concatenated (`input_ids`): every prompt+response row right padded (N, L), one forward; with
+        `response_start`, the first column holding a response token in any row, only the logits from that
+        column on are computed. Token t is scored by the logits at t - 1.
+    """
+    if "prompt_ids" in batch:
+        logits = shared_prompt_logits(model, batch)  # (k*B, R, V): position t predicts response token t
+        logprobs = token_logprobs(logits, batch["response_ids"])
+        resp = batch["response_mask"]  # (k*B, R)
+    else:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        start = max(1, int(batch.get("response_start", 1)))
+        logprobs = causal_lm_logprobs(model, ids, mask, response_len=ids.shape[1] - start).logprobs  # (N, L - start)
+        resp = batch["response_mask"][:, start:]  # (N, L - start)
+    total = masked_sum(logprobs, resp, dim=-1).float()  # (N,)
+    tokens = resp.sum(-1).float()  # (N,)
+    return ResponseLogps(total, total / tokens.clamp(min=1.0), tokens)
+
+
+def shared_prompt_logits(model: nn.Module, batch: dict[str, Any]) -> Tensor:
+    """Logits predicting each response token, (k*B, R, V), from one prompt pass and one response pass.
+
+    The prompt pass keeps only its last position's logits (they predict the first response token) and the
+    KV cache; `reorder_cache` repeats the cache rows as [0..B-1] k times, matching the response blocks.
+    Response positions continue each prompt's own positions (prompt length + t), as in generation.
+    """
+    prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]  # (B, P)
+    n_prompts, n_rows = prompt_ids.shape[0], batch["response_ids"].shape[0]
+    out = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=position_ids_from_mask(prompt_mask),
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    rows = torch.arange(n_prompts, device=prompt_ids.device).repeat(n_rows // n_prompts)  # (k*B,)
+    cache = out.past_key_values
+    cache.reorder_cache(rows)
+    response_attn = (batch["response_mask"] > 0).long()  # (k*B, R), right padded
+    steps = torch.arange(response_attn.shape[1], device=prompt_ids.device)
+    positions = prompt_mask.sum(-1)[rows, None] + steps[None, :]  # (k*B, R)
+    attention = torch.cat([prompt_mask[rows], response_attn], dim=1)  # (k*B, P + R)
+    out2 = model(
+        input_ids=batch["response_ids"],
+        attention_mask=attention,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+    )
+    return torch.cat([out.logits[rows, -1:], out2.logits[:, :-1]], dim=1)  # (k*B, R, V)
