@@ -39,6 +39,44 @@ def test_function_reward_rejects_wrong_length_and_nan():
         FunctionReward(lambda p, c: [1.0, math.nan]).score(["a", "b"], ["x", "y"], [{}, {}])
 
 
+def test_function_reward_takes_array_likes_of_real_numbers():
+    """numpy arrays, numpy floats, ints, bools and tensors are numbers; they come back as float32 in order."""
+    import numpy as np
+
+    for raw in (np.array([0.5, 2.0]), [np.float32(0.5), np.float64(2)], (0.5, 2), torch.tensor([0.5, 2.0])):
+        got = FunctionReward(lambda p, c, raw=raw: raw).score(["a", "b"], ["x", "y"], [{}, {}])
+        assert got.dtype == torch.float32 and got.tolist() == [0.5, 2.0]
+    assert FunctionReward(lambda p, c: [True, False]).score(["a", "b"], ["x", "y"], [{}, {}]).tolist() == [1.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("fn", "message"),
+    [
+        (lambda p, c: ["1.0", "2.0"], "expected real numbers"),
+        (lambda p, c: [[1.0, 2.0]], r"returned 2 scores \(shape \(1, 2\)\) for 2"),
+        (lambda p, c: [1e39, 0.0], r"score 0 is 1e\+39, expected a finite number \(in float32\)"),
+        (lambda p, c: [1.0, math.inf], "score 1 is inf"),
+        (lambda p, c: 1 / 0, r"reward f raised ZeroDivisionError: division by zero \(at .*test_rewards.py:\d+\)"),
+    ],
+)
+def test_a_bad_reward_function_is_one_error_naming_it(fn, message):
+    with pytest.raises(RewardError, match=message):
+        FunctionReward(fn, name="f").score(["a", "b"], ["x", "y"], [{}, {}])
+
+
+def test_reward_function_from_a_file_path_or_the_working_directory(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(
+        "def length(prompts, completions, **_):\n    return [len(c) for c in completions]\n"
+    )
+    by_path = load_reward_function(f"{tmp_path / 'my_rewards.py'}:length")
+    assert by_path(["p"], ["abc"]) == [3]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", str(tmp_path))])
+    assert load_reward_function("my_rewards:length")(["p"], ["ab"]) == [2]
+    with pytest.raises(RewardError, match="no such file"):
+        load_reward_function(f"{tmp_path / 'missing.py'}:length")
+
+
 def test_ensemble_weighted_mean_minus_std_hand_computed():
     """Members score (1, 3) on one response, weights (1, 3): mean = (1 + 9)/4 = 2.5;
     var = (1*(1-2.5)^2 + 3*(3-2.5)^2)/4 = (2.25 + 0.75)/4 = 0.75; score = 2.5 - 2*sqrt(0.75)."""

@@ -65,8 +65,8 @@ class RewardConfig:
     """A reward-model directory (a one-label AutoModelForSequenceClassification). Responses are decoded with the
     policy's tokenizer and re-tokenized with the reward model's own tokenizer and chat template."""
     function: str | None = None
-    """A Python reward `module:function`, called as f(prompts, completions, **columns) with every extra field of
-    the prompt rows as a list (`rlhf.tasks.sorting:gold_reward` for the built-in task)."""
+    """A Python reward `module:function` or `path/to/file.py:function`, called as f(prompts, completions,
+    **columns) with every extra field of the prompt rows as a list (`rlhf.tasks.sorting:gold_reward`)."""
     models: list[str] = field(default_factory=list)
     """More reward-model directories, scored as an ensemble with the others."""
     functions: list[str] = field(default_factory=list)

@@ -8,17 +8,26 @@ A Python reward function is named `module:function` and called as
 
     function(prompts: list[str | list[dict]], completions: list[str], **columns) -> list[float]
 
-where `columns` holds every extra field of the prompt rows as lists (`letters=[...]` for the built-in task).
+where `columns` holds every extra field of the prompt rows as lists (`letters=[...]` for the built-in task). It
+may return any array-like of real numbers (a list, a tuple, a numpy array, a tensor), one per completion. A
+function that raises, or returns the wrong number of scores, a non-number or a non-finite one (in float32),
+stops the run with a `RewardError` naming it: nothing is ever trained on such a score.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
-import math
+import importlib.util
+import os
+import sys
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
@@ -40,18 +49,66 @@ class RewardError(UserError):
 
 
 def load_reward_function(spec: str) -> Callable[..., Sequence[float]]:
-    """Import `module:function` (a file-system path is not accepted: put the module on PYTHONPATH)."""
-    module_name, sep, attr = spec.partition(":")
+    """The function named `module:function` (imported with the working directory on the path, as `python -m`
+    would) or `path/to/file.py:function` (the file loaded as a module of its own)."""
+    module_name, sep, attr = spec.rpartition(":")
     if not sep or not module_name or not attr:
-        raise RewardError(f"reward function {spec!r}: expected 'module:function'")
+        raise RewardError(f"reward function {spec!r}: expected 'module:function' or 'path/to/file.py:function'")
     try:
-        module = importlib.import_module(module_name)
+        module = _import_file(module_name) if module_name.endswith(".py") else _import_module(module_name)
     except ImportError as exc:
         raise RewardError(f"reward function {spec!r}: cannot import {module_name!r} ({exc})") from exc
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise RewardError(f"reward function {spec!r}: {module_name!r} has no callable {attr!r}")
     return fn
+
+
+def _import_module(name: str) -> Any:
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())  # the `rlhf` console script, unlike `python -m`, leaves it out
+    return importlib.import_module(name)
+
+
+def _import_file(path: str) -> Any:
+    file = Path(path).expanduser().resolve()
+    if not file.is_file():
+        raise ImportError(f"no such file: {file}")
+    name = f"rlhf_reward_{file.stem}_{hashlib.sha1(str(file).encode()).hexdigest()[:10]}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, file)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {file} as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[name]
+        raise ImportError(f"{type(exc).__name__}: {exc}") from exc
+    return module
+
+
+def checked_scores(raw: Any, n: int, name: str) -> Tensor:
+    """`raw` (any array-like of real numbers) as (n,) float32 on the CPU; `RewardError` naming `name` when it is
+    not numbers, not n of them, or not finite in float32 (1e39 is inf there)."""
+    values = np.asarray(raw.detach().cpu() if isinstance(raw, Tensor) else raw)
+    if values.dtype.kind not in "biuf":
+        raise RewardError(f"reward {name}: returned {values.dtype} values ({raw!r:.80}), expected real numbers")
+    if values.shape != (n,):
+        shape = "" if values.ndim == 1 else f" (shape {values.shape})"
+        raise RewardError(f"reward {name}: returned {values.size} scores{shape} for {n} completions")
+    scores = torch.from_numpy(values.astype(np.float32))
+    bad = (~torch.isfinite(scores)).nonzero()
+    if len(bad):
+        i = int(bad[0])
+        raise RewardError(f"reward {name}: score {i} is {values[i].item()!r}, expected a finite number (in float32)")
+    return scores
+
+
+def source_name(source: RewardSource) -> str:
+    return str(getattr(source, "name", type(source).__name__))
 
 
 class FunctionReward:
@@ -63,13 +120,14 @@ class FunctionReward:
 
     def score(self, prompts: Sequence[Prompt], completions: Sequence[str], extras: Sequence[dict[str, Any]]) -> Tensor:
         columns: dict[str, list[Any]] = {key: [row.get(key) for row in extras] for key in (extras[0] if extras else {})}
-        values = list(self.fn(list(prompts), list(completions), **columns))
-        if len(values) != len(completions):
-            raise RewardError(f"reward {self.name}: returned {len(values)} scores for {len(completions)} completions")
-        bad = [i for i, v in enumerate(values) if not isinstance(v, int | float) or not math.isfinite(v)]
-        if bad:
-            raise RewardError(f"reward {self.name}: score {bad[0]} is {values[bad[0]]!r}, expected a finite number")
-        return torch.tensor(values, dtype=torch.float32)
+        try:
+            raw = self.fn(list(prompts), list(completions), **columns)
+        except Exception as exc:
+            frame = traceback.extract_tb(exc.__traceback__)[-1]
+            raise RewardError(
+                f"reward {self.name} raised {type(exc).__name__}: {exc} (at {frame.filename}:{frame.lineno})"
+            ) from exc
+        return checked_scores(raw, len(completions), self.name)
 
 
 def reward_input_ids(prompt: Prompt, completion: str, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> list[int]:
@@ -135,7 +193,10 @@ class EnsembleReward:
     uncertainty_penalty: float = 0.0
 
     def score(self, prompts: Sequence[Prompt], completions: Sequence[str], extras: Sequence[dict[str, Any]]) -> Tensor:
-        scores = torch.stack([s.score(prompts, completions, extras) for s in self.sources])  # (M, B)
+        n = len(completions)
+        scores = torch.stack(
+            [checked_scores(s.score(prompts, completions, extras), n, source_name(s)) for s in self.sources]
+        )  # (M, B)
         w = torch.tensor(self.weights or [1.0] * len(self.sources), dtype=scores.dtype)[:, None]  # (M, 1)
         mean = (w * scores).sum(0) / w.sum()
         if self.uncertainty_penalty == 0.0:
