@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import random
+from typing import NamedTuple
 
 import pytest
 import torch
 
 from rlhf.rollout.batch import RolloutBatch
+
+
+class Tokens(NamedTuple):
+    adv: torch.Tensor  # (B, T)
 
 
 def _batch(prompt_lens: list[int], resp_lens: list[int], P: int = 8, T: int = 12) -> RolloutBatch:
@@ -18,7 +23,7 @@ def _batch(prompt_lens: list[int], resp_lens: list[int], P: int = 8, T: int = 12
         att[i, P - p : P + r] = 1
         ids[i, P - p : P + r] = torch.arange(1, p + r + 1) + 100 * i  # unique ids locate each row's tokens
         resp[i, :r] = 1.0
-    return RolloutBatch(ids, att, resp, {"adv": resp * torch.arange(len(prompt_lens))[:, None]})
+    return RolloutBatch(ids, att, resp, Tokens(resp * torch.arange(len(prompt_lens))[:, None]))
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -38,7 +43,7 @@ def test_chunks_partition_the_rows_within_size_and_keep_every_real_token(seed: i
             assert c.attention_mask[j].sum() == prompts[r] + resps[r]  # no real token trimmed
             want = batch.input_ids[r][batch.attention_mask[r].bool()]
             assert torch.equal(c.input_ids[j][c.attention_mask[j].bool()], want)
-            assert torch.equal(c.tokens["adv"][j, : resps[r]], torch.full((resps[r],), float(r)))
+            assert torch.equal(c.tokens.adv[j, : resps[r]], torch.full((resps[r],), float(r)))
 
 
 def test_one_long_response_gets_its_own_chunk_instead_of_padding_the_rest() -> None:

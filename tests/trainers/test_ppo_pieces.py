@@ -4,6 +4,7 @@ critic's positions, a reward model with another tokenizer, micro-batch exactness
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -122,8 +123,8 @@ def test_old_logprobs_equal_the_first_minibatch_recomputed_before_any_update(rol
             assert (mb.flat is not None) == flat
             out = model(mb.input_ids, mb.attention_mask, response_len=mb.response_len, temperature=0.7, flat=mb.flat)
             mask = mb.response_mask.bool()
-            torch.testing.assert_close(out.logprobs[mask], mb.tokens["old_logprobs"][mask], atol=1e-5, rtol=0)
-            torch.testing.assert_close(out.values[mask], mb.tokens["old_values"][mask], atol=1e-5, rtol=0)
+            torch.testing.assert_close(out.logprobs[mask], mb.tokens.old_logprobs[mask], atol=1e-5, rtol=0)
+            torch.testing.assert_close(out.values[mask], mb.tokens.old_values[mask], atol=1e-5, rtol=0)
             _, units, metrics = ppo.ppo_loss(model, mb, cfg)
             assert metrics["policy/ratio"].item() / units.item() == pytest.approx(1.0, abs=1e-5)
             assert metrics["policy/approx_kl"].item() < 1e-9 and metrics["policy/clipfrac"].item() == 0
@@ -250,6 +251,11 @@ def test_kl_controller_section():
     assert isinstance(ctl, AdaptiveKLController) and ctl.value == pytest.approx(0.102)
 
 
+class Tokens(NamedTuple):
+    x: torch.Tensor
+    unset: torch.Tensor | None
+
+
 def test_rollout_batch_select_trims_shared_padding():
     """3 prompt columns, 3 response columns. Rows 0 and 1 share one left padding column and one response token
     at most: selecting them keeps columns 1..3 and one response column."""
@@ -257,9 +263,10 @@ def test_rollout_batch_select_trims_shared_padding():
         input_ids=torch.tensor([[0, 0, 5, 6, 0, 0], [0, 4, 5, 6, 0, 0], [3, 4, 5, 6, 7, 8]]),
         attention_mask=torch.tensor([[0, 0, 1, 1, 0, 0], [0, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]]),
         response_mask=torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0]]),
-        tokens={"x": torch.arange(9.0).view(3, 3)},
+        tokens=Tokens(torch.arange(9.0).view(3, 3), None),
     )
     sub = batch.select([0, 1])
     assert sub.input_ids.tolist() == [[0, 5, 6], [4, 5, 6]] and sub.response_len == 1
-    assert sub.attention_mask.tolist() == [[0, 1, 1], [1, 1, 1]] and sub.tokens["x"].tolist() == [[0.0], [3.0]]
+    assert sub.attention_mask.tolist() == [[0, 1, 1], [1, 1, 1]] and sub.tokens.x.tolist() == [[0.0], [3.0]]
+    assert sub.tokens.unset is None
     assert batch.select(slice(0, 3)).input_ids.shape == (3, 6)

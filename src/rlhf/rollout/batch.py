@@ -1,35 +1,29 @@
-"""A rollout batch from generation to the updates: sampling in chunks, the no-grad scoring passes, the text scores.
+"""A rollout batch from generation to the updates: its sequences, its per-token record, chunks and micro-batches.
 
-* `generate_batch` samples one response per prompt row in chunks of rows (one `generate` call each) and masks
-  everything after each response's first EOS.
-* `RolloutBatch` holds the sequences `[left-padded prompt | right-padded response]` (B, P+T) with per-token
-  tensors (B, T) (old log-probs, values, advantages, ...), and selects rows for chunks and minibatches with the
-  padding columns every selected row shares trimmed away (left of the longest prompt, right of the longest
-  response). Trimming changes no result beyond float rounding: positions come from the attention mask.
+* `RolloutBatch` holds the sequences `[left-padded prompt | right-padded response]` (B, P+T) with a typed record
+  of per-token tensors (B, T) that the algorithm's loss reads (`tokens`: a NamedTuple such as PPO's old
+  log-probs, values, advantages and returns), and selects rows for chunks and minibatches with the padding
+  columns every selected row shares trimmed away (left of the longest prompt, right of the longest response).
+  Trimming changes no result beyond float rounding: positions come from the attention mask.
 * `score_in_chunks` runs a model function over a batch in chunks of rows under `torch.no_grad`, one batched
   forward per model and chunk (PPO: old log-probs and values, and reference log-probs, in one call). Chunks
   group rows of similar length (`chunks_by_length`). A training step's `micro_batches` run padding-free
   (with their `Unpadded` layout) where the models can; otherwise they are also cut where a few long
   responses would pad many short ones (`chunks_by_cost`), so little compute goes to padding.
-* `decode_responses` / `score_responses`: the response text (policy tokenizer, special tokens skipped) and its
-  sequence score from any `RewardSource` (a reward model re-tokenizes the text with its own tokenizer).
-
-Shared by the online trainers (PPO, GRPO, RLOO).
+Shared by the online trainers (PPO, GRPO, RLOO); `rollout.experience` makes the batch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import Tensor
-from transformers import PreTrainedTokenizerBase
 
 from rlhf.models.forward import Unpadded
-from rlhf.rollout.generation import GenerationBackend, Rollout, SamplingConfig, mask_after_eos
-from rlhf.rollout.rewards import Prompt, RewardSource
+from rlhf.rollout.generation import Rollout
 
 MICRO_BATCH_OVERHEAD_TOKENS = 128
 """The fixed cost of one padded micro-batch's forward and backward, in padded tokens (`chunks_by_cost`; measured
@@ -38,21 +32,36 @@ on the CPU PPO benchmark, where splitting off a few long responses pays from abo
 TokenFn = Callable[[Tensor, Tensor, int], Sequence[Tensor | None]]
 """fn(input_ids (b, L), attention_mask (b, L), T) -> tensors (b, T) (or None) for the last T tokens."""
 
+TokensT = TypeVar("TokensT", bound=tuple[Any, ...])
+"""The per-token record of a rollout batch: a NamedTuple whose fields are (B, T) tensors (or None), or () for
+sequences alone."""
+
+
+def map_tokens(tokens: TokensT, fn: Callable[[Tensor], Tensor]) -> TokensT:
+    """`fn` applied to every tensor field of a per-token record (None fields stay None), same record type."""
+    values = [None if t is None else fn(t) for t in tokens]
+    make = getattr(type(tokens), "_make", None)  # a NamedTuple; a plain tuple takes the iterable itself
+    return make(values) if make is not None else type(tokens)(values)  # type: ignore[return-value]
+
 
 @dataclass
-class RolloutBatch:
-    """A rollout's sequences (B, P+T), its response mask (B, T) and named per-response-token tensors (B, T)."""
+class RolloutBatch(Generic[TokensT]):
+    """A rollout's sequences (B, P+T), its response mask (B, T) and the per-token record its loss reads."""
 
     input_ids: Tensor  # (B, P+T) left-padded prompt, right-padded response
     attention_mask: Tensor  # (B, P+T) long; 0 on padding and after each response's first EOS
     response_mask: Tensor  # (B, T) float, 1.0 up to and including the first EOS
-    tokens: dict[str, Tensor] = field(default_factory=dict)  # name -> (B, T)
+    tokens: TokensT  # per-token tensors (B, T), e.g. `trainers.ppo.PPOTokens`; () for sequences alone
     rows: Tensor | None = None  # row indices into the batch this one was selected from, when it was
     flat: Unpadded | None = None  # its padding-free layout, when it runs padding-free (`micro_batches`)
 
     @classmethod
-    def from_rollout(cls, rollout: Rollout) -> RolloutBatch:
-        return cls(rollout.input_ids, rollout.attention_mask, rollout.response_mask)
+    def from_rollout(cls, rollout: Rollout) -> RolloutBatch[tuple[()]]:
+        return RolloutBatch(rollout.input_ids, rollout.attention_mask, rollout.response_mask, ())
+
+    def with_tokens(self, tokens: Any) -> RolloutBatch[Any]:
+        """The same sequences with a per-token record (B, T) attached."""
+        return RolloutBatch(self.input_ids, self.attention_mask, self.response_mask, tokens)
 
     @property
     def response_len(self) -> int:
@@ -61,7 +70,7 @@ class RolloutBatch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def select(self, rows: Sequence[int] | Tensor | slice) -> RolloutBatch:
+    def select(self, rows: Sequence[int] | Tensor | slice) -> RolloutBatch[TokensT]:
         """The given rows, with the padding columns they all share trimmed away (left and right)."""
         if not isinstance(rows, slice):
             rows = torch.as_tensor(rows, dtype=torch.long).to(self.input_ids.device)
@@ -72,13 +81,10 @@ class RolloutBatch:
         keep = max(int(resp.sum(-1).max()), 1) if resp.numel() else 0  # longest response in these rows
         end = prompt_len + keep
         return RolloutBatch(
-            ids[:, start:end],
-            mask[:, start:end],
-            resp[:, :keep],
-            {k: v[rows][:, :keep] for k, v in self.tokens.items()},
+            ids[:, start:end], mask[:, start:end], resp[:, :keep], map_tokens(self.tokens, lambda t: t[rows][:, :keep])
         )
 
-    def chunks_by_length(self, rows: Sequence[int] | Tensor, size: int) -> list[RolloutBatch]:
+    def chunks_by_length(self, rows: Sequence[int] | Tensor, size: int) -> list[RolloutBatch[TokensT]]:
         """`rows` split into chunks of at most `size`, longest sequences first, each chunk trimmed: grouping rows
         of similar length keeps the padding (and so the compute) of every chunk small. It is a partition of the
         rows, so an accumulated gradient does not depend on it (up to float rounding). Each chunk's `rows` holds
@@ -93,7 +99,9 @@ class RolloutBatch:
             chunks.append(chunk)
         return chunks
 
-    def chunks_by_cost(self, rows: Sequence[int] | Tensor, size: int, overhead_tokens: int) -> list[RolloutBatch]:
+    def chunks_by_cost(
+        self, rows: Sequence[int] | Tensor, size: int, overhead_tokens: int
+    ) -> list[RolloutBatch[TokensT]]:
         """`rows` split into chunks of at most `size` rows that minimise the estimated compute: a forward costs
         `overhead_tokens` plus the trimmed chunk's area (rows x (longest prompt + longest response)). Rows are
         ordered by response length, then prompt length (both descending), and cut where it pays (dynamic
@@ -126,7 +134,7 @@ class RolloutBatch:
             chunks.append(chunk)
         return chunks
 
-    def micro_batches(self, rows: Sequence[int] | Tensor, size: int, *, flat: bool) -> list[RolloutBatch]:
+    def micro_batches(self, rows: Sequence[int] | Tensor, size: int, *, flat: bool) -> list[RolloutBatch[TokensT]]:
         """A minibatch's `rows` as the micro-batches of a training step, at most `size` rows each.
 
         Padding-free (`flat`): rows of similar length (`chunks_by_length`), each with its layout attached; its
@@ -141,43 +149,17 @@ class RolloutBatch:
             chunk.flat = Unpadded.of(chunk.attention_mask)  # reads the mask on the host: built before the step
         return chunks
 
-    def to(self, device: torch.device) -> RolloutBatch:
+    def to(self, device: torch.device) -> RolloutBatch[TokensT]:
         return RolloutBatch(
             self.input_ids.to(device),
             self.attention_mask.to(device),
             self.response_mask.to(device),
-            {k: v.to(device) for k, v in self.tokens.items()},
+            map_tokens(self.tokens, lambda t: t.to(device)),
         )
 
 
 @torch.no_grad()
-def generate_batch(
-    backend: GenerationBackend,
-    prompt_ids: Tensor,
-    prompt_mask: Tensor,
-    sampling: SamplingConfig,
-    *,
-    chunk_size: int,
-    eos_token_id: int,
-    pad_token_id: int,
-) -> Rollout:
-    """`generate_rollout` over chunks of `chunk_size` rows, responses padded to the widest chunk.
-
-    A chunk narrower than the widest one finished every row with EOS (a row without EOS runs to max_new_tokens),
-    so the pad columns added here always lie after an EOS and are masked.
-    """
-    chunks = [
-        backend.generate(prompt_ids[s : s + chunk_size], prompt_mask[s : s + chunk_size], sampling)
-        for s in range(0, prompt_ids.shape[0], chunk_size)
-    ]
-    width = max(c.shape[1] for c in chunks)
-    raw = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=pad_token_id) for c in chunks])
-    ids, mask, ended = mask_after_eos(raw, eos_token_id, pad_token_id)
-    return Rollout(prompt_ids, prompt_mask, ids, mask, ended)
-
-
-@torch.no_grad()
-def score_in_chunks(fn: TokenFn, batch: RolloutBatch, chunk_size: int) -> list[Tensor | None]:
+def score_in_chunks(fn: TokenFn, batch: RolloutBatch[Any], chunk_size: int) -> list[Tensor | None]:
     """`fn` over the batch in chunks of at most `chunk_size` rows grouped by length (`chunks_by_length`), outputs
     put back in row order and padded to (B, T) with 0. One (B, T) tensor per output of `fn` (None where `fn`
     returned None)."""
@@ -196,22 +178,3 @@ def score_in_chunks(fn: TokenFn, batch: RolloutBatch, chunk_size: int) -> list[T
             full[idx.to(full.device), : p.shape[1]] = p
         merged.append(full)
     return merged
-
-
-def decode_responses(tokenizer: PreTrainedTokenizerBase, response_ids: Tensor, response_mask: Tensor) -> list[str]:
-    """Each response's text, up to and including its first EOS, special tokens skipped."""
-    lengths = response_mask.sum(-1).long().tolist()
-    rows = response_ids.tolist()
-    return tokenizer.batch_decode([row[:n] for row, n in zip(rows, lengths, strict=True)], skip_special_tokens=True)
-
-
-def score_responses(
-    source: RewardSource, prompts: Sequence[Prompt], completions: Sequence[str], extras: Sequence[dict[str, Any]]
-) -> Tensor:
-    """The sequence score of each completion, (B,) float32 on the CPU, checked for shape and finiteness."""
-    scores = source.score(prompts, completions, extras).float().cpu()
-    if scores.shape != (len(completions),):
-        raise ValueError(f"reward source returned shape {tuple(scores.shape)} for {len(completions)} completions")
-    if not bool(torch.isfinite(scores).all()):
-        raise ValueError(f"reward source returned non-finite scores: {scores.tolist()}")
-    return scores

@@ -152,6 +152,7 @@ def mask_after_eos(response_ids: Tensor, eos_token_id: int, pad_token_id: int) -
     return ids, mask.float(), is_eos.any(-1)
 
 
+@torch.no_grad()
 def generate_rollout(
     backend: GenerationBackend,
     prompt_ids: Tensor,
@@ -160,8 +161,20 @@ def generate_rollout(
     *,
     eos_token_id: int,
     pad_token_id: int,
+    chunk_size: int | None = None,
 ) -> Rollout:
-    """Sample one response per prompt row and mask everything after the first EOS."""
-    raw = backend.generate(prompt_ids, prompt_mask, sampling)
+    """Sample one response per prompt row, in chunks of `chunk_size` rows (one `generate` call each; None: all at
+    once), responses padded to the widest chunk, everything after each response's first EOS masked.
+
+    A chunk narrower than the widest one finished every row with EOS (a row without EOS runs to max_new_tokens),
+    so the pad columns added here always lie after an EOS and are masked.
+    """
+    size = chunk_size or prompt_ids.shape[0]
+    chunks = [
+        backend.generate(prompt_ids[s : s + size], prompt_mask[s : s + size], sampling)
+        for s in range(0, prompt_ids.shape[0], size)
+    ]
+    width = max(c.shape[1] for c in chunks)
+    raw = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=pad_token_id) for c in chunks])
     ids, mask, ended = mask_after_eos(raw, eos_token_id, pad_token_id)
     return Rollout(prompt_ids, prompt_mask, ids, mask, ended)

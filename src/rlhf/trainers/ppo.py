@@ -27,12 +27,11 @@ one bit for bit.
 from __future__ import annotations
 
 import functools
-import math
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -49,7 +48,6 @@ from rlhf.config import (
     check,
     check_choice,
 )
-from rlhf.data import collate_prompts
 from rlhf.errors import UserError
 from rlhf.losses import (
     AGGREGATE_MODES,
@@ -61,10 +59,9 @@ from rlhf.losses import (
     ppo_policy_loss,
 )
 from rlhf.models import padding_free
-from rlhf.models.forward import Unpadded, causal_lm_logprobs
 from rlhf.models.loading import apply_lora, disable_dropout, frozen_copy, load_causal_lm, load_tokenizer
 from rlhf.models.value import PolicyWithValue, ValueConfig, load_critic
-from rlhf.rollout.batch import RolloutBatch, decode_responses, generate_batch, score_in_chunks, score_responses
+from rlhf.rollout.batch import RolloutBatch
 from rlhf.rollout.config import (
     KLConfig,
     RewardConfig,
@@ -74,13 +71,21 @@ from rlhf.rollout.config import (
     load_reward_models,
     move_reward_models,
 )
-from rlhf.rollout.generation import HFGenerationBackend
+from rlhf.rollout.experience import make_experience
 from rlhf.rollout.rewards import RewardSource
 from rlhf.rollout.shaping import shape_scores, token_rewards
 from rlhf.runtime.data_order import DataOrder
-from rlhf.runtime.engine import Engine
 from rlhf.runtime.finish import save_final
-from rlhf.runtime.run_dir import SAMPLES_FILE, JsonlWriter
+from rlhf.runtime.online import (
+    SampleLog,
+    checkpoint_if_due,
+    count_iterations,
+    global_mean,
+    iterations_done,
+    mean_metrics,
+    prompts_of_iteration,
+    run_updates,
+)
 from rlhf.runtime.setup import load_splits, make_engine, seed_everything
 
 
@@ -149,9 +154,19 @@ class Config:
     """Resumable checkpoints (written between iterations)."""
 
     @property
+    def minibatches(self) -> int:
+        """Optimizer steps per pass over a rollout: rollout.batch_size / train.batch_size."""
+        return self.rollout.batch_size // self.train.batch_size
+
+    @property
     def steps_per_iteration(self) -> int:
         """Optimizer steps of a full iteration: ppo_epochs x minibatches per rollout."""
-        return self.ppo_epochs * (self.rollout.batch_size // self.train.batch_size)
+        return self.ppo_epochs * self.minibatches
+
+    @property
+    def episodes_per_iteration(self) -> int:
+        """Responses generated per iteration: one per prompt."""
+        return self.rollout.batch_size
 
     def validate(self) -> None:
         check(self.total_episodes >= 0, "total_episodes", f"must be >= 0, got {self.total_episodes}")
@@ -230,9 +245,18 @@ def build_models(cfg: Config) -> Models:
 # ---------------------------------------------------------------------------------------------- rollout
 
 
+class PPOTokens(NamedTuple):
+    """What PPO's loss reads per response token of its rollout batch: (B, T) each, 0 on padding."""
+
+    old_logprobs: Tensor  # log-probs under the rollout policy (the ratio's denominator)
+    old_values: Tensor  # the critic's values at the rollout (the value clip's centre)
+    advantages: Tensor  # GAE, whitened if asked
+    returns: Tensor  # value targets: advantages + values
+
+
 @dataclass
 class RolloutResult:
-    batch: RolloutBatch  # sequences, with old_logprobs, old_values, advantages, returns (B, T) as tokens
+    batch: RolloutBatch[PPOTokens]  # the rollout's sequences and what the updates read
     scores: Tensor  # (B,) raw sequence scores, CPU
     completions: list[str]  # decoded responses
     stats: dict[str, Tensor]  # scalar tensors, means over this process's rows
@@ -267,45 +291,21 @@ def make_rollout(
     cfg: Config, models: Models, actor_critic: PolicyWithValue, examples: list[dict[str, Any]], kl_coef: float
 ) -> RolloutResult:
     """Generate, score, shape and estimate advantages for one batch of prompt examples (this process's share)."""
-    device = next(actor_critic.parameters()).device
-    tok, fbs, temperature = models.tokenizer, cfg.rollout.forward_batch_size, cfg.rollout.temperature
-    prompts = collate_prompts(examples, tok.pad_token_id)
-    ids = {"eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
-    backend = HFGenerationBackend(actor_critic.policy, **ids)
-    t0 = time.perf_counter()
-    prompt_ids, prompt_mask = prompts["input_ids"].to(device), prompts["attention_mask"].to(device)
-    rollout = generate_batch(backend, prompt_ids, prompt_mask, cfg.rollout.sampling, chunk_size=fbs, **ids)
-    generation_s = time.perf_counter() - t0
-    batch, mask = RolloutBatch.from_rollout(rollout), rollout.response_mask
-
-    def passes(ids: Tensor, att: Tensor, T: int) -> tuple[Tensor | None, ...]:
-        """Per chunk: one actor-critic pass (old log-probs, entropy, values) and one reference pass."""
-        flat = Unpadded.of(att)  # one padding-free layout for both
-        out = actor_critic(ids, att, response_len=T, temperature=temperature, with_entropy=True, flat=flat)
-        ref = causal_lm_logprobs(models.ref, ids, att, response_len=T, temperature=temperature, flat=flat)
-        return (*out, ref.logprobs)
-
-    logprobs, entropy, values, ref_logprobs = score_in_chunks(passes, batch, fbs)
-    assert logprobs is not None and entropy is not None and values is not None and ref_logprobs is not None
-    completions = decode_responses(tok, rollout.response_ids, mask)
-    prompt_text, extras = [ex["prompt"] for ex in examples], [ex.get("extra", {}) for ex in examples]
-    scores = score_responses(models.reward, prompt_text, completions, extras)  # (B,) on the CPU
-    tokens = {"logprobs": logprobs, "ref_logprobs": ref_logprobs, "values": values}
-    est = estimate_advantages(cfg, scores.to(device), rollout.ended_with_eos, mask, tokens, kl_coef)
-    batch.tokens = dict(old_logprobs=logprobs, old_values=values, advantages=est.advantages, returns=est.returns)
+    exp = make_experience(actor_critic, models.ref, models.reward, models.tokenizer, examples, cfg.rollout)
+    assert exp.ref_logprobs is not None and exp.values is not None  # PPO always has a reference and a critic
+    mask, device = exp.mask, exp.logprobs.device
+    tokens = {"logprobs": exp.logprobs, "ref_logprobs": exp.ref_logprobs, "values": exp.values}
+    est = estimate_advantages(cfg, exp.scores.to(device), exp.ended_with_eos, mask, tokens, kl_coef)
+    batch = exp.sequences.with_tokens(PPOTokens(exp.logprobs, exp.values, est.advantages, est.returns))
     stats = {
-        "reward/score": scores.mean(),
-        "reward/score_std": scores.std() if len(scores) > 1 else scores.new_zeros(()),
+        **exp.stats(),
         "reward/shaped": est.shaped.mean(),
         "objective/kl": est.kl.sum(-1).mean(),
         "objective/rlhf_reward": est.rewards.sum(-1).mean(),
-        "objective/entropy": masked_mean(entropy, mask),
-        "response/length": mask.sum(-1).mean(),
-        "response/eos_fraction": rollout.ended_with_eos.float().mean(),
-        "value/mean": masked_mean(values, mask),
-        "value/explained_variance": explained_variance(values, est.returns, mask),
+        "value/mean": masked_mean(exp.values, mask),
+        "value/explained_variance": explained_variance(exp.values, est.returns, mask),
     }
-    return RolloutResult(batch, scores, completions, stats, int(mask.sum()), generation_s)
+    return RolloutResult(batch, exp.scores, exp.completions, stats, int(mask.sum()), exp.generation_s)
 
 
 def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
@@ -319,7 +319,7 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------- updates
 
 
-def ppo_loss(model: nn.Module, mb: RolloutBatch, cfg: Config) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+def ppo_loss(model: nn.Module, mb: RolloutBatch[PPOTokens], cfg: Config) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """The engine's loss_fn: (sum of the per-unit loss, units, metric sums) of one micro-batch.
 
     Units are tokens (token_mean) or sequences (the seq_* modes), via `aggregate_parts`, so accumulating
@@ -337,13 +337,13 @@ def ppo_loss(model: nn.Module, mb: RolloutBatch, cfg: Config) -> tuple[Tensor, T
     t, mask = mb.tokens, mb.response_mask
     pg_loss, pg_metrics = ppo_policy_loss(
         out.logprobs,
-        t["old_logprobs"],
-        t["advantages"],
+        t.old_logprobs,
+        t.advantages,
         clip_low=cfg.clip_low,
         clip_high=cfg.clip_high,
         dual_clip=cfg.dual_clip,
     )
-    v_loss, v_metrics = clipped_value_loss(out.values, t["old_values"], t["returns"], clip_range=cfg.value_clip)
+    v_loss, v_metrics = clipped_value_loss(out.values, t.old_values, t.returns, clip_range=cfg.value_clip)
 
     def part(x: Tensor) -> Tensor:
         return aggregate_parts(x, mask, mode=cfg.loss_aggregation)[0]
@@ -367,129 +367,66 @@ def ppo_loss(model: nn.Module, mb: RolloutBatch, cfg: Config) -> tuple[Tensor, T
     return loss, units, metrics
 
 
-def run_updates(engine: Engine, batch: RolloutBatch, cfg: Config, iteration: int) -> tuple[list[dict[str, float]], int]:
-    """`ppo_epochs` shuffled passes of minibatch steps over this process's rollout rows, in micro-batches of at
-    most `train.micro_batch_size` rows (`RolloutBatch.micro_batches`; padding-free when the actor-critic can).
-
-    Returns the metrics of the steps that logged and the number of tokens (prompt + response) trained on. The
-    shuffles come from a generator seeded by (seed, iteration, epoch), not from the global RNG.
-    """
-    n, mb_size, micro = len(batch), cfg.train.batch_size // engine.world_size, cfg.train.micro_batch_size
-    engine.micro_batches_per_step()  # checks batch_size against micro_batch_size x processes
-    flat = engine.unwrapped_model.padding_free
-    loss_fn = functools.partial(ppo_loss, cfg=cfg)
-    logged, tokens = [], 0
-    for epoch in range(cfg.ppo_epochs):
-        g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + iteration * 1_009 + epoch) % 2**63)
-        perm = torch.randperm(n, generator=g)
-        for start in range(0, n, mb_size):
-            step_batches = batch.micro_batches(perm[start : start + mb_size], micro, flat=flat)
-            tokens += sum(int(m.attention_mask.sum()) for m in step_batches)
-            metrics = engine.train_step(step_batches, loss_fn)
-            if metrics is None:
-                continue
-            logged.append(metrics)
-            if cfg.target_approx_kl is not None and metrics["policy/approx_kl"] > cfg.target_approx_kl:
-                return logged, tokens
-    return logged, tokens
-
-
-LATEST = ("train/nonfinite_skips", "perf/elapsed_s")
-
-
-def mean_metrics(logged: list[dict[str, float]]) -> dict[str, float]:
-    """Mean of each step metric over the iteration's logged steps (counters: their latest value)."""
-    out: dict[str, float] = {}
-    for key in dict.fromkeys(k for m in logged for k in m):
-        values = [m[key] for m in logged if key in m]
-        out[key] = values[-1] if key in LATEST else sum(values) / len(values)
-    return out
-
-
 # ---------------------------------------------------------------------------------------------- the loop
-
-
-def iterations_done(order: DataOrder) -> int:
-    """Each iteration draws one batch of prompts, so the (checkpointed) data order counts the iterations."""
-    return order.epoch * order.steps_per_epoch + order.position
-
-
-def count_iterations(cfg: Config, num_prompts: int) -> int:
-    """Iterations of the run, by the first setting given: total_episodes / rollout.batch_size, train.max_steps /
-    optimizer steps per iteration (both rounded up), or train.epochs x whole batches of prompts."""
-    if num_prompts < cfg.rollout.batch_size:
-        raise UserError(f"only {num_prompts} prompts for rollout.batch_size {cfg.rollout.batch_size}: lower it")
-    if cfg.total_episodes:
-        return math.ceil(cfg.total_episodes / cfg.rollout.batch_size)
-    if cfg.train.max_steps:
-        return math.ceil(cfg.train.max_steps / cfg.steps_per_iteration)
-    return cfg.train.epochs * (num_prompts // cfg.rollout.batch_size)
 
 
 def train(cfg: Config) -> Path:
     """Run PPO; return the run directory (final/ holds the policy, final_value/ a separate critic)."""
     seed_everything(cfg.seed)
     models = build_models(cfg)
-    prompts = load_splits(cfg.data, "prompt", models.tokenizer, seed=cfg.seed).train
+    splits = load_splits(cfg.data, "prompt", models.tokenizer, seed=cfg.seed)
+    prompts = splits.train
     iterations = count_iterations(cfg, len(prompts))
-    engine = make_engine(models.actor_critic, cfg, iterations * cfg.steps_per_iteration)
-    models.ref.to(engine.device)
-    move_reward_models(models.reward_models, engine.device)
-    if cfg.rollout.batch_size % engine.world_size:
-        raise UserError(
-            f"rollout.batch_size {cfg.rollout.batch_size} does not split over {engine.world_size} processes"
-        )
-    order = DataOrder(len(prompts), cfg.rollout.batch_size, seed=cfg.seed)
-    kl_ctl = kl_controller(cfg.kl)
-    engine.register_state("data_order", order)
-    engine.register_state("kl_controller", kl_ctl)
-    if engine.resume() and engine.is_main:
-        print(f"rlhf: resumed at step {engine.step} (iteration {iterations_done(order)})", file=sys.stderr, flush=True)
-    samples = JsonlWriter(engine.run_dir / SAMPLES_FILE) if engine.is_main else None
-    while (iteration := iterations_done(order)) < iterations:
-        if engine.should_stop():
-            engine.interrupt()
-        step_before, kl_coef = engine.step, kl_ctl.value
-        examples = [prompts[i] for i in order.next_batch()[engine.rank :: engine.world_size]]
-        result = make_rollout(cfg, models, engine.unwrapped_model, examples, kl_coef)
-        stats = dict(zip(result.stats, global_mean(engine, list(result.stats.values())), strict=True))
-        kl_ctl.update(stats["objective/kl"], cfg.rollout.batch_size)
-        t0 = time.perf_counter()
-        logged, train_tokens = run_updates(engine, result.batch.to(engine.device), cfg, iteration)
-        train_s = time.perf_counter() - t0
-        iteration += 1
-        engine.log(
-            mean_metrics(logged)
-            | stats
-            | {
-                "objective/kl_coef": kl_coef,
-                "ppo/iteration": float(iteration),
-                "ppo/episodes": float(iteration * cfg.rollout.batch_size),
-                "ppo/updates": float(engine.step - step_before),
-                "perf/generation_tokens_per_s": result.generated_tokens / max(result.generation_s, 1e-9),
-                "perf/train_tokens_per_s": train_tokens / max(train_s, 1e-9),
-            }
-        )
-        if samples is not None and cfg.samples_every and iteration % cfg.samples_every == 0:
-            rows = zip(examples[: cfg.num_samples], result.completions, result.scores.tolist(), strict=False)
-            for ex, text, score in rows:
-                samples.write({"step": engine.step, "iteration": iteration, "prompt": ex["prompt"],
-                               "response": text, "score": score})  # fmt: skip
-        every = cfg.checkpoint.every
-        if every > 0 and engine.step // every > step_before // every:
-            engine.save_checkpoint()
-    save_final(engine, models.actor_critic.policy, models.tokenizer, base_path=cfg.model.path)
-    if models.actor_critic.critic is not None:
-        engine.save_final(models.actor_critic.critic, models.critic_tokenizer, subdir="final_value")
-    engine.close()
-    if samples is not None:
+    engine = make_engine(models.actor_critic, cfg, iterations * cfg.steps_per_iteration, data_report=splits.report)
+    with engine:
+        models.ref.to(engine.device)
+        move_reward_models(models.reward_models, engine.device)
+        order = DataOrder(len(prompts), cfg.rollout.batch_size, seed=cfg.seed)
+        kl_ctl = kl_controller(cfg.kl)
+        engine.register_state("data_order", order)
+        engine.register_state("kl_controller", kl_ctl)
+        if engine.resume() and engine.is_main:
+            print(f"rlhf: resumed at step {engine.step} (iteration {iterations_done(order)})", file=sys.stderr)
+        samples = SampleLog(engine, cfg.samples_every, cfg.num_samples)
+        loss_fn = functools.partial(ppo_loss, cfg=cfg)
+        while (iteration := iterations_done(order)) < iterations:
+            if engine.should_stop():
+                engine.interrupt()
+            step_before, kl_coef = engine.step, kl_ctl.value
+            examples = prompts_of_iteration(engine, order, prompts)
+            result = make_rollout(cfg, models, engine.unwrapped_model, examples, kl_coef)
+            stats = global_mean(engine, result.stats)
+            kl_ctl.update(stats["objective/kl"], cfg.rollout.batch_size)
+            t0 = time.perf_counter()
+            logged, train_tokens = run_updates(
+                engine,
+                result.batch.to(engine.device),
+                loss_fn,
+                epochs=cfg.ppo_epochs,
+                minibatches=cfg.minibatches,
+                seed=cfg.seed,
+                iteration=iteration,
+                stop_kl=cfg.target_approx_kl,
+            )
+            train_s = time.perf_counter() - t0
+            iteration += 1
+            engine.log(
+                mean_metrics(logged)
+                | stats
+                | {
+                    "objective/kl_coef": kl_coef,
+                    "ppo/iteration": float(iteration),
+                    "ppo/episodes": float(iteration * cfg.rollout.batch_size),
+                    "ppo/updates": float(engine.step - step_before),
+                    "perf/generation_tokens_per_s": result.generated_tokens / max(result.generation_s, 1e-9),
+                    "perf/train_tokens_per_s": train_tokens / max(train_s, 1e-9),
+                }
+            )
+            prompt_text = [ex["prompt"] for ex in examples]
+            samples.maybe_write(engine.step, iteration, prompt_text, result.completions, result.scores.tolist())
+            checkpoint_if_due(engine, step_before)
+        save_final(engine, models.actor_critic.policy, models.tokenizer, base_path=cfg.model.path)
+        if models.actor_critic.critic is not None:
+            engine.save_final(models.actor_critic.critic, models.critic_tokenizer, subdir="final_value")
         samples.close()
     return engine.run_dir
-
-
-def global_mean(engine: Engine, values: list[Tensor]) -> list[float]:
-    """Python floats of scalar tensors averaged over processes (one host sync)."""
-    vec = torch.stack([v.detach().float() for v in values])
-    if engine.world_size > 1:
-        vec = engine.accelerator.reduce(vec, reduction="mean")
-    return vec.tolist()
