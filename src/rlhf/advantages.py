@@ -1,7 +1,8 @@
-"""Advantage estimators: GAE (PPO), group-normalised (GRPO, Dr. GRPO), leave-one-out (RLOO).
+"""Advantage estimators: GAE (PPO), group-normalised (GRPO, Dr. GRPO), leave-one-out (RLOO), batch-normalised
+returns (REINFORCE++).
 
-Pure tensor math (imports only torch). Half-precision inputs are computed and returned in float32.
-Group estimators take the scores of N = groups * group_size completions laid out group by group:
+Pure tensor math (imports only torch and the math core). Half-precision inputs are computed and returned in
+float32. Group estimators take the scores of N = groups * group_size completions laid out group by group:
 `scores.view(-1, group_size)` row g holds the completions of prompt g.
 """
 
@@ -9,9 +10,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _upcast(x: torch.Tensor) -> torch.Tensor:
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+from rlhf.losses.reduce import masked_whiten, upcast
 
 
 def gae(
@@ -38,7 +37,7 @@ def gae(
     (advantages, returns), each (B, T), 0 where mask == 0. A reverse loop over T, vectorised over B.
     Whitening of the advantages is a separate step (`rlhf.losses.reduce.masked_whiten`).
     """
-    rewards, values = _upcast(rewards), _upcast(values)
+    rewards, values = upcast(rewards), upcast(values)
     keep = (mask != 0).expand_as(rewards)
     zero = torch.zeros((), dtype=rewards.dtype, device=rewards.device)
     next_value = torch.zeros_like(rewards[:, 0])  # (B,) V of the next valid token, 0 past the end
@@ -64,7 +63,7 @@ def _groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
         raise ValueError(f"scores must be 1-D (N,), got shape {tuple(scores.shape)}")
     if group_size < 1 or scores.numel() % group_size != 0:
         raise ValueError(f"group_size {group_size} must be >= 1 and divide the number of scores {scores.numel()}")
-    return _upcast(scores).reshape(-1, group_size)  # (groups, group_size)
+    return upcast(scores).reshape(-1, group_size)  # (groups, group_size)
 
 
 def group_advantages(scores: torch.Tensor, group_size: int, *, scale: bool = True, eps: float = 1e-6) -> torch.Tensor:
@@ -102,3 +101,22 @@ def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     grouped = _groups(scores, group_size)
     others_mean = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
     return (grouped - others_mean).reshape(-1)
+
+
+def batch_normalized_advantages(
+    rewards: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0, eps: float = 1e-8
+) -> torch.Tensor:
+    """REINFORCE++: each token's return-to-go, normalised over every valid token of the batch.
+
+        G_t = sum_{s >= t} gamma^(s - t) r_s          (over the row's valid tokens)
+        A_t = (G_t - mean(G)) / sqrt(var(G) + eps)     mean and unbiased var over all valid tokens of the batch
+
+    With per-token rewards r_t = -beta kl_t + [t = last] score (`rollout.shaping.token_rewards`) and gamma = 1,
+    G_t = score - beta sum_{s >= t} kl_s. Hu 2025, "REINFORCE++: A Simple and Efficient Approach for Aligning
+    Large Language Models", Sec. 3 (token-level KL penalty, global advantage normalisation): no critic and no
+    group, so it works with one completion per prompt; the normalisation over the whole batch replaces the
+    per-prompt baseline. Shapes: rewards, mask (B, T), right padded. Returns (B, T), 0 where mask == 0.
+    """
+    zeros = torch.zeros_like(upcast(rewards))
+    returns, _ = gae(rewards, zeros, mask, gamma=gamma, lam=1.0)  # V = 0, lam = 1: the discounted return-to-go
+    return masked_whiten(returns, mask, eps=eps)

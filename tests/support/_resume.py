@@ -47,8 +47,8 @@ def wait_for_step(p: subprocess.Popen, run_dir: Path, step: int, timeout: float 
         time.sleep(0.01)
 
 
-def launch(cmd: Sequence[str]) -> subprocess.Popen:
-    return subprocess.Popen(list(cmd), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def launch(cmd: Sequence[str], cwd: Path | None = None) -> subprocess.Popen:
+    return subprocess.Popen(list(cmd), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
 
 
 def train_cli(algo: str, config: Path) -> subprocess.Popen:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 
 from rlhf.losses.logprobs import entropy_from_logits
-from rlhf.losses.reduce import upcast
+from rlhf.losses.reduce import masked_mean, upcast
 
-__all__ = ["LOGRATIO_CLAMP", "entropy_from_logits", "ppo_policy_loss"]
+__all__ = ["LOGRATIO_CLAMP", "entropy_from_logits", "ppo_policy_loss", "sequence_log_ratio"]
 
 LOGRATIO_CLAMP = 20.0
 """The log-ratio is clamped to [-20, 20] before exp: exp(500) overflows every float dtype (and exp(89)
@@ -81,3 +81,20 @@ def ppo_policy_loss(
         "approx_kl": approx_kl.detach(),
     }
     return loss, metrics
+
+
+def sequence_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GSPO's sequence-level importance ratio, as a per-token log-ratio for `ppo_policy_loss`.
+
+        log s_i     = (1 / |y_i|) sum_t (logprobs_i,t - old_logprobs_i,t)       s_i = (pi(y_i) / pi_old(y_i))^(1/|y_i|)
+        log s_i,t   = sg[log s_i] + logprobs_i,t - sg[logprobs_i,t]              (GSPO-token)
+
+    Every token of sequence i gets the value log s_i (so clipping acts on the whole sequence) and the gradient of
+    its own log-prob scaled by s_i; with one advantage per sequence this is GSPO's gradient exactly. Zheng et al.
+    2025, "Group Sequence Policy Optimization", Sec. 4 (the sequence ratio, length-normalised) and Sec. 4.3
+    (GSPO-token). Pass the result as `logprobs` with `old_logprobs = 0`.
+    Shapes: (B, T) in, (B, T) out; rows with no valid token get 0. Half precision is computed in float32.
+    """
+    logprobs = upcast(logprobs)
+    seq = masked_mean(logprobs - upcast(old_logprobs), mask, dim=-1).detach()  # (B,) log s_i
+    return seq[:, None] + logprobs - logprobs.detach()

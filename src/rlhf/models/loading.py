@@ -133,6 +133,36 @@ def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
     return ref
 
 
+class AdaptersOff(nn.Module):
+    """A LoRA (peft) model run with its adapters switched off: the frozen base model, without a second copy of
+    its weights (the reference policy of a LoRA run). Only for no-grad passes."""
+
+    def __init__(self, peft_model: nn.Module) -> None:
+        super().__init__()
+        self.peft_model = peft_model
+
+    def get_base_model(self) -> nn.Module:
+        return self.peft_model.get_base_model()  # type: ignore[operator,no-any-return]
+
+    def forward(self, *args: object, **kwargs: object) -> object:
+        with self.peft_model.disable_adapter():  # type: ignore[operator]
+            return self.peft_model(*args, **kwargs)
+
+
+def reference_policy(policy: nn.Module, ref: ModelConfig | None) -> nn.Module:
+    """The frozen reference of an online run, dropout off: `ref` when given; else the initial policy, as a frozen
+    copy or, when `policy` carries LoRA adapters, as that model with its adapters off (no copy). Build it before
+    the first update."""
+    if ref is not None:
+        model: nn.Module = load_causal_lm(ref, trainable=False)
+    elif hasattr(policy, "disable_adapter"):
+        model = AdaptersOff(policy)
+    else:
+        model = frozen_copy(policy)  # type: ignore[arg-type]
+    disable_dropout(model)
+    return model
+
+
 def disable_dropout(model: nn.Module) -> None:
     """Set every dropout probability to 0: RL ratios and KL terms assume the same network scores and samples."""
     for module in model.modules():

@@ -175,6 +175,8 @@ def attention(
 
 
 def _base(model: nn.Module) -> nn.Module:
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
     return model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
 
 

@@ -62,12 +62,12 @@ def run_updates(
     minibatches: int,
     seed: int,
     iteration: int,
+    flat: bool,
     stop_kl: float | None = None,
 ) -> tuple[list[dict[str, float]], int]:
-    """`epochs` shuffled passes over this process's rollout rows, each in `minibatches` optimizer steps whose
-    micro-batches hold at most `train.micro_batch_size` rows (`RolloutBatch.micro_batches`; padding-free when the
-    model can). The rows are split as evenly as they go (a rollout of fewer rows than `minibatches`, as after
-    dropping groups, takes one step per row).
+    """`epochs` shuffled passes over this process's rollout rows, each in `minibatches` optimizer steps of equal
+    shares (one apart at most), in micro-batches of at most `train.micro_batch_size` rows
+    (`RolloutBatch.micro_batches`; padding-free with `flat`, when the model runs that way).
 
     The shuffles come from a generator seeded by (seed, iteration, epoch), not from the global RNG. `stop_kl`:
     end the remaining updates once a logged step's `policy/approx_kl` exceeds it. Returns the metrics of the
@@ -75,14 +75,13 @@ def run_updates(
     """
     n, micro = len(batch), engine.train_cfg.micro_batch_size
     engine.micro_batches_per_step()  # checks batch_size against micro_batch_size x processes
-    flat = bool(getattr(engine.unwrapped_model, "padding_free", False))
-    size = math.ceil(n / max(1, min(minibatches, n)))
+    if n < minibatches:
+        raise UserError(f"{n} rollout rows per process cannot fill {minibatches} minibatches: raise rollout.batch_size")
     logged, tokens = [], 0
     for epoch in range(epochs):
         g = torch.Generator().manual_seed((seed * 1_000_003 + iteration * 1_009 + epoch) % 2**63)
-        perm = torch.randperm(n, generator=g)
-        for start in range(0, n, size):
-            step_batches = batch.micro_batches(perm[start : start + size], micro, flat=flat)
+        for rows in torch.randperm(n, generator=g).tensor_split(minibatches):
+            step_batches = batch.micro_batches(rows, micro, flat=flat)
             tokens += sum(int(m.attention_mask.sum()) for m in step_batches)
             metrics = engine.train_step(step_batches, loss_fn)
             if metrics is None:

@@ -406,6 +406,7 @@ def train(cfg: Config) -> Path:
                 minibatches=cfg.minibatches,
                 seed=cfg.seed,
                 iteration=iteration,
+                flat=models.actor_critic.padding_free,
                 stop_kl=cfg.target_approx_kl,
             )
             train_s = time.perf_counter() - t0
