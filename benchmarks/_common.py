@@ -41,6 +41,25 @@ def emit(record: dict[str, Any]) -> None:
     print(json.dumps(tidy(record)), flush=True)
 
 
+def machine() -> dict[str, Any]:
+    """The CPU a figure was measured on: model name, cores, and the flags that decide matmul speed (AVX-512,
+    its BF16 extension, AMX tiles), read from /proc/cpuinfo (empty where there is none)."""
+    info: dict[str, Any] = {"cpu": "", "cores": os.cpu_count(), "flags": []}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and not info["cpu"]:
+            info["cpu"] = value.strip()
+        elif key.strip() == "flags" and not info["flags"]:
+            wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8")
+            info["flags"] = [f for f in value.split() if f in wanted]
+    info["torch_threads"] = torch.get_num_threads()
+    return info
+
+
 def peak_rss_mib() -> float:
     """Peak resident set size of this process so far, in MiB (`ru_maxrss` is KiB on Linux, bytes on macOS)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -5,10 +5,19 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlhf.rollout.generation import HFGenerationBackend, SamplingConfig, generate_rollout, mask_after_eos, sampler
+from rlhf.rollout.generation import (
+    HFGenerationBackend,
+    SamplingConfig,
+    decode,
+    decodes_itself,
+    generate_rollout,
+    mask_after_eos,
+    sampler,
+)
 
 
 def test_mask_after_eos_hand_case():
@@ -90,3 +99,38 @@ def test_the_sampler_applies_temperature_and_top_k_as_do_sample_does():
     p0 = 1 / (1 + torch.tensor(-1.0).exp().double())  # e^2 / (e^2 + e^1)
     _assert_frequencies(freq, torch.stack([p0, torch.tensor(0.0).double(), 1 - p0, torch.tensor(0.0).double()]))
     assert freq[1] == freq[3] == 0
+
+
+def _greedy_hf(model, prompt_ids, prompt_mask, eos, n):
+    out = model.generate(
+        prompt_ids, attention_mask=prompt_mask, do_sample=False, max_new_tokens=n, eos_token_id=eos, pad_token_id=0
+    )
+    return mask_after_eos(out[:, prompt_ids.shape[1] :], eos, 0)[0]
+
+
+@pytest.mark.parametrize("style", ["llama", "gpt2"])
+def test_decode_greedy_equals_generate_while_rows_leave_the_batch(tiny_dirs, style):
+    """Greedy `decode` (no processors) gives `model.generate`'s greedy tokens on left-padded prompts of three
+    lengths, with an EOS chosen so the rows stop at different steps: the rows that stopped leave the batch and
+    the KV cache, and the others go on exactly as before."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs[style]).eval()
+    prompt_ids = torch.tensor(
+        [[0, 0, 0, 5, 70, 71], [0, 5, 72, 73, 74, 75], [5, 80, 81, 82, 83, 84], [0, 0, 5, 9, 9, 9]]
+    )
+    prompt_mask = (prompt_ids != 0).long()
+    free = _greedy_hf(model, prompt_ids, prompt_mask, eos=-1, n=10)  # no EOS: the unrestricted greedy paths
+    eos = int(free[0, 2])  # row 0 stops at its third token; the others where (if) this token comes up
+    want = _greedy_hf(model, prompt_ids, prompt_mask, eos=eos, n=10)
+    got = decode(model, prompt_ids, prompt_mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=0)
+    _, lengths, _ = mask_after_eos(got, eos, 0)
+    assert lengths.sum(-1).min() < lengths.sum(-1).max(), "the rows should stop at different steps"
+    assert torch.equal(got, want[:, : got.shape[1]]) and (want[:, got.shape[1] :] == 0).all()
+
+
+def test_decode_drives_transformers_models_with_a_cache_and_peft_wrappers(tiny_dirs):
+    from peft import LoraConfig, get_peft_model
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"])
+    assert decodes_itself(model) and decodes_itself(AutoModelForCausalLM.from_pretrained(tiny_dirs["gpt2"]))
+    assert decodes_itself(get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])))
+    assert not decodes_itself(torch.nn.Linear(2, 2))

@@ -237,3 +237,34 @@ def test_a_bad_reward_function_stops_the_run_with_one_line(kind, tiny_dirs, tmp_
     want = {"raises": "raised KeyError: 'letters' (at ", "nan": "score 0 is nan", "short": "returned 1 scores for 8"}
     assert len(err) == 1 and err[0].startswith(f"rlhf: error: reward {tmp_path / 'bad.py'}:f") and want[kind] in err[0]
     assert not (tmp_path / "run" / "final").exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_one_step_per_rollout_skips_the_policy_pass_and_takes_the_steps_own_logprobs(tiny_dirs):
+    """ppo_epochs 1 and train.batch_size = the rollout: the old log-probs are the step's own, detached, so the
+    ratio is 1 and the loss and gradients are those of old = the sampling policy's log-probs. A KL in the reward
+    or an adaptive coefficient needs the policy's log-probs before the step: then the pass runs."""
+    cfg = config(train=TrainConfig(batch_size=6, micro_batch_size=6))  # 2 prompts x 3 = 6 completions
+    assert cfg.single_update
+    assert not config(train=TrainConfig(batch_size=3, micro_batch_size=3)).single_update  # two steps per rollout
+    assert not config(kl_in="reward").single_update
+    adaptive = config()
+    adaptive.kl = KLConfig(coef=0.04, target=1.0)
+    assert not adaptive.single_update
+    torch.manual_seed(0)
+    model = load_causal_lm(ModelConfig(path=tiny_dirs["llama"]), trainable=True)
+    ids = torch.randint(10, 200, (2, 6))
+    att = torch.tensor([[0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])
+    mask = att[:, -3:].float()
+    with torch.no_grad():
+        old = plain_logprobs(model, ids, att, 3, cfg.rollout.temperature)
+    adv = torch.tensor([1.0, -1.0])[:, None] * mask
+    results = []
+    for given in (old, None):
+        batch = RolloutBatch(ids, att, mask, grpo.GroupTokens(given, adv, mask, None))
+        loss, units, metrics = grpo.grpo_loss(model, batch, cfg)
+        results.append((loss / units, torch.autograd.grad(loss / units, list(model.parameters())), metrics))
+    (a, ga, _), (b, gb, m) = results
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert m["policy/clipfrac"].item() == 0 and m["policy/ratio"].item() / units.item() == pytest.approx(1.0)
+    for x, y in zip(ga, gb, strict=True):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-4)

@@ -10,6 +10,7 @@
   group rows of similar length (`chunks_by_length`). A training step's `micro_batches` run padding-free
   (with their `Unpadded` layout) where the models can; otherwise they are also cut where a few long
   responses would pad many short ones (`chunks_by_cost`), so little compute goes to padding.
+
 Shared by the online trainers (PPO, GRPO, RLOO); `rollout.experience` makes the batch.
 """
 

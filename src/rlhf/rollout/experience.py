@@ -42,8 +42,9 @@ class Experience:
     """
 
     sequences: RolloutBatch[tuple[()]]  # input_ids, attention_mask (N, P+T); response_mask (N, T)
-    logprobs: Tensor  # (N, T) log-probs of the sampled tokens under the sampling policy (at its temperature)
-    entropy: Tensor  # (N, T) entropy of the sampling policy at each response position
+    logprobs: Tensor | None  # (N, T) log-probs of the sampled tokens under the sampling policy (at its
+    # temperature); None when the actor pass was skipped (`actor_pass=False`)
+    entropy: Tensor | None  # (N, T) entropy of the sampling policy at each response position; likewise
     ref_logprobs: Tensor | None  # (N, T) under the reference; None when there is no reference model
     values: Tensor | None  # (N, T) the critic's values; None when the actor has no critic
     scores: Tensor  # (N,) float32 sequence scores of the reward source, on the CPU
@@ -69,13 +70,15 @@ class Experience:
     def stats(self) -> dict[str, Tensor]:
         """Scalar means over these rows, as every online trainer logs them (see docs/metrics.md)."""
         scores, mask = self.scores, self.mask
-        return {
+        stats = {
             "reward/score": scores.mean(),
             "reward/score_std": scores.std() if len(scores) > 1 else scores.new_zeros(()),
-            "objective/entropy": masked_mean(self.entropy, mask),
             "response/length": mask.sum(-1).mean(),
             "response/eos_fraction": self.ended_with_eos.float().mean(),
         }
+        if self.entropy is not None:
+            stats["objective/entropy"] = masked_mean(self.entropy, mask)
+        return stats
 
 
 def make_experience(
@@ -87,12 +90,15 @@ def make_experience(
     cfg: RolloutConfig,
     *,
     group_size: int = 1,
+    actor_pass: bool = True,
 ) -> Experience:
     """Sample `group_size` completions of each prompt example and score them (see the module docstring).
 
     `actor`: the policy (a causal LM), or a `PolicyWithValue` whose values come with the log-probs in one pass.
     `reference`: the frozen reference policy, or None (no KL to it: nothing is computed for it).
     `examples`: tokenized prompt examples (`prompt_ids`, `prompt`, `extra`), this process's share.
+    `actor_pass=False` skips the actor's no-grad pass: for a caller whose one update step starts from these very
+    weights, so that the update's own forward gives the same log-probs.
     """
     policy = actor.policy if isinstance(actor, PolicyWithValue) else actor
     device = next(policy.parameters()).device
@@ -115,17 +121,16 @@ def make_experience(
         """Per chunk: one actor pass (log-probs, entropy, values) and one reference pass, on one layout."""
         flat = Unpadded.of(att)
         kw = {"response_len": T, "temperature": cfg.temperature, "flat": flat}
+        logprobs = entropy = values = None
         if isinstance(actor, PolicyWithValue):
             out = actor(ids, att, with_entropy=True, **kw)
             logprobs, entropy, values = out.logprobs, out.entropy, out.values
-        else:
+        elif actor_pass:
             logprobs, entropy, _ = causal_lm_logprobs(actor, ids, att, with_entropy=True, **kw)
-            values = None
         ref = causal_lm_logprobs(reference, ids, att, **kw).logprobs if reference is not None else None
         return logprobs, entropy, values, ref
 
     logprobs, entropy, values, ref_logprobs = score_in_chunks(passes, sequences, cfg.forward_batch_size)
-    assert logprobs is not None and entropy is not None  # always computed by `passes`
     completions = decode_responses(tokenizer, rollout.response_ids, rollout.response_mask)
     scores = score_responses(reward, [ex["prompt"] for ex in rows], completions, [ex.get("extra", {}) for ex in rows])
     return Experience(

@@ -26,6 +26,12 @@ rollout, so every epoch's ratio is against the sampling policy.
 DAPO's dynamic sampling (`drop_zero_std_groups`) and overlong filtering (`overlong: filter`) take rows out of the
 loss (their tokens count as no units), never out of the batch, so every process runs the same steps.
 
+When an iteration is one optimizer step from the sampling weights (`ppo_epochs` 1, `train.batch_size` = all
+its completions) and nothing before the step needs the policy's log-probs (the KL in the loss or none, a fixed
+coefficient), the no-grad policy pass is skipped: the step's own forward gives those log-probs, detached, as the
+ratio's denominator (ratio 1, as TRL does for mu = 1). `objective/kl` and `objective/entropy` then come from
+that forward as `policy/kl` and `policy/entropy`.
+
 Bookkeeping as PPO's: an iteration is `ppo_epochs * rollout.batch_size * group_size / train.batch_size`
 optimizer steps; one metrics line per iteration; checkpoints and SIGTERM stops between iterations; the prompt
 order, the KL coefficient and every RNG stream (generation samples from torch's global RNG) are checkpointed.
@@ -179,6 +185,13 @@ class Config:
     def uses_reference(self) -> bool:
         return self.kl.coef > 0
 
+    @property
+    def single_update(self) -> bool:
+        """One optimizer step per rollout, from the sampling weights, with nothing before it that needs the
+        policy's log-probs: the no-grad policy pass is skipped (see the module docstring)."""
+        needs_logprobs = self.uses_reference and (self.kl_in == "reward" or self.kl.target is not None)
+        return self.steps_per_iteration == 1 and not needs_logprobs
+
     def validate(self) -> None:
         check(self.total_episodes >= 0, "total_episodes", f"must be >= 0, got {self.total_episodes}")
         check_choice(self.advantage, ESTIMATORS, "advantage")
@@ -221,7 +234,8 @@ class Config:
 class GroupTokens(NamedTuple):
     """What the loss reads per response token of the rollout batch: (B, T) each, 0 on padding."""
 
-    old_logprobs: Tensor  # log-probs under the sampling policy (the ratio's denominator)
+    old_logprobs: Tensor | None  # log-probs under the sampling policy (the ratio's denominator); None: the
+    # step's own log-probs, detached (`Config.single_update`)
     advantages: Tensor  # the sequence's advantage on each of its tokens (REINFORCE++: per token)
     loss_mask: Tensor  # response mask, 0 for the rows left out of the loss (dynamic sampling, overlong filter)
     ref_logprobs: Tensor | None  # the reference's log-probs, for the KL in the loss; else None
@@ -243,8 +257,8 @@ def estimate_advantages(cfg: Config, exp: Experience, beta: float) -> Estimates:
     if cfg.overlong == "penalty":
         penalty = overlong_penalty(exp.lengths, cfg.rollout.max_new_tokens, cfg.overlong_buffer)
         shaped = shaped + cfg.overlong_factor * penalty
-    kl = torch.zeros_like(exp.logprobs)
-    if exp.ref_logprobs is not None:
+    kl = torch.zeros_like(mask)
+    if exp.logprobs is not None and exp.ref_logprobs is not None:
         kl = masked_kl(exp.logprobs, exp.ref_logprobs, mask, kind=cfg.kl.estimator)
     beta_reward = beta if cfg.kl_in == "reward" else 0.0
     total = shaped - beta_reward * kl.sum(-1)  # (N,) the sequence reward
@@ -277,7 +291,7 @@ def rollout_batch(cfg: Config, exp: Experience, beta: float) -> tuple[RolloutBat
         "reward/zero_std_fraction": est.zero_std.float().mean(),
         "grpo/kept_fraction": est.keep.float().mean(),
     }
-    if exp.ref_logprobs is not None:
+    if exp.logprobs is not None and exp.ref_logprobs is not None:
         stats["objective/kl"] = est.kl.sum(-1).mean()
     return batch, stats
 
@@ -293,8 +307,9 @@ def grpo_loss(model: nn.Module, mb: RolloutBatch[GroupTokens], cfg: Config) -> t
     """
     t, mask = mb.tokens, mb.tokens.loss_mask
     kw = {"response_len": mb.response_len, "temperature": cfg.rollout.temperature, "flat": mb.flat}
-    out = causal_lm_logprobs(model, mb.input_ids, mb.attention_mask, **kw)
-    logprobs, old = out.logprobs, t.old_logprobs
+    out = causal_lm_logprobs(model, mb.input_ids, mb.attention_mask, with_entropy=True, **kw)
+    logprobs = out.logprobs
+    old = logprobs.detach() if t.old_logprobs is None else t.old_logprobs
     if cfg.importance_ratio == "sequence":
         logprobs, old = sequence_log_ratio(logprobs, old, mb.response_mask), torch.zeros_like(old)
     pg_loss, pg = ppo_policy_loss(logprobs, old, t.advantages, clip_low=cfg.clip_low, clip_high=cfg.clip_high)
@@ -315,6 +330,8 @@ def grpo_loss(model: nn.Module, mb: RolloutBatch[GroupTokens], cfg: Config) -> t
         "policy/approx_kl": part(pg["approx_kl"]),
         "policy/ratio": part(pg["ratio"]),
     }
+    if out.entropy is not None:
+        metrics["policy/entropy"] = part(out.entropy.detach())
     if kl is not None:
         metrics["policy/kl"] = part(kl).detach()
     return loss_sum * scale, units, metrics
@@ -373,7 +390,14 @@ def train(cfg: Config) -> Path:
             step_before, beta = engine.step, kl_ctl.value
             examples = prompts_of_iteration(engine, order, prompts)
             exp = make_experience(
-                engine.unwrapped_model, reference, reward, tokenizer, examples, cfg.rollout, group_size=cfg.group_size
+                engine.unwrapped_model,
+                reference,
+                reward,
+                tokenizer,
+                examples,
+                cfg.rollout,
+                group_size=cfg.group_size,
+                actor_pass=not cfg.single_update,
             )
             batch, stats_t = rollout_batch(cfg, exp, beta)
             stats = global_mean(engine, stats_t)

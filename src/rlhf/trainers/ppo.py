@@ -292,7 +292,8 @@ def make_rollout(
 ) -> RolloutResult:
     """Generate, score, shape and estimate advantages for one batch of prompt examples (this process's share)."""
     exp = make_experience(actor_critic, models.ref, models.reward, models.tokenizer, examples, cfg.rollout)
-    assert exp.ref_logprobs is not None and exp.values is not None  # PPO always has a reference and a critic
+    # PPO always runs the actor-critic pass and has a reference
+    assert exp.logprobs is not None and exp.ref_logprobs is not None and exp.values is not None
     mask, device = exp.mask, exp.logprobs.device
     tokens = {"logprobs": exp.logprobs, "ref_logprobs": exp.ref_logprobs, "values": exp.values}
     est = estimate_advantages(cfg, exp.scores.to(device), exp.ended_with_eos, mask, tokens, kl_coef)
