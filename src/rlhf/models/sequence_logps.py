@@ -79,7 +79,7 @@ def shared_prompt_logits(model: nn.Module, batch: dict[str, Any]) -> Tensor:
         logits_to_keep=1,
     )
     rows = torch.arange(n_prompts, device=prompt_ids.device).repeat(n_rows // n_prompts)  # (k*B,)
-    cache = out.past_key_values
+    cache = out.cache
     cache.reorder_cache(rows)
     response_attn = (batch["response_mask"] > 0).long()  # (k*B, R), right padded
     steps = torch.arange(response_attn.shape[1], device=prompt_ids.device)
@@ -89,7 +89,7 @@ def shared_prompt_logits(model: nn.Module, batch: dict[str, Any]) -> Tensor:
         input_ids=batch["response_ids"],
         attention_mask=attention,
         position_ids=positions,
-        past_key_values=cache,
+        cache=cache,
         use_cache=True,
     )
     return torch.cat([out.logits[rows, -1:], out2.logits[:, :-1]], dim=1)  # (k*B, R, V)
