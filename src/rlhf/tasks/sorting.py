@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,20 +39,20 @@ def gold_reward(prompts: Sequence[Any], completions: Sequence[str], letters: Seq
     return [gold_score(lt, c) for lt, c in zip(letters, completions, strict=True)]
 
 
-def _letters(rng: random.Random) -> str:
+def random_letters(rng: random.Random) -> str:
     n = rng.randint(MIN_LETTERS, MAX_LETTERS)
     return "".join(rng.choice(ALPHABET) for _ in range(n))
 
 
-def _prompt(letters: str) -> list[dict[str, str]]:
+def prompt_messages(letters: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": f"sort: {letters}"}]
 
 
-def _answer(content: str) -> list[dict[str, str]]:
+def answer_messages(content: str) -> list[dict[str, str]]:
     return [{"role": "assistant", "content": content}]
 
 
-def _corrupt(text: str, rng: random.Random, n_edits: int) -> str:
+def corrupt(text: str, rng: random.Random, n_edits: int) -> str:
     """Apply `n_edits` random swaps, substitutions, deletions or insertions."""
     chars = list(text)
     for _ in range(n_edits):
@@ -74,15 +74,21 @@ def sft_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        letters = _letters(rng)
-        rows.append({"prompt": _prompt(letters), "completion": _answer("".join(sorted(letters))), "letters": letters})
+        letters = random_letters(rng)
+        rows.append(
+            {
+                "prompt": prompt_messages(letters),
+                "completion": answer_messages("".join(sorted(letters))),
+                "letters": letters,
+            }
+        )
     return rows
 
 
 def prompt_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
     """Prompts for online RL and evaluation."""
     rng = random.Random(seed)
-    return [{"prompt": _prompt(lt), "letters": lt} for lt in (_letters(rng) for _ in range(n))]
+    return [{"prompt": prompt_messages(lt), "letters": lt} for lt in (random_letters(rng) for _ in range(n))]
 
 
 def preference_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
@@ -90,19 +96,19 @@ def preference_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
     rng = random.Random(seed)
     rows: list[dict[str, Any]] = []
     while len(rows) < n:
-        letters = _letters(rng)
+        letters = random_letters(rng)
         target = "".join(sorted(letters))
-        a = _corrupt(target, rng, rng.randint(0, 2))
-        b = _corrupt(target, rng, rng.randint(1, 4))
+        a = corrupt(target, rng, rng.randint(0, 2))
+        b = corrupt(target, rng, rng.randint(1, 4))
         sa, sb = gold_score(letters, a), gold_score(letters, b)
         if sa == sb:
             continue
         chosen, rejected = (a, b) if sa > sb else (b, a)
         rows.append(
             {
-                "prompt": _prompt(letters),
-                "chosen": _answer(chosen),
-                "rejected": _answer(rejected),
+                "prompt": prompt_messages(letters),
+                "chosen": answer_messages(chosen),
+                "rejected": answer_messages(rejected),
                 "letters": letters,
                 "margin": abs(sa - sb),
             }
@@ -115,12 +121,12 @@ def unpaired_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        letters = _letters(rng)
-        answer = _corrupt("".join(sorted(letters)), rng, rng.randint(0, 3))
+        letters = random_letters(rng)
+        answer = corrupt("".join(sorted(letters)), rng, rng.randint(0, 3))
         rows.append(
             {
-                "prompt": _prompt(letters),
-                "completion": _answer(answer),
+                "prompt": prompt_messages(letters),
+                "completion": answer_messages(answer),
                 "label": gold_score(letters, answer) >= 0.5,
                 "letters": letters,
             }
@@ -137,10 +143,23 @@ def write_task_files(out_dir: str | Path, *, n_train: int = 512, n_eval: int = 6
 
     Train and eval rows come from different seeds, so held-out prompts are (almost always) unseen.
     """
+    return write_files(TASK_FILES, out_dir, n_train=n_train, n_eval=n_eval, seed=seed)
+
+
+def write_files(
+    generators: dict[str, Callable[[int, int], list[dict[str, Any]]]],
+    out_dir: str | Path,
+    *,
+    n_train: int,
+    n_eval: int,
+    seed: int,
+) -> dict[str, Path]:
+    """`{kind}.jsonl` (n_train rows of `generators[kind](n, seed)`) and `{kind}_eval.jsonl` (n_eval rows, seed +
+    10000) for every kind, as JSON lines; returns {"sft": path, "sft_eval": path, ...}."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
-    for kind, make in TASK_FILES.items():
+    for kind, make in generators.items():
         for name, n, s in ((kind, n_train, seed), (f"{kind}_eval", n_eval, seed + 10_000)):
             path = out / f"{name}.jsonl"
             path.write_text("".join(json.dumps(row) + "\n" for row in make(n, s)))
