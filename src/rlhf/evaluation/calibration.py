@@ -16,6 +16,7 @@ large ECE; a model at chance that always says 0.5 has ECE 0.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -53,3 +54,25 @@ def preference_calibration(chosen: torch.Tensor, rejected: torch.Tensor, *, n_bi
             }
         )
     return {"ece": ece, "pairs": int(p.numel()), "bins": bins}
+
+
+def preference_agreement(
+    source: Any, rows: Sequence[dict[str, Any]], gold: Callable[[dict[str, Any], str], float] | None = None
+) -> dict[str, float]:
+    """How often a reward source ranks held-out preference pairs as their labels do (`accuracy`), and, with a
+    `gold(row, text)` score, as gold does (`gold_accuracy`, over the pairs gold is not indifferent to). Rows are
+    preference rows whose `chosen` / `rejected` are strings or one assistant message each."""
+
+    def text(value: Any) -> str:
+        return value[-1]["content"] if isinstance(value, list) else str(value)
+
+    prompts = [r["prompt"] for r in rows]
+    extras = [{k: v for k, v in r.items() if k not in ("prompt", "chosen", "rejected")} for r in rows]
+    chosen = source.score(prompts, [text(r["chosen"]) for r in rows], extras)
+    rejected = source.score(prompts, [text(r["rejected"]) for r in rows], extras)
+    out = {"accuracy": float((chosen > rejected).float().mean())}
+    if gold is not None:
+        order = [gold(r, text(r["chosen"])) - gold(r, text(r["rejected"])) for r in rows]
+        agree = [(float(c - j) > 0) == (d > 0) for c, j, d in zip(chosen, rejected, order, strict=True) if d != 0]
+        out["gold_accuracy"] = sum(agree) / max(1, len(agree))
+    return out

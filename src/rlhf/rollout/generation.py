@@ -37,6 +37,7 @@ class SamplingConfig:
     temperature: float = 1.0
     top_p: float = 1.0  # 1.0: off
     top_k: int = 0  # 0: off
+    greedy: bool = False  # the most likely token at every step (evaluation), the others ignored
 
 
 @dataclass
@@ -86,7 +87,9 @@ class ExponentialRace(LogitsProcessor):
 
 def sampler(sampling: SamplingConfig) -> LogitsProcessorList:
     """What `generate(do_sample=True, temperature, top_k, top_p)` applies to the logits and draws, as logits
-    processors for greedy mode: `transformers`' own warpers, then `ExponentialRace`."""
+    processors for greedy mode: `transformers`' own warpers, then `ExponentialRace` (none for `greedy`)."""
+    if sampling.greedy:
+        return LogitsProcessorList()
     warpers: list[LogitsProcessor] = []
     if sampling.temperature != 1.0:
         warpers.append(TemperatureLogitsWarper(sampling.temperature))
