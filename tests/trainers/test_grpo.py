@@ -48,6 +48,7 @@ def experience(scores, lengths, *, ended=None, logprobs=None, ref=None, group_si
         ref_logprobs=None if ref is None else ref * mask,
         values=None,
         scores=torch.tensor(scores, dtype=torch.float32),
+        score_spread=None,
         completions=["x"] * n,
         ended_with_eos=torch.tensor([True] * n if ended is None else ended),
         group_size=group_size,

@@ -4,6 +4,7 @@
     reward:    where the sequence score comes from (reward models, Python functions, a weighted ensemble) and
                how it is shaped before it reaches the advantages (EOS and length penalties, normalising, clipping)
     kl:        the KL term to the reference: coefficient, estimator, and an optional adaptive controller
+    eval:      the policy evaluated on held-out prompts during training (gold next to proxy, against KL)
 
 `build_reward(cfg.reward, load_reward_models(...))` turns the reward section into one `RewardSource`;
 `kl_controller(cfg.kl)` gives the controller (fixed or adaptive) with its state for resume.
@@ -191,3 +192,23 @@ def kl_controller(cfg: KLConfig) -> KLController:
     if cfg.target is not None:
         return AdaptiveKLController(cfg.coef, cfg.target, cfg.horizon)
     return FixedKLController(cfg.coef)
+
+
+@dataclass
+class OnlineEvalConfig:
+    every: int = 0
+    """Evaluate the policy every N iterations and after the last (0: never), on the held-out prompts (`data.eval`
+    or `data.eval_fraction`): greedy answers scored by the training reward (`eval/proxy`) and by `gold`
+    (`eval/gold`), and the KL to the reference from the policy's own samples (`eval/kl`). Plotted against each
+    other they show over-optimisation: the proxy rising while the gold falls."""
+    gold: str | None = None
+    """A Python reward `module:function` that stands for what you really want (null: proxy and KL only)."""
+    prompts: int = 64
+    """Held-out prompts per evaluation, at most."""
+    kl_samples: int = 2
+    """Sampled completions per prompt for the KL estimate (0: no KL)."""
+
+    def validate(self) -> None:
+        check(self.every >= 0, "every", f"must be >= 0, got {self.every}")
+        check(self.prompts >= 1, "prompts", f"must be >= 1, got {self.prompts}")
+        check(self.kl_samples >= 0, "kl_samples", f"must be >= 0, got {self.kl_samples}")

@@ -31,7 +31,7 @@ from rlhf.models.value import PolicyWithValue
 from rlhf.rollout.batch import RolloutBatch, score_in_chunks
 from rlhf.rollout.config import RolloutConfig
 from rlhf.rollout.generation import HFGenerationBackend, generate_rollout
-from rlhf.rollout.rewards import Prompt, RewardSource, checked_scores, source_name
+from rlhf.rollout.rewards import EnsembleReward, Prompt, RewardSource, checked_scores, source_name
 
 
 @dataclass
@@ -48,6 +48,7 @@ class Experience:
     ref_logprobs: Tensor | None  # (N, T) under the reference; None when there is no reference model
     values: Tensor | None  # (N, T) the critic's values; None when the actor has no critic
     scores: Tensor  # (N,) float32 sequence scores of the reward source, on the CPU
+    score_spread: Tensor | None  # (N,) the std of an ensemble's member scores (a hacking signal); else None
     completions: list[str]  # (N,) decoded responses (policy tokenizer, special tokens skipped)
     ended_with_eos: Tensor  # (N,) bool: the response stopped at EOS (else it hit max_new_tokens)
     group_size: int
@@ -132,7 +133,13 @@ def make_experience(
 
     logprobs, entropy, values, ref_logprobs = score_in_chunks(passes, sequences, cfg.forward_batch_size)
     completions = decode_responses(tokenizer, rollout.response_ids, rollout.response_mask)
-    scores = score_responses(reward, [ex["prompt"] for ex in rows], completions, [ex.get("extra", {}) for ex in rows])
+    prompt_texts, extras = [ex["prompt"] for ex in rows], [ex.get("extra", {}) for ex in rows]
+    spread = None
+    if isinstance(reward, EnsembleReward):
+        scores, spread = reward.score_and_spread(prompt_texts, completions, extras)
+        scores = checked_scores(scores, len(completions), "ensemble")
+    else:
+        scores = score_responses(reward, prompt_texts, completions, extras)
     return Experience(
         sequences,
         logprobs,
@@ -140,6 +147,7 @@ def make_experience(
         ref_logprobs,
         values,
         scores,
+        spread,
         completions,
         rollout.ended_with_eos,
         group_size,

@@ -193,13 +193,17 @@ class EnsembleReward:
     uncertainty_penalty: float = 0.0
 
     def score(self, prompts: Sequence[Prompt], completions: Sequence[str], extras: Sequence[dict[str, Any]]) -> Tensor:
+        return self.score_and_spread(prompts, completions, extras)[0]
+
+    def score_and_spread(
+        self, prompts: Sequence[Prompt], completions: Sequence[str], extras: Sequence[dict[str, Any]]
+    ) -> tuple[Tensor, Tensor]:
+        """(score, std) per completion, (B,) each: the members' disagreement is a reward-hacking signal."""
         n = len(completions)
         scores = torch.stack(
             [checked_scores(s.score(prompts, completions, extras), n, source_name(s)) for s in self.sources]
         )  # (M, B)
         w = torch.tensor(self.weights or [1.0] * len(self.sources), dtype=scores.dtype)[:, None]  # (M, 1)
         mean = (w * scores).sum(0) / w.sum()
-        if self.uncertainty_penalty == 0.0:
-            return mean
         std = ((w * (scores - mean) ** 2).sum(0) / w.sum()).sqrt()
-        return mean - self.uncertainty_penalty * std
+        return mean - self.uncertainty_penalty * std, std

@@ -1,5 +1,6 @@
 """What the online trainers (PPO, GRPO, RLOO) share around their algorithm: the run's length in iterations, the
-minibatch update loop over a rollout, the iteration's metrics, and the samples log.
+minibatch update loop over a rollout, the iteration's metrics, the reward-hacking signals and the rules that stop
+a run on them, the evaluation on held-out prompts during training, and the samples log.
 
 An iteration draws one batch of prompts (`rollout.batch_size`), makes its experience, and runs `epochs` shuffled
 passes of minibatch steps over it. Checkpoints and SIGTERM stops happen only between iterations (a rollout is
@@ -9,14 +10,23 @@ never saved); the data order, which counts the iterations, is in the checkpoint.
 from __future__ import annotations
 
 import math
+import operator
+import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
 
-from rlhf.errors import UserError
+from rlhf.errors import ConfigError, UserError
+from rlhf.evaluation.policies import evaluate_policy
+from rlhf.evaluation.stats import repetition
 from rlhf.rollout.batch import RolloutBatch
+from rlhf.rollout.config import OnlineEvalConfig
+from rlhf.rollout.experience import Experience
+from rlhf.rollout.rewards import FunctionReward, RewardSource, load_reward_function
 from rlhf.runtime.data_order import DataOrder
 from rlhf.runtime.engine import Engine
 from rlhf.runtime.run_dir import SAMPLES_FILE, JsonlWriter
@@ -117,7 +127,8 @@ def checkpoint_if_due(engine: Engine, step_before: int) -> None:
 
 
 class SampleLog:
-    """samples.jsonl: `num` (prompt, response, score) rows every `every` iterations (main process only)."""
+    """samples.jsonl: `num` (prompt, response, score) rows every `every` iterations (main process only), spread
+    evenly over the rollout (so a group method shows several prompts, not one prompt's group)."""
 
     def __init__(self, engine: Engine, every: int, num: int) -> None:
         self.every, self.num = every, num
@@ -128,7 +139,8 @@ class SampleLog:
     ) -> None:
         if self.writer is None or iteration % self.every:
             return
-        for prompt, text, score in list(zip(prompts, completions, scores, strict=True))[: self.num]:
+        rows = list(zip(prompts, completions, scores, strict=True))
+        for prompt, text, score in (rows[i * len(rows) // self.num] for i in range(min(self.num, len(rows)))):
             self.writer.write(
                 {"step": step, "iteration": iteration, "prompt": prompt, "response": text, "score": score}
             )
@@ -136,3 +148,132 @@ class SampleLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+# ---------------------------------------------------------------------------------------------- hacking signals
+
+
+class HackingMonitor:
+    """The reward-hacking signals of every rollout (Gao et al. 2023; Singhal et al. 2023 on length):
+
+        hacking/length_drift    mean response length / that of the run's first rollout
+        hacking/repetition      mean seq-rep-2 of the responses' tokens (`evaluation.stats.repetition`)
+        hacking/ensemble_std    mean std of an ensemble's member scores (only with several reward sources)
+
+    The first rollout's length is checkpointed (`state_dict`), so a resumed run measures drift from the same start.
+    """
+
+    def __init__(self) -> None:
+        self.first_length: float | None = None
+
+    def stats(self, exp: Experience) -> dict[str, Tensor]:
+        lengths = exp.lengths  # (N,)
+        if self.first_length is None:
+            self.first_length = float(lengths.mean())
+        responses = exp.sequences.input_ids[:, -exp.mask.shape[1] :].tolist()  # (N, T) response ids
+        tokens = [row[: int(n)] for row, n in zip(responses, lengths.tolist(), strict=True)]
+        out = {
+            "hacking/length_drift": lengths.mean() / max(self.first_length, 1e-9),
+            "hacking/repetition": torch.tensor(sum(repetition(t, 2) for t in tokens) / max(len(tokens), 1)),
+        }
+        if exp.score_spread is not None:
+            out["hacking/ensemble_std"] = exp.score_spread.mean()
+        return out
+
+    def state_dict(self) -> dict[str, float | None]:
+        return {"first_length": self.first_length}
+
+    def load_state_dict(self, state: dict[str, float | None]) -> None:
+        self.first_length = state["first_length"]
+
+
+_RULE = re.compile(r"^\s*([\w/.-]+)\s*(>=|<=|>|<)\s*(-?[\d.]+(?:e-?\d+)?)\s*$")
+_OPS = {">": operator.gt, "<": operator.lt, ">=": operator.ge, "<=": operator.le}
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """`metric>value` (or <, >=, <=) on an iteration's metrics line, e.g. `hacking/length_drift>1.5`."""
+
+    key: str
+    op: str
+    value: float
+
+    @classmethod
+    def parse(cls, spec: str) -> StopRule:
+        match = _RULE.match(spec)
+        if match is None:
+            raise ConfigError(f"{spec!r}: expected METRIC>VALUE (or <, >=, <=), e.g. hacking/length_drift>1.5")
+        return cls(match[1], match[2], float(match[3]))
+
+    def holds(self, metrics: dict[str, float]) -> bool:
+        return self.key in metrics and _OPS[self.op](metrics[self.key], self.value)
+
+    def __str__(self) -> str:
+        return f"{self.key} {self.op} {self.value:g}"
+
+
+def check_stop_rules(specs: Sequence[str]) -> None:
+    """In a config's validate(): every `stop_when` entry parses."""
+    for i, spec in enumerate(specs):
+        try:
+            StopRule.parse(spec)
+        except ConfigError as exc:
+            raise ConfigError(exc.message, key=f"stop_when[{i}]") from None
+
+
+def stop_reason(specs: Sequence[str], metrics: dict[str, float]) -> str | None:
+    """The first rule of `specs` that holds on `metrics`, as text (with the value), or None."""
+    for rule in map(StopRule.parse, specs):
+        if rule.holds(metrics):
+            return f"{rule} ({rule.key} = {metrics[rule.key]:.4g})"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+class OnlineEvaluator:
+    """`eval.every`: the policy's greedy answers to held-out prompts scored by the training reward and a gold
+    function, and its KL to the reference from its own samples (`evaluation.policies.evaluate_policy`).
+
+    The KL samples are drawn under a forked RNG seeded by (seed, iteration), so evaluating never changes what
+    the training run samples, and a resumed run evaluates exactly as an uninterrupted one.
+    """
+
+    def __init__(
+        self, cfg: OnlineEvalConfig, examples: Sequence[dict[str, Any]], proxy: RewardSource, *, seed: int
+    ) -> None:
+        if cfg.every and not examples:
+            raise UserError("eval.every: no held-out prompts (set data.eval or data.eval_fraction)")
+        self.cfg, self.examples, self.proxy, self.seed = cfg, list(examples)[: cfg.prompts], proxy, seed
+        self.gold = FunctionReward(load_reward_function(cfg.gold), name=cfg.gold) if cfg.gold else None
+
+    def due(self, iteration: int, iterations: int) -> bool:
+        every = self.cfg.every
+        return every > 0 and (iteration % every == 0 or iteration == iterations)
+
+    def __call__(
+        self,
+        policy: nn.Module,
+        reference: nn.Module | None,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        max_new_tokens: int,
+        iteration: int,
+    ) -> dict[str, float]:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + iteration) % 2**63)
+            result = evaluate_policy(
+                policy,
+                tokenizer,
+                self.examples,
+                gold=self.gold,
+                proxy=self.proxy,
+                reference=reference,
+                kl_samples=self.cfg.kl_samples,
+                max_new_tokens=max_new_tokens,
+            )
+        summary = result.summary()
+        keys = ("gold", "proxy", "kl", "length", "eos_rate", "repetition")
+        return {f"eval/{k}": float(summary[k]) for k in keys if k in summary}

@@ -70,6 +70,7 @@ from rlhf.models.loading import apply_lora, disable_dropout, load_causal_lm, loa
 from rlhf.rollout.batch import RolloutBatch
 from rlhf.rollout.config import (
     KLConfig,
+    OnlineEvalConfig,
     RewardConfig,
     RolloutConfig,
     build_reward,
@@ -82,7 +83,10 @@ from rlhf.rollout.shaping import masked_kl, overlong_penalty, score_at_last_toke
 from rlhf.runtime.data_order import DataOrder
 from rlhf.runtime.finish import save_final
 from rlhf.runtime.online import (
+    HackingMonitor,
+    OnlineEvaluator,
     SampleLog,
+    check_stop_rules,
     checkpoint_if_due,
     count_iterations,
     global_mean,
@@ -90,6 +94,7 @@ from rlhf.runtime.online import (
     mean_metrics,
     prompts_of_iteration,
     run_updates,
+    stop_reason,
 )
 from rlhf.runtime.setup import load_splits, make_engine, seed_everything
 
@@ -143,13 +148,17 @@ class Config:
     """Write `num_samples` (prompt, response, score) rows to samples.jsonl every N iterations (0: never)."""
     num_samples: int = 4
     """Rows per samples.jsonl write."""
+    stop_when: list[str] = field(default_factory=list)
+    """Stop the run early (and save final/) once an iteration's metrics line meets one of these rules, e.g.
+    `hacking/length_drift>1.5` or `eval/gold<0.5` (METRIC>VALUE, <, >=, <=)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The policy, usually an SFT checkpoint."""
     ref: ModelConfig | None = None
     """A separate reference model; unset: the initial policy (a frozen copy; with LoRA the model with its
     adapters off)."""
     data: DataConfig = field(default_factory=DataConfig)
-    """Prompt data (kind `prompt`; extra fields go to reward functions). Held-out prompts are left out of training."""
+    """Prompt data (kind `prompt`; extra fields go to reward functions). Held-out prompts (`eval`, `eval_fraction`)
+    are left out of training and are what `eval.every` evaluates on."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     """batch_size: prompts per iteration (each sampled group_size times); sampling; no-grad pass sizes."""
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -166,6 +175,8 @@ class Config:
     """Metrics and progress."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Resumable checkpoints (written between iterations)."""
+    eval: OnlineEvalConfig = field(default_factory=OnlineEvalConfig)
+    """The policy evaluated on the held-out prompts during training: gold and proxy rewards against KL."""
 
     @property
     def episodes_per_iteration(self) -> int:
@@ -210,6 +221,7 @@ class Config:
         )
         check(self.overlong_factor >= 0, "overlong_factor", f"must be >= 0, got {self.overlong_factor}")
         check(self.samples_every >= 0 and self.num_samples >= 0, "samples_every", "samples_every and num_samples >= 0")
+        check_stop_rules(self.stop_when)
         check(
             self.kl.target is None or self.kl.coef > 0,
             "kl.target",
@@ -370,6 +382,7 @@ def train(cfg: Config) -> Path:
     splits = load_splits(cfg.data, "prompt", tokenizer, seed=cfg.seed)
     prompts = splits.train
     iterations = count_iterations(cfg, len(prompts))
+    evaluator = OnlineEvaluator(cfg.eval, splits.eval, reward, seed=cfg.seed)
     engine = make_engine(policy, cfg, iterations * cfg.steps_per_iteration, data_report=splits.report)
     with engine:
         if reference is not None:
@@ -379,6 +392,8 @@ def train(cfg: Config) -> Path:
         kl_ctl = kl_controller(cfg.kl)
         engine.register_state("data_order", order)
         engine.register_state("kl_controller", kl_ctl)
+        hacking = HackingMonitor()
+        engine.register_state("hacking", hacking)
         if engine.resume() and engine.is_main:
             print(f"rlhf: resumed at step {engine.step} (iteration {iterations_done(order)})", file=sys.stderr)
         samples = SampleLog(engine, cfg.samples_every, cfg.num_samples)
@@ -400,7 +415,7 @@ def train(cfg: Config) -> Path:
                 actor_pass=not cfg.single_update,
             )
             batch, stats_t = rollout_batch(cfg, exp, beta)
-            stats = global_mean(engine, stats_t)
+            stats = global_mean(engine, stats_t | hacking.stats(exp))
             if "objective/kl" in stats:
                 kl_ctl.update(stats["objective/kl"], cfg.episodes_per_iteration)
             t0 = time.perf_counter()
@@ -417,13 +432,21 @@ def train(cfg: Config) -> Path:
             train_s = time.perf_counter() - t0
             iteration += 1
             rollout_s = exp.generation_s + exp.scoring_s
-            engine.log(
+            line = (
                 mean_metrics(logged)
                 | stats
                 | {
                     "objective/kl_coef": beta,
                     "grpo/iteration": float(iteration),
                     "grpo/episodes": float(iteration * cfg.episodes_per_iteration),
+                }
+            )
+            if evaluator.due(iteration, iterations):
+                n = cfg.rollout.max_new_tokens
+                line |= evaluator(engine.unwrapped_model, reference, tokenizer, max_new_tokens=n, iteration=iteration)
+            engine.log(
+                line
+                | {
                     "perf/completions_per_s": len(exp) / max(rollout_s + train_s, 1e-9),
                     "perf/generation_s": exp.generation_s,
                     "perf/scoring_s": exp.scoring_s,
@@ -435,6 +458,10 @@ def train(cfg: Config) -> Path:
             prompt_text = [ex["prompt"] for ex in examples for _ in range(cfg.group_size)]
             samples.maybe_write(engine.step, iteration, prompt_text, exp.completions, exp.scores.tolist())
             checkpoint_if_due(engine, step_before)
+            if (reason := stop_reason(cfg.stop_when, line)) is not None:
+                if engine.is_main:
+                    print(f"rlhf: stopping at iteration {iteration}: {reason}", file=sys.stderr)
+                break
         save_final(engine, engine.unwrapped_model, tokenizer, base_path=cfg.model.path)
         samples.close()
     return engine.run_dir

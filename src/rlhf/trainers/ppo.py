@@ -64,6 +64,7 @@ from rlhf.models.value import PolicyWithValue, ValueConfig, load_critic
 from rlhf.rollout.batch import RolloutBatch
 from rlhf.rollout.config import (
     KLConfig,
+    OnlineEvalConfig,
     RewardConfig,
     RolloutConfig,
     build_reward,
@@ -71,13 +72,16 @@ from rlhf.rollout.config import (
     load_reward_models,
     move_reward_models,
 )
-from rlhf.rollout.experience import make_experience
+from rlhf.rollout.experience import Experience, make_experience
 from rlhf.rollout.rewards import RewardSource
 from rlhf.rollout.shaping import shape_scores, token_rewards
 from rlhf.runtime.data_order import DataOrder
 from rlhf.runtime.finish import save_final
 from rlhf.runtime.online import (
+    HackingMonitor,
+    OnlineEvaluator,
     SampleLog,
+    check_stop_rules,
     checkpoint_if_due,
     count_iterations,
     global_mean,
@@ -85,6 +89,7 @@ from rlhf.runtime.online import (
     mean_metrics,
     prompts_of_iteration,
     run_updates,
+    stop_reason,
 )
 from rlhf.runtime.setup import load_splits, make_engine, seed_everything
 
@@ -127,13 +132,16 @@ class Config:
     """Write `num_samples` (prompt, response, score) rows to samples.jsonl every N iterations (0: never)."""
     num_samples: int = 4
     """Rows per samples.jsonl write."""
+    stop_when: list[str] = field(default_factory=list)
+    """Stop the run early (and save final/) once an iteration's metrics line meets one of these rules, e.g.
+    `hacking/length_drift>1.5` or `eval/gold<0.5` (METRIC>VALUE, <, >=, <=)."""
     ref_path: str | None = None
     """A separate reference model directory; null: a frozen copy of the initial policy."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The policy, usually an SFT checkpoint."""
     data: DataConfig = field(default_factory=DataConfig)
     """Prompt data (kind `prompt`; extra fields go to reward functions). Held-out prompts (`eval`, `eval_fraction`)
-    are left out of training; PPO runs no evaluation of its own (use `rlhf eval`)."""
+    are left out of training and are what `eval.every` evaluates on."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     """Prompts per iteration and sampling."""
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -152,6 +160,8 @@ class Config:
     """Metrics and progress."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Resumable checkpoints (written between iterations)."""
+    eval: OnlineEvalConfig = field(default_factory=OnlineEvalConfig)
+    """The policy evaluated on the held-out prompts during training: gold and proxy rewards against KL."""
 
     @property
     def minibatches(self) -> int:
@@ -181,6 +191,7 @@ class Config:
         check_choice(self.loss_aggregation, AGGREGATE_MODES, "loss_aggregation")
         check(self.target_approx_kl is None or self.target_approx_kl > 0, "target_approx_kl", "must be > 0 or null")
         check(self.samples_every >= 0 and self.num_samples >= 0, "samples_every", "samples_every and num_samples >= 0")
+        check_stop_rules(self.stop_when)
         check(
             self.rollout.batch_size % self.train.batch_size == 0,
             "rollout.batch_size",
@@ -257,11 +268,20 @@ class PPOTokens(NamedTuple):
 @dataclass
 class RolloutResult:
     batch: RolloutBatch[PPOTokens]  # the rollout's sequences and what the updates read
-    scores: Tensor  # (B,) raw sequence scores, CPU
-    completions: list[str]  # decoded responses
+    experience: Experience  # what the experience maker gave: scores (B,), completions, timings, ...
     stats: dict[str, Tensor]  # scalar tensors, means over this process's rows
-    generated_tokens: int
-    generation_s: float
+
+    @property
+    def scores(self) -> Tensor:
+        return self.experience.scores
+
+    @property
+    def completions(self) -> list[str]:
+        return self.experience.completions
+
+    @property
+    def generated_tokens(self) -> int:
+        return int(self.experience.lengths.sum())
 
 
 @dataclass
@@ -306,7 +326,7 @@ def make_rollout(
         "value/mean": masked_mean(exp.values, mask),
         "value/explained_variance": explained_variance(exp.values, est.returns, mask),
     }
-    return RolloutResult(batch, exp.scores, exp.completions, stats, int(mask.sum()), exp.generation_s)
+    return RolloutResult(batch, exp, stats)
 
 
 def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
@@ -378,6 +398,7 @@ def train(cfg: Config) -> Path:
     splits = load_splits(cfg.data, "prompt", models.tokenizer, seed=cfg.seed)
     prompts = splits.train
     iterations = count_iterations(cfg, len(prompts))
+    evaluator = OnlineEvaluator(cfg.eval, splits.eval, models.reward, seed=cfg.seed)
     engine = make_engine(models.actor_critic, cfg, iterations * cfg.steps_per_iteration, data_report=splits.report)
     with engine:
         models.ref.to(engine.device)
@@ -386,6 +407,8 @@ def train(cfg: Config) -> Path:
         kl_ctl = kl_controller(cfg.kl)
         engine.register_state("data_order", order)
         engine.register_state("kl_controller", kl_ctl)
+        hacking = HackingMonitor()
+        engine.register_state("hacking", hacking)
         if engine.resume() and engine.is_main:
             print(f"rlhf: resumed at step {engine.step} (iteration {iterations_done(order)})", file=sys.stderr)
         samples = SampleLog(engine, cfg.samples_every, cfg.num_samples)
@@ -396,7 +419,7 @@ def train(cfg: Config) -> Path:
             step_before, kl_coef = engine.step, kl_ctl.value
             examples = prompts_of_iteration(engine, order, prompts)
             result = make_rollout(cfg, models, engine.unwrapped_model, examples, kl_coef)
-            stats = global_mean(engine, result.stats)
+            stats = global_mean(engine, result.stats | hacking.stats(result.experience))
             kl_ctl.update(stats["objective/kl"], cfg.rollout.batch_size)
             t0 = time.perf_counter()
             logged, train_tokens = run_updates(
@@ -412,7 +435,7 @@ def train(cfg: Config) -> Path:
             )
             train_s = time.perf_counter() - t0
             iteration += 1
-            engine.log(
+            line = (
                 mean_metrics(logged)
                 | stats
                 | {
@@ -420,13 +443,27 @@ def train(cfg: Config) -> Path:
                     "ppo/iteration": float(iteration),
                     "ppo/episodes": float(iteration * cfg.rollout.batch_size),
                     "ppo/updates": float(engine.step - step_before),
-                    "perf/generation_tokens_per_s": result.generated_tokens / max(result.generation_s, 1e-9),
+                }
+            )
+            if evaluator.due(iteration, iterations):
+                policy = engine.unwrapped_model.policy
+                n = cfg.rollout.max_new_tokens
+                line |= evaluator(policy, models.ref, models.tokenizer, max_new_tokens=n, iteration=iteration)
+            generation_s = result.experience.generation_s
+            engine.log(
+                line
+                | {
+                    "perf/generation_tokens_per_s": result.generated_tokens / max(generation_s, 1e-9),
                     "perf/train_tokens_per_s": train_tokens / max(train_s, 1e-9),
                 }
             )
             prompt_text = [ex["prompt"] for ex in examples]
             samples.maybe_write(engine.step, iteration, prompt_text, result.completions, result.scores.tolist())
             checkpoint_if_due(engine, step_before)
+            if (reason := stop_reason(cfg.stop_when, line)) is not None:
+                if engine.is_main:
+                    print(f"rlhf: stopping at iteration {iteration}: {reason}", file=sys.stderr)
+                break
         save_final(engine, models.actor_critic.policy, models.tokenizer, base_path=cfg.model.path)
         if models.actor_critic.critic is not None:
             engine.save_final(models.actor_critic.critic, models.critic_tokenizer, subdir="final_value")
