@@ -46,7 +46,7 @@ ALGORITHMS: dict[str, str] = {
 }
 """Algorithm name -> module defining `Config` and `train` (and optionally `PRESETS`)."""
 
-TOOLS: dict[str, str] = {"demo": "rlhf.demo", "eval": "rlhf.evaluation.cli", "report": "rlhf.report"}
+TOOLS: dict[str, str] = {"demo": "rlhf.demo", "eval": "rlhf.evaluation.cli", "report": "rlhf.report.cli"}
 """Subcommand -> module defining `main(argv: list[str]) -> int`."""
 
 DATA_KINDS = ("sft", "preference", "unpaired", "prompt")

@@ -1,4 +1,5 @@
-"""The run directory's plain files (config.yaml, the step-keyed JSON-lines logs) and the stop signals.
+"""The run directory's plain files (config.yaml, the step-keyed JSON-lines logs), reading them back, and the stop
+signals.
 
 `metrics.jsonl` holds only values that are a deterministic function of the seed and the data, so two runs
 of the same config (or a run and its resumed twin) produce byte-identical files. Wall-clock figures
@@ -29,6 +30,10 @@ SAMPLES_FILE = "samples.jsonl"
 STEP_LOGS = (METRICS_FILE, PERF_FILE, SAMPLES_FILE)
 """Logs whose lines carry a "step" key; a resume truncates them to the restored step."""
 PERF_PREFIX = "perf/"
+CALIBRATION_FILE = "calibration.json"
+"""Reward-model runs: the reliability bins of the latest held-out evaluation."""
+EVAL_FILE = "eval.json"
+"""A policy evaluation (`rlhf eval --policy ... --out`; `rlhf demo` writes one beside its runs)."""
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -64,6 +69,40 @@ def truncate_step_log(path: Path, max_step: int) -> None:
             if not isinstance(record, dict) or record.get("step", max_step) <= max_step:
                 kept.append(line)
     atomic_write_text(path, "".join(kept))
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The objects of a JSON-lines file (none if it is missing); a torn last line is left out."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
+def is_run_dir(path: Path) -> bool:
+    """A training run's directory: it has a config.yaml and a metrics.jsonl."""
+    return (path / CONFIG_FILE).is_file() and (path / METRICS_FILE).is_file()
+
+
+def read_run(path: Path) -> dict[str, Any]:
+    """What a report needs of a run directory: its `metrics`, `samples` (lists of dicts), `config` (dict), the
+    reward model's `calibration` (or None), and whether it has a `final/` model."""
+    from rlhf.config_loader import read_yaml
+
+    calibration = path / CALIBRATION_FILE
+    return {
+        "path": path,
+        "config": read_yaml(path / CONFIG_FILE),
+        "metrics": read_jsonl(path / METRICS_FILE),
+        "samples": read_jsonl(path / SAMPLES_FILE),
+        "calibration": json.loads(calibration.read_text()) if calibration.is_file() else None,
+        "final": (path / "final").is_dir(),
+    }
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -52,12 +52,11 @@ from rlhf.models.loading import apply_lora, disable_dropout, load_scalar_model, 
 from rlhf.runtime.data_order import DataOrder
 from rlhf.runtime.engine import Engine
 from rlhf.runtime.finish import save_final
-from rlhf.runtime.run_dir import atomic_write_text
+from rlhf.runtime.run_dir import CALIBRATION_FILE, atomic_write_text
 from rlhf.runtime.setup import count_steps, eval_due, load_splits, make_engine, seed_everything
 
 logger = logging.getLogger(__name__)
 
-CALIBRATION_FILE = "calibration.json"
 CALIBRATION_BINS = 10
 
 

@@ -1,0 +1,81 @@
+"""`rlhf report` on hand-made run directories: which sections appear for which files, the figures embedded, the
+numbers of the over-optimisation text, and the errors."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from rlhf.cli import main
+from rlhf.report import plots
+
+
+def write_run(path: Path, metrics: list[dict], **files: object) -> Path:
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text("model:\n  path: base\n")
+    (path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    for name, content in files.items():
+        (path / name.replace("_", ".", 1)).write_text(json.dumps(content))
+    return path
+
+
+def test_a_watched_online_run_gets_its_over_optimisation_section(tmp_path, capsys):
+    """Gold 0.6 -> 0.9 -> 0.5 while the proxy climbs 0.1 -> 0.8 -> 1.2 along KL 0.5, 2, 6: the text names the peak
+    (0.900 at KL 2.00) and the end; training curves of reward and KL; no evaluation or reward-model section."""
+    rows = [
+        {
+            "step": s,
+            "reward/score": p,
+            "objective/kl": k,
+            "eval/gold": g,
+            "eval/proxy": p,
+            "eval/kl": k,
+            "grpo/iteration": float(s),
+        }  # fmt: skip
+        for s, g, p, k in ((1, 0.6, 0.1, 0.5), (2, 0.9, 0.8, 2.0), (3, 0.5, 1.2, 6.0))
+    ]
+    run = write_run(tmp_path / "grpo", rows)
+    assert main(["report", str(run)]) == 0
+    assert capsys.readouterr().out.strip() == f"rlhf report: wrote {run / 'report.html'}"
+    page = (run / "report.html").read_text()
+    assert "<h2>Over-optimisation</h2>" in page and "<h2>Training curves</h2>" in page
+    assert "peaked at 0.900 (KL 2.00) and ended at 0.500 (KL 6.00)" in page and "from 0.100 to 1.200" in page
+    assert "<h2>Evaluation on held-out prompts</h2>" not in page and "<h2>Reward model</h2>" not in page
+    assert len(re.findall(r'src="data:image/png;base64,', page)) == 2
+
+
+def test_a_directory_of_runs_with_an_evaluation(tmp_path):
+    """A reward-model run (with calibration.json) and an eval.json beside it: the evaluation table (win rate with
+    its interval, green when above 1/2 beyond doubt), the calibration figure, the sample tables."""
+    bins = [{"lower": i / 10, "upper": (i + 1) / 10, "count": 4, "predicted": i / 10 + 0.05, "observed": i / 10}
+            for i in range(10)]  # fmt: skip
+    write_run(tmp_path / "rm", [{"step": 1, "train/loss": 0.7, "eval/accuracy": 0.8}, {"step": 2, "train/loss": 0.6}],
+              calibration_json={"ece": 0.05, "bins": bins})  # fmt: skip
+    samples = [{"prompt": [{"role": "user", "content": f"sort: {x}"}], "letters": x,
+                "answers": {"sft": {"text": x[:-1], "gold": 0.5}, "dpo": {"text": "".join(sorted(x)), "gold": 1.0}}}
+               for x in ("cba", "dca", "fe", "hg")]  # fmt: skip
+    win = {"rate": 0.875, "low": 0.6, "high": 1.0, "wins": 3, "ties": 1, "losses": 0, "n": 4}
+    ev = {"prompts": 4, "baseline": "sft", "judge": "gold", "samples": samples,
+          "policies": {"sft": {"gold": 0.5, "gold_se": 0.1, "kl": 0.0, "length": 2.0},
+                       "dpo": {"gold": 1.0, "gold_se": 0.0, "kl": 1.5, "length": 3.0, "win_rate": win}}}  # fmt: skip
+    (tmp_path / "eval.json").write_text(json.dumps(ev))
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "r.html"), "--title", "Mine"]) == 0
+    page = (tmp_path / "r.html").read_text()
+    for section in ("Evaluation on held-out prompts", "Reward model", "Training curves", "Sample answers"):
+        assert f"<h2>{section}</h2>" in page
+    assert '<td class="good">87.5% [60%, 100%]</td>' in page and "<title>Mine</title>" in page
+    assert "dpo: its best and worst answers against sft" in page and "sort: dca" in page
+
+
+def test_constant_panels_are_left_out_and_long_series_smoothed():
+    """A fixed KL coefficient draws no panel; an exponential moving average with span 3 (alpha 1/2) by hand."""
+    assert plots.smoothed([0.0, 2.0, 2.0], 3) == [0.0, 1.0, 1.5]
+    assert plots.training_curves([{"step": s, "objective/kl_coef": 0.05} for s in range(5)]) is None
+
+
+def test_report_errors_are_one_line(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "missing")]) == 1
+    assert capsys.readouterr().err.strip() == f"rlhf: error: No such run directory: {tmp_path / 'missing'}"
+    assert main(["report", str(tmp_path)]) == 1
+    assert "No run directory (config.yaml + metrics.jsonl) or eval.json in" in capsys.readouterr().err
