@@ -13,6 +13,10 @@ from hypothesis import settings
 # Test helpers shared by several folders (`from _resume import ...`): tests/support is importable everywhere.
 sys.path.insert(0, str(Path(__file__).parent / "support"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# As `rlhf.cli.main` does before transformers is imported: no per-load progress bars or load reports on stderr,
+# so the in-process runs print what the command prints.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Tiny models spend more on thread hand-offs than on arithmetic: one thread is fastest, and CI has two cores.
 torch.set_num_threads(1)

@@ -386,3 +386,19 @@ def test_config_markdown() -> None:
     assert text.startswith("| key | type | default | description |\n|---|---|---|---|\n")
     assert "| `optim.lr` | `float` | `1e-05` | Peak learning rate of AdamW. |" in text
     assert "| `model.tokenizer` | `str \\| None` | `null` |" in config_markdown(ModelConfig, "model.")
+
+
+def test_the_section_tables_of_docs_config_md_match_the_dataclasses() -> None:
+    """docs/config.md shows every shared section as `config_markdown` renders it: a field added or re-documented
+    without regenerating the page (`python docs/make_config_tables.py`) fails here."""
+    from pathlib import Path
+
+    from rlhf.config import CheckpointConfig, DataConfig, LoggingConfig, ModelConfig, OptimConfig, ScheduleConfig
+    from rlhf.rollout.config import KLConfig, OnlineEvalConfig, RewardConfig, RolloutConfig
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
+    sections = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "schedule": ScheduleConfig,
+                "train": TrainConfig, "logging": LoggingConfig, "checkpoint": CheckpointConfig,
+                "rollout": RolloutConfig, "reward": RewardConfig, "kl": KLConfig, "eval": OnlineEvalConfig}  # fmt: skip
+    for name, cls in sections.items():
+        assert f"### `{name}` ({cls.__name__})\n\n" + config_markdown(cls, f"{name}.") in page, name

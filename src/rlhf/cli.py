@@ -27,13 +27,15 @@ import argparse
 import importlib
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
 from rlhf import __version__
-from rlhf.errors import UserError
+from rlhf.errors import EXIT_INTERRUPTED, UserError
 
 ALGORITHMS: dict[str, str] = {
     "sft": "rlhf.trainers.sft",
@@ -169,16 +171,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stopped_before_start(signum: int, frame: Any) -> None:
+    """SIGTERM while a run loads its models and data: nothing is trained yet, so stop at once, as the engine's
+    handler (installed once training starts) does later with a checkpoint."""
+    print(f"rlhf: got {signal.Signals(signum).name}: stopped before the first step", file=sys.stderr, flush=True)
+    raise SystemExit(EXIT_INTERRUPTED)
+
+
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, extras: list[str]) -> int:
     if args.command == "train":
-        module = trainer_module(args.algorithm)
-        if args.help:
-            print(train_help(args.algorithm, module))
-            return 0
-        cfg = train_config(args.algorithm, module, args.config, extras)
-        run_dir = module.train(cfg)
-        print(f"rlhf train {args.algorithm}: run directory {run_dir}")
-        return 0
+        main_thread = threading.current_thread() is threading.main_thread()  # only it can set handlers
+        previous = signal.signal(signal.SIGTERM, _stopped_before_start) if main_thread else None
+        try:
+            return _train(args, extras)
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
     if args.command in TOOLS:
         module = import_entry(TOOLS[args.command], ("main",), f"rlhf {args.command}")
         return int(module.main(extras) or 0)
@@ -192,6 +200,17 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, extras: list
     if args.max_prompt_length is not None:
         kwargs["max_prompt_length"] = args.max_prompt_length
     return int(module.data_check(args.file, args.kind, **kwargs))
+
+
+def _train(args: argparse.Namespace, extras: list[str]) -> int:
+    module = trainer_module(args.algorithm)  # imports torch and transformers: seconds, SIGTERM handled already
+    if args.help:
+        print(train_help(args.algorithm, module))
+        return 0
+    cfg = train_config(args.algorithm, module, args.config, extras)
+    run_dir = module.train(cfg)
+    print(f"rlhf train {args.algorithm}: run directory {run_dir}")
+    return 0
 
 
 def _status(exc: SystemExit) -> int:

@@ -206,7 +206,10 @@ class TrainConfig:
     mixed_precision: str = "no"
     """Autocast precision through accelerate: no, bf16 or fp16 (fp16 on GPU only)."""
     max_consecutive_nonfinite: int = 10
-    """Abort after this many optimizer steps in a row skipped for a non-finite loss or gradient."""
+    """Abort after this many optimizer steps in a row skipped for a non-finite loss or gradient (0: never)."""
+    max_nonfinite_fraction: float = 0.1
+    """A run that skipped more than this fraction of its optimizer steps for a non-finite loss or gradient (fp16
+    loss-scale overflows aside) ends with an error instead of saving final/; so does one that made no update."""
     eval_every: int = 0
     """Evaluate on the held-out split every N optimizer steps (0: only at the end)."""
 
@@ -222,7 +225,8 @@ class TrainConfig:
         check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
         check(self.max_steps >= 0, "max_steps", f"must be >= 0 (0: derive from epochs), got {self.max_steps}")
         check_choice(self.mixed_precision, MIXED_PRECISION, "mixed_precision")
-        check(self.max_consecutive_nonfinite >= 1, "max_consecutive_nonfinite", "must be >= 1")
+        check(self.max_consecutive_nonfinite >= 0, "max_consecutive_nonfinite", "must be >= 0 (0: never abort)")
+        check(0 <= self.max_nonfinite_fraction <= 1, "max_nonfinite_fraction", "must be in [0, 1]")
         check(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
 
 
@@ -249,6 +253,9 @@ class CheckpointConfig:
     """Resumable checkpoints kept; older ones are deleted once a newer one is complete."""
     resume: str = "auto"
     """auto: continue from the newest complete checkpoint in the run directory; never; or a checkpoint path."""
+    allow_config_change: bool = False
+    """Resume although the config changes what the run computes (the differences are listed either way; changing
+    logging, checkpointing or the run's length needs no permission)."""
 
     def validate(self) -> None:
         check(self.every >= 0, "every", f"must be >= 0, got {self.every}")

@@ -7,6 +7,9 @@ This module imports nothing, so any part of the package can raise these without 
 
 from __future__ import annotations
 
+EXIT_INTERRUPTED = 75
+"""Exit status after SIGTERM/SIGINT stopped a run cleanly (EX_TEMPFAIL: "try again", i.e. resume)."""
+
 
 class UserError(Exception):
     """An error the user can fix. The command line prints `rlhf: error: <message>` and exits `exit_code`."""

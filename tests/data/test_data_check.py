@@ -159,4 +159,6 @@ def test_conversational_data_with_a_template_less_tokenizer(tmp_path: Path, caps
     tok.save_pretrained(tmp_path / "tok")
     path = _jsonl(tmp_path / "p.jsonl", sorting.prompt_rows(3))
     assert data_check(path, "prompt", str(tmp_path / "tok")) == 1
-    assert "error: the tokenizer has no chat template, but the data is conversational" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"error: {path}: the tokenizer has no chat template, but the data is conversational" in err
+    assert f"(tokenizer {tmp_path / 'tok'})" in err

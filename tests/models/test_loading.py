@@ -11,9 +11,36 @@ def test_missing_or_empty_model_directory_is_a_one_line_user_error(tmp_path):
     from rlhf.errors import UserError
     from rlhf.models.loading import load_causal_lm, load_tokenizer
 
-    with pytest.raises(UserError, match="no such directory"):
+    with pytest.raises(UserError, match="missing is not a local directory"):
         load_tokenizer(str(tmp_path / "missing"))
-    with pytest.raises(UserError, match=r"has no tokenizer_config.json or tokenizer.json or config.json"):
+    with pytest.raises(UserError, match=r"has no tokenizer files \(tokenizer.json, tokenizer_config.json"):
         load_tokenizer(str(tmp_path))
     with pytest.raises(UserError, match="has no config.json"):
         load_causal_lm(ModelConfig(path=str(tmp_path)))
+
+
+def test_a_model_directory_without_tokenizer_files_names_them(tiny_dirs, tmp_path):
+    """A checkpoint saved without its tokenizer: not transformers' "sentencepiece or tiktoken" message."""
+    import shutil
+
+    from rlhf.errors import UserError
+    from rlhf.models.loading import load_tokenizer
+
+    weights_only = tmp_path / "weights"
+    weights_only.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(f"{tiny_dirs['llama']}/{name}", weights_only)
+    with pytest.raises(UserError, match=f"tokenizer: {weights_only} has no tokenizer files .*model.tokenizer"):
+        load_tokenizer(str(weights_only))
+
+
+def test_a_hub_style_name_is_not_fetched_unless_asked(monkeypatch):
+    """`org/name` that is no local directory: one line saying nothing is downloaded, instead of ten retries."""
+    from rlhf.errors import UserError
+    from rlhf.models.loading import HUB_OPT_IN, load_causal_lm
+
+    monkeypatch.delenv(HUB_OPT_IN, raising=False)
+    with pytest.raises(UserError, match=f"org/name is not a local directory .*unless {HUB_OPT_IN}=1"):
+        load_causal_lm(ModelConfig(path="org/name"))
+    with pytest.raises(UserError, match=r"^model.path: no model given"):
+        load_causal_lm(ModelConfig(path=""))

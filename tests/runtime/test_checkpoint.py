@@ -118,9 +118,11 @@ def test_crash_while_writing_leaves_the_previous_checkpoint_chosen(tmp_path: Pat
         with pytest.raises(OSError, match="disk full"):
             _train(engine, batches[2:])
     monkeypatch.undo()
-    # the failed step-4 write left only its temporary directory; keep_last=1 deleted nothing
-    assert _states(tmp_path) == [f".tmp-step-4-{__import__('os').getpid()}", "step-2"]
-    # a step directory without a manifest (e.g. copied by hand, or written by an older non-atomic tool)
+    # the failed step-4 write removed its temporary directory; keep_last=1 deleted nothing
+    assert _states(tmp_path) == ["step-2"]
+    # what a SIGKILL mid-write leaves (nothing could clean it up), and a step directory without a manifest
+    # (e.g. copied by hand, or written by an older non-atomic tool)
+    (tmp_path / "checkpoints" / ".tmp-step-4-12345").mkdir()
     (tmp_path / "checkpoints" / "step-6").mkdir()
     (tmp_path / "checkpoints" / "step-6" / "model.safetensors").write_bytes(b"partial")
     with make_engine(TokenModel(), tmp_path, ckpt_every=2, keep_last=1) as engine:

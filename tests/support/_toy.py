@@ -162,7 +162,10 @@ def main(argv: list[str] | None = None) -> None:
         logging=LoggingConfig(every=1, progress=False),
         checkpoint=CheckpointConfig(every=args.ckpt_every, keep_last=args.keep_last, resume=args.resume),
         total_steps=args.steps,
-        config_dict={"toy": vars(args) | {"run_dir": str(args.run_dir)}},
+        # what the run computes; the pacing of a test (step_sleep) is not part of it
+        config_dict={
+            "toy": {k: v for k, v in vars(args).items() if k != "step_sleep"} | {"run_dir": str(args.run_dir)}
+        },
     )
     order = DataOrder(N_SAMPLES, train.batch_size, seed=args.seed)
     engine.register_state("data_order", order)

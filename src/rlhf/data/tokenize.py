@@ -41,6 +41,7 @@ from rlhf.data.formats import (
     UnpairedRecord,
     check_kind,
 )
+from rlhf.errors import UserError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -76,7 +77,9 @@ def _special(tokenizer: PreTrainedTokenizerBase) -> _Special:
     """BOS, EOS and whether encoding adds a BOS, probed once per tokenizer (again if BOS or EOS change)."""
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise ValueError("the tokenizer has no eos_token; responses must end with EOS (set tokenizer.eos_token)")
+        raise TokenizerSetupError(
+            "the tokenizer has no eos_token; responses must end with EOS (set tokenizer.eos_token)"
+        )
     bos = tokenizer.bos_token_id
     known = _SPECIAL.get(tokenizer)
     if known is None or (known.bos, known.eos) != (bos, eos):
@@ -90,6 +93,10 @@ def _check_cfg(cfg: DataConfig) -> None:
         raise ValueError(f"data.truncation_side must be one of {TRUNCATION_SIDES}, got {cfg.truncation_side!r}")
     if cfg.max_length < 1 or cfg.max_prompt_length < 1:
         raise ValueError("data.max_length and data.max_prompt_length must be at least 1")
+
+
+class TokenizerSetupError(UserError, ValueError):
+    """The tokenizer cannot tokenize this kind of data at all (no EOS, no chat template for message lists)."""
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
@@ -109,9 +116,10 @@ def _with_bos(ids: list[int], sp: _Special) -> list[int]:
 
 def _render(tokenizer: PreTrainedTokenizerBase, messages: list[Message], *, add_generation_prompt: bool) -> str:
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
-            "the tokenizer has no chat template, but the data is conversational (message lists); "
-            "set tokenizer.chat_template or use plain-string rows"
+        raise TokenizerSetupError(
+            "the tokenizer has no chat template, but the data is conversational (message lists); give a "
+            "tokenizer that has one (model.tokenizer), set chat_template in its tokenizer_config.json, or use "
+            "plain-string rows"
         )
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     return str(text)
@@ -333,8 +341,8 @@ def tokenize_records(
 ) -> tuple[list[dict[str, Any]], TokenizeReport]:
     """Tokenize every record of one kind; records that cannot become examples are dropped and counted.
 
-    Raises ValueError for problems that affect every row (no EOS token, no chat template for
-    conversational data, a bad truncation setting): those are configuration errors, not bad rows.
+    Raises TokenizerSetupError (a one-line user error naming the data file and the tokenizer) for problems that
+    affect every row (no EOS token, no chat template for conversational data): configuration, not bad rows.
     """
     check_kind(kind)
     fn = TOKENIZE_FNS[kind]
@@ -347,6 +355,9 @@ def tokenize_records(
         except SkipExample as e:
             report.drop(record, e)
             continue
+        except TokenizerSetupError as e:
+            source = record.source or "the data"
+            raise TokenizerSetupError(f"{source}: {e} (tokenizer {getattr(tokenizer, 'name_or_path', '?')})") from None
         report.add(example)
         examples.append(example)
     return examples, report

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,8 +28,12 @@ from rlhf.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "config.json")
-"""A tokenizer directory holds at least one of these (config.json: a model directory whose tokenizer loads from it)."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+"""A tokenizer directory holds at least one of these (a fast tokenizer's file, or a slow one's vocabulary)."""
+
+HUB_OPT_IN = "RLHF_ALLOW_HUB"
+"""Set to 1 to let a path that is not a local directory be fetched from the Hugging Face hub (with HF_HUB_OFFLINE
+unset); by default nothing is downloaded."""
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -38,16 +43,27 @@ class ModelLoadError(UserError):
 
 
 def _check_dir(path: str, what: str) -> None:
-    """Fail early, with the path in the message, on what `from_pretrained` would answer with a long traceback."""
+    """Fail early, with the path in the message, on what `from_pretrained` would answer with a long traceback (or
+    with ten retries against the hub)."""
     if not path:
-        raise ModelLoadError(f"{what}: no path given (set model.path)")
-    p = Path(path)
-    looks_local = p.is_absolute() or path.startswith((".", "~")) or p.exists()
-    if looks_local and not p.is_dir():
-        raise ModelLoadError(f"{what}: {path}: no such directory")
-    needed = TOKENIZER_FILES if what == "tokenizer" else ("config.json",)
-    if p.is_dir() and not any((p / name).exists() for name in needed):
-        raise ModelLoadError(f"{what}: {path} has no {' or '.join(needed)} (not a Hugging Face {what} directory)")
+        raise ModelLoadError("model.path: no model given (a Hugging Face checkpoint directory, e.g. a run's final/)")
+    p = Path(path).expanduser()
+    if not p.exists():
+        if os.environ.get(HUB_OPT_IN) == "1" and not path.startswith(("/", ".", "~")):
+            return  # a hub id, for from_pretrained to fetch
+        raise ModelLoadError(
+            f"{what}: {path} is not a local directory (nothing is downloaded from the Hugging Face hub unless "
+            f"{HUB_OPT_IN}=1 is set and HF_HUB_OFFLINE is not)"
+        )
+    if not p.is_dir():
+        raise ModelLoadError(f"{what}: {path} is not a directory")
+    if what == "tokenizer" and not any((p / name).exists() for name in TOKENIZER_FILES):
+        raise ModelLoadError(
+            f"tokenizer: {path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): give a tokenizer directory "
+            "with model.tokenizer"
+        )
+    if what == "model" and not (p / "config.json").exists():
+        raise ModelLoadError(f"model: {path} has no config.json (not a Hugging Face model directory)")
 
 
 @contextmanager

@@ -9,6 +9,7 @@ Layout of one checkpoint (`run_dir/checkpoints/step-N/`):
 | `rng-rank{r}.pt`               | python, numpy, torch CPU and CUDA RNG states of process r    | weights_only |
 | `state-{name}.json` or `.pt`   | a registered state (`-rank{r}` suffix when kept per process) | json or w.o. |
 | `trainer_state.json`           | step, non-finite counters, world size, format version        | json         |
+| `config.json`                  | the run's resolved config (a resume compares it with its own) | json         |
 | `manifest.json`                | sha256 and size of every other file; written LAST            | json         |
 
 (weights_only: `torch.load(weights_only=True)`, which rebuilds tensors and plain containers only.)
@@ -18,20 +19,27 @@ fsynced, the manifest goes in last, and only then is the directory renamed to `s
 point leaves either no `step-N` or a complete one; a `step-N` whose manifest is missing or does not match
 the bytes (copied by hand, disk error) is not "complete" and resume skips it with a warning. Nothing is
 ever unpickled: tensors go through safetensors or `torch.load(weights_only=True)`, the rest is JSON.
+
+A checkpoint whose manifest matches but whose content cannot be loaded anyway (a file truncated and re-hashed, a
+foreign pickle) raises `CheckpointError` naming the file, and `Engine.resume` falls back to the previous one. A
+write that runs out of disk space removes its temporary directory, keeps every earlier checkpoint, and raises
+`DiskFullError` (exit status 74) with the path and the bytes it needed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import inspect
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +58,7 @@ TRAINER_STATE = "trainer_state.json"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
+CONFIG_FILE = "config.json"
 REQUIRED_FILES = (MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, TRAINER_STATE)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _STATE_NAME = re.compile(r"^[A-Za-z0-9_.]+$")
@@ -57,6 +66,12 @@ _STATE_NAME = re.compile(r"^[A-Za-z0-9_.]+$")
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint is incomplete or corrupted, or would hold non-finite weights."""
+
+
+class DiskFullError(CheckpointError):
+    """No space left on the device while writing a checkpoint or final/; earlier checkpoints are intact."""
+
+    exit_code = 74  # EX_IOERR: not a problem with the data or the config, and not worth retrying as is
 
 
 # ---------------------------------------------------------------- files and durability
@@ -179,38 +194,45 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def find_latest_complete(root: Path) -> Path | None:
-    """The newest checkpoint under `root` whose manifest verifies; newer broken ones are skipped with a warning."""
+def complete_checkpoints(root: Path) -> Iterator[Path]:
+    """The checkpoints under `root` whose manifest verifies, newest first (each verified when it is reached);
+    broken ones are skipped with a warning."""
     for _, path in reversed(list_checkpoints(root)):
         try:
             verify_checkpoint(path)
         except CheckpointError as e:
             logger.warning("ignoring incomplete checkpoint: %s", e)
             continue
-        return path
-    return None
+        yield path
 
 
-def resolve_resume_path(run_dir: Path, resume: str) -> Path | None:
-    """Which checkpoint `checkpoint.resume` means: None for a fresh start.
+def find_latest_complete(root: Path) -> Path | None:
+    """The newest checkpoint under `root` whose manifest verifies; newer broken ones are skipped with a warning."""
+    return next(complete_checkpoints(root), None)
 
-    "never" -> None; "auto" -> newest complete checkpoint in `run_dir/checkpoints` or None; anything else is a
-    path: a checkpoint directory (verified; a broken one raises) or a directory of `step-N` checkpoints.
+
+def resume_candidates(run_dir: Path, resume: str) -> tuple[list[Path], bool]:
+    """Which checkpoints `checkpoint.resume` lets a run start from, in the order to try them, and whether the
+    user named one (then only that one may be used).
+
+    "never" -> none; "auto" -> every complete checkpoint in `run_dir/checkpoints`, newest first (a resume falls
+    back to the next when one cannot be loaded); anything else is a path: a checkpoint directory (verified; a
+    broken one raises) or a directory of `step-N` checkpoints (its newest complete one).
     """
     if resume == "never":
-        return None
+        return [], False
     if resume == "auto":
-        return find_latest_complete(run_dir / "checkpoints")
+        return list(complete_checkpoints(run_dir / "checkpoints")), False
     path = Path(resume).expanduser()
     if not path.exists():
         raise CheckpointError(f"checkpoint.resume: {path} does not exist")
     if (path / MANIFEST).exists() or _STEP_DIR.match(path.name):
         verify_checkpoint(path)
-        return path
+        return [path], True
     latest = find_latest_complete(path)
     if latest is None:
         raise CheckpointError(f"checkpoint.resume: no complete checkpoint under {path}")
-    return latest
+    return [latest], True
 
 
 def prune_checkpoints(root: Path, keep_last: int, newest: Path) -> None:
@@ -242,31 +264,68 @@ def write_checkpoint(
     states: dict[str, Any],
     trainer_state: dict[str, Any],
     keep_last: int,
+    config: dict[str, Any] | None = None,
 ) -> Path:
     """Write `root/step-N` atomically and prune to `keep_last`; main process only. Returns the directory.
 
     `per_rank` holds (rank, rng_state, {name: state}) for every process; `states` the shared registered
-    states. The caller has checked the weights are finite.
+    states; `config` the run's resolved config. The caller has checked the weights are finite.
     """
     root.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_dirs(root)
     tmp = root / f".tmp-step-{step}-{os.getpid()}"
     tmp.mkdir()
-    save_model(model, str(tmp / MODEL_FILE))
-    torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
-    torch.save(scheduler_state, tmp / SCHEDULER_FILE)
-    for rank, rng, rank_states in per_rank:
-        torch.save(rng, tmp / f"rng-rank{rank}.pt")
-        for name, state in rank_states.items():
-            save_state_file(tmp, f"state-{name}-rank{rank}", state)
-    for name, state in states.items():
-        save_state_file(tmp, f"state-{name}", state)
-    write_json(tmp / TRAINER_STATE, {**trainer_state, "step": step, "format_version": FORMAT_VERSION})
-    write_manifest(tmp, step)
+    with writing(tmp, (model.state_dict(), optimizer_state)):
+        save_model(model, str(tmp / MODEL_FILE))
+        torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+        torch.save(scheduler_state, tmp / SCHEDULER_FILE)
+        for rank, rng, rank_states in per_rank:
+            torch.save(rng, tmp / f"rng-rank{rank}.pt")
+            for name, state in rank_states.items():
+                save_state_file(tmp, f"state-{name}-rank{rank}", state)
+        for name, state in states.items():
+            save_state_file(tmp, f"state-{name}", state)
+        write_json(tmp / TRAINER_STATE, {**trainer_state, "step": step, "format_version": FORMAT_VERSION})
+        if config is not None:
+            write_json(tmp / CONFIG_FILE, config)
+        write_manifest(tmp, step)
     final = root / step_dir_name(step)
     commit_dir(tmp, final)
     prune_checkpoints(root, keep_last, final)
     return final
+
+
+def nbytes(obj: Any) -> int:
+    """Bytes of the tensors in a nested structure of dicts, lists and tuples."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, Mapping):
+        return sum(nbytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(nbytes(v) for v in obj)
+    return 0
+
+
+@contextlib.contextmanager
+def writing(tmp: Path, contents: Any) -> Iterator[None]:
+    """Write into the temporary directory `tmp`; on any failure remove it. Running out of disk space (ENOSPC, or
+    torch's "unexpected pos" from a short write, with the disk then nearly full) becomes `DiskFullError` naming
+    the path and the bytes that `contents` (the tensors being saved) need."""
+    try:
+        yield
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError | RuntimeError):
+            free = shutil.disk_usage(tmp.parent).free
+            need = nbytes(contents)
+            full = (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or free < max(need, 1 << 20)
+            if full:
+                raise DiskFullError(
+                    f"no space left on device writing {tmp.parent}: it needs about {need / 2**20:.1f} MiB "
+                    f"({need} bytes), {free / 2**20:.1f} MiB are free; earlier checkpoints are intact. Free some "
+                    "space, write elsewhere (output_dir), or keep fewer checkpoints (checkpoint.keep_last)"
+                ) from None
+        raise
 
 
 def save_pretrained_atomic(model: nn.Module, tokenizer: Any, out: Path) -> None:
@@ -277,12 +336,13 @@ def save_pretrained_atomic(model: nn.Module, tokenizer: Any, out: Path) -> None:
     kwargs = {}
     if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
         kwargs["safe_serialization"] = True  # transformers 4.x; 5.x always writes safetensors
-    model.save_pretrained(tmp, **kwargs)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    for p in tmp.rglob("*"):
-        if p.is_file():
-            fsync_file(p)
+    with writing(tmp, model.state_dict()):
+        model.save_pretrained(tmp, **kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                fsync_file(p)
     commit_dir(tmp, out)
 
 
@@ -303,18 +363,54 @@ def load_checkpoint(
     draw random numbers after the restore.
     """
     # safetensors rejects "cpu:N", the device accelerate gives CPU processes
-    load_model(model, path / MODEL_FILE, strict=True, device="cpu" if device.type == "cpu" else str(device))
-    optimizer.load_state_dict(load_tensors_file(path / OPTIMIZER_FILE))
-    scheduler.load_state_dict(load_tensors_file(path / SCHEDULER_FILE))
+    where = "cpu" if device.type == "cpu" else str(device)
+    with loading(path / MODEL_FILE):
+        load_model(model, path / MODEL_FILE, strict=True, device=where)
+    with loading(path / OPTIMIZER_FILE):
+        optimizer.load_state_dict(load_tensors_file(path / OPTIMIZER_FILE))
+    with loading(path / SCHEDULER_FILE):
+        scheduler.load_state_dict(load_tensors_file(path / SCHEDULER_FILE))
     for stem, obj in states.items():
-        obj.load_state_dict(load_state_file(path, f"state-{stem}"))
-    trainer_state: dict[str, Any] = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
+        with loading(path / f"state-{stem}"):
+            obj.load_state_dict(load_state_file(path, f"state-{stem}"))
+    with loading(path / TRAINER_STATE):
+        trainer_state: dict[str, Any] = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
+        for key in ("step", "world_size", "nonfinite_skips", "consecutive_nonfinite"):
+            trainer_state[key] = int(trainer_state[key])  # what a resume reads, checked before it is used
     rng_file = path / f"rng-rank{rank}.pt"
     if rng_file.is_file():
-        restore_rng_state(load_tensors_file(rng_file))
+        with loading(rng_file):
+            restore_rng_state(load_tensors_file(rng_file))
     else:
         logger.warning("%s has no RNG state for process %d; random streams will differ", path, rank)
     return trainer_state
+
+
+def load_config_file(path: Path) -> dict[str, Any] | None:
+    """The resolved config a checkpoint was written with (None for checkpoints older than that file)."""
+    file = path / CONFIG_FILE
+    if not file.is_file():
+        return None
+    with loading(file):
+        config: dict[str, Any] = json.loads(file.read_text(encoding="utf-8"))
+    return config
+
+
+@contextlib.contextmanager
+def loading(file: Path) -> Iterator[None]:
+    """Any failure to load `file` becomes a `CheckpointError` that names it and says why, in one line (never
+    torch's advice to turn off weights_only: a file that is not plain tensors is simply not loaded)."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{file}: holds objects other than tensors and plain containers; not loaded, for safety"
+        ) from None
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{file}: cannot be loaded ({type(exc).__name__}: {reason[:200]})") from None
 
 
 # ---------------------------------------------------------------- contents

@@ -7,8 +7,11 @@ owns the parts that are easy to get subtly wrong and identical across algorithms
   batch) / (global unit count), however the batch is split into micro-batches and processes;
 * gradient clipping, a non-finite guard that skips a bad step without touching weights, optimizer or schedule;
 * the LR schedule, deterministic metrics (`metrics.jsonl`), wall-clock figures (`perf.jsonl`), progress bar;
-* atomic checkpoints and an exact resume (weights, optimizer, schedule, every RNG stream, registered states);
-* SIGTERM/SIGINT: finish the step, checkpoint, exit with EXIT_INTERRUPTED (75) so schedulers can requeue.
+* atomic checkpoints and an exact resume (weights, optimizer, schedule, every RNG stream, registered states),
+  refused when the config changed in a way that changes the computation, falling back to the previous
+  checkpoint when one cannot be loaded, and never written while a non-finite streak is open;
+* SIGTERM/SIGINT: finish the step, checkpoint, exit with EXIT_INTERRUPTED (75) so schedulers can requeue;
+* at the end, `check_trained`: a run that made no update, or skipped too many, ends with an error, not a final/.
 
 Host syncs: a step makes exactly one (reading the finite/stop flags after the all-reduce), plus one more on
 logging steps (`logging.every`) to turn the metrics into Python floats, and a skipped step two to print its
@@ -31,14 +34,12 @@ from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from torch import Tensor, nn
 
 from rlhf.config import CheckpointConfig, LoggingConfig, OptimConfig, ScheduleConfig, TrainConfig
-from rlhf.errors import UserError
+from rlhf.errors import EXIT_INTERRUPTED, UserError
 from rlhf.runtime import checkpoint as ckpt
 from rlhf.runtime.run_dir import RunLog, StopSignals, flatten, write_config
 
 logger = logging.getLogger(__name__)
 
-EXIT_INTERRUPTED = 75
-"""Exit status after a SIGTERM/SIGINT was handled by checkpointing (EX_TEMPFAIL: "try again", i.e. resume)."""
 
 SCHEDULES = ("constant", "linear", "cosine")
 
@@ -47,7 +48,26 @@ LossFn = Callable[[nn.Module, Any], tuple[Tensor, Tensor | int | float, dict[str
 
 
 class NonFiniteError(UserError, RuntimeError):
-    """Training stopped because too many optimizer steps in a row had a non-finite loss or gradient."""
+    """Training stopped because too many optimizer steps had a non-finite loss or gradient."""
+
+
+class ConfigChangeError(UserError):
+    """A resume whose config changes the computation of the checkpointed run. Exit status 2, like a config error."""
+
+    exit_code = 2
+
+
+IGNORED_ON_RESUME = ("logging.", "checkpoint.", "output_dir")
+"""Config keys (prefixes) a resume may change freely: they change what is logged or saved, not what is computed."""
+RUN_LENGTH = ("train.max_steps", "train.epochs", "total_episodes")
+"""Config keys a resume may change with a report: the run gets longer (or shorter); the LR schedule keeps the
+horizon it started with and holds its final value after it."""
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) for every setting that differs, keys of either side included."""
+    a, b = flatten(old), flatten(new)
+    return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
 
 
 def lr_factor(step: int, schedule: ScheduleConfig, total_steps: int) -> float:
@@ -98,7 +118,10 @@ class Engine:
         if schedule.name not in SCHEDULES:
             raise ValueError(f"schedule.name {schedule.name!r}: expected one of {', '.join(SCHEDULES)}")
         self.run_dir = Path(run_dir)
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise UserError(f"output_dir: {self.run_dir} exists and is not a directory")
         self.seed, self.total_steps = seed, total_steps
+        self.schedule_total = total_steps  # the LR schedule's horizon: the run's first total, kept on resume
         self.optim_cfg, self.schedule_cfg, self.train_cfg = optim, schedule, train
         self.logging_cfg, self.checkpoint_cfg = logging, checkpoint
         self.accelerator = Accelerator(
@@ -124,11 +147,12 @@ class Engine:
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         # Not prepared on purpose: accelerate's scheduler wrapper steps once per process per call.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer.optimizer, lambda s: lr_factor(s, schedule, total_steps)
+            self.optimizer.optimizer, lambda s: lr_factor(s, schedule, self.schedule_total)
         )
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         self._acc_dtype = torch.float32 if self.device.type == "mps" else torch.float64
-        self.step = self.nonfinite_skips = self.consecutive_nonfinite = 0
+        self.step = self.nonfinite_skips = self.consecutive_nonfinite = self.bad_skips = 0
+        self._config = config_dict
         self._states: dict[str, Any] = {}
         self._per_rank: set[str] = set()
         self._started = False
@@ -142,9 +166,7 @@ class Engine:
         self._report_pending = False
         self._closed = False
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if config_dict is not None:
-                write_config(self.run_dir, config_dict)
+            self.run_dir.mkdir(parents=True, exist_ok=True)  # config.yaml is written once the run (re)starts
         if logging.trackers:
             self.accelerator.init_trackers("rlhf", config=flatten(config_dict or {}))
         self._signals.install()
@@ -258,7 +280,7 @@ class Engine:
         flags = torch.stack([torch.isfinite(loss), torch.isfinite(grad_norm), stats[2] > 0])
         loss_ok, grad_ok, stop_any = flags.tolist()  # the step's one host sync
 
-        lr = self.scheduler.get_last_lr()[0]
+        lr = self.optimizer.optimizer.param_groups[0]["lr"]  # what this step applies (the schedule set it)
         if loss_ok and grad_ok:
             self.optimizer.step()
             self.scheduler.step()
@@ -280,11 +302,12 @@ class Engine:
         # An fp16 overflow with a finite loss is the loss scaler's normal business, not a divergence.
         if not (loss_ok and scaler is not None):
             self.consecutive_nonfinite += 1
+            self.bad_skips += 1
         logger.warning(
             "step %d: update skipped, non-finite %s (%d in a row)", self.step, values, self.consecutive_nonfinite
         )
         limit = self.train_cfg.max_consecutive_nonfinite
-        if limit > 0 and self.consecutive_nonfinite >= limit:
+        if limit > 0 and self.consecutive_nonfinite >= limit:  # 0: never
             raise NonFiniteError(
                 f"{self.consecutive_nonfinite} optimizer steps in a row had a non-finite loss or gradient "
                 f"(up to step {self.step}); stopping. Lower optim.lr, keep optim.max_grad_norm > 0, check the "
@@ -341,6 +364,8 @@ class Engine:
             self._begin(self.step, fresh=True)
 
     def _begin(self, step: int, *, fresh: bool) -> None:
+        if self.is_main and self._config is not None:
+            write_config(self.run_dir, self._config)
         self._runlog.start(step, fresh=fresh)
         self._report_pending = bool(self._data_report) and not self._runlog.has_metrics()
         self._started = True
@@ -354,8 +379,19 @@ class Engine:
         if every > 0 and self.step % every == 0 and self.step != self._last_saved_step:
             self.save_checkpoint()
 
-    def save_checkpoint(self) -> Path:
-        """Write `checkpoints/step-N` atomically (see checkpoint.py), then prune to checkpoint.keep_last."""
+    def save_checkpoint(self) -> Path | None:
+        """Write `checkpoints/step-N` atomically (see checkpoint.py), then prune to checkpoint.keep_last.
+
+        Not while a non-finite streak is open (the last step was skipped): weights that diverged may still be
+        finite, and a checkpoint of them would push the good ones out. Returns None then.
+        """
+        if self.consecutive_nonfinite > 0:
+            logger.warning(
+                "step %d: no checkpoint while a non-finite streak is open (%d step(s)); the earlier ones are kept",
+                self.step,
+                self.consecutive_nonfinite,
+            )
+            return None
         root = self.run_dir / "checkpoints"
         final = root / ckpt.step_dir_name(self.step)
         model = self.unwrapped_model
@@ -374,6 +410,7 @@ class Engine:
                 states={n: obj.state_dict() for n, obj in self._states.items() if n not in self._per_rank},
                 trainer_state={"world_size": self.world_size, **self._counters()},
                 keep_last=self.checkpoint_cfg.keep_last,
+                config=self._config,
             )
         self.accelerator.wait_for_everyone()
         self._last_saved_step = self.step
@@ -385,30 +422,82 @@ class Engine:
         Restores weights, optimizer, LR schedule, every RNG stream of this process, registered states, the
         step and the non-finite counters, and cuts metrics.jsonl / perf.jsonl / samples.jsonl back to the
         restored step, so the resumed run's metrics.jsonl equals an uninterrupted run's byte for byte.
+        With `auto`, a checkpoint that cannot be loaded is a warning and the previous one is tried; only when
+        none loads is it an error. A config that differs from the checkpoint's in what it computes is refused
+        (`ConfigChangeError`, listing the differences) unless checkpoint.allow_config_change is set.
         """
-        choice: list[Any] = [None, None]
+        choice: list[Any] = [[], None, False]  # candidate paths, an error, whether the user named the checkpoint
         if self.is_main:
             try:
-                path = ckpt.resolve_resume_path(self.run_dir, self.checkpoint_cfg.resume)
-                choice[0] = None if path is None else str(path)
+                paths, named = ckpt.resume_candidates(self.run_dir, self.checkpoint_cfg.resume)
+                choice = [[str(p) for p in paths], None, named]
             except ckpt.CheckpointError as e:
                 choice[1] = str(e)
         if self.world_size > 1:
             broadcast_object_list(choice)
-        if choice[1] is not None:
-            raise ckpt.CheckpointError(choice[1])
-        if choice[0] is None:
+        candidates, error, named = choice
+        if error is not None:
+            raise ckpt.CheckpointError(error)
+        if not candidates:
             self._begin(self.step, fresh=True)
             return False
-        self._load_checkpoint(Path(choice[0]))
+        self._check_config(Path(candidates[0]))
+        failures = []
+        for path in map(Path, candidates):
+            try:
+                self._load_checkpoint(path)
+                break
+            except ckpt.CheckpointError as e:
+                if named:
+                    raise
+                failures.append(str(e))
+                logger.warning("cannot resume from %s: %s; trying the previous checkpoint", path.name, e)
+        else:
+            raise ckpt.CheckpointError(
+                f"no checkpoint in {self.run_dir / 'checkpoints'} could be loaded ({len(failures)} tried; the "
+                f"newest: {failures[0]}); start fresh with --checkpoint.resume never"
+            )
         self._begin(self.step, fresh=False)
         if self.is_main:
-            logger.info("resumed from %s at step %d", choice[0], self.step)
+            logger.info("resumed from %s at step %d", path, self.step)
         self.accelerator.wait_for_everyone()
         return True
 
+    def _check_config(self, path: Path) -> None:
+        """Refuse, or report, what the config of this run changes against the checkpoint's (`config.json`)."""
+        old = ckpt.load_config_file(path)
+        if old is None or self._config is None:
+            return
+        changes = [c for c in config_changes(old, self._config) if not c[0].startswith(IGNORED_ON_RESUME)]
+        refused = [c for c in changes if c[0] not in RUN_LENGTH]
+        listed = "; ".join(f"{k} {a!r} -> {b!r}" for k, a, b in (refused or changes))
+        if refused and not self.checkpoint_cfg.allow_config_change:
+            raise ConfigChangeError(
+                f"{path} was written with another config: {listed}. Start fresh with --checkpoint.resume never (or "
+                "another output_dir), or resume with these changes: --checkpoint.allow_config_change"
+            )
+        if changes and self.is_main:
+            logger.warning("resuming %s with changed settings: %s", path, listed)
+
     def _counters(self) -> dict[str, int]:
-        return {"nonfinite_skips": self.nonfinite_skips, "consecutive_nonfinite": self.consecutive_nonfinite}
+        return {
+            "nonfinite_skips": self.nonfinite_skips,
+            "consecutive_nonfinite": self.consecutive_nonfinite,
+            "bad_skips": self.bad_skips,
+            "schedule_total_steps": self.schedule_total,
+        }
+
+    def _apply_optim_config(self) -> None:
+        """The optimizer's hyperparameters as this run's config says, not as the checkpoint saved them: loading
+        an optimizer state also restores each group's lr, betas, eps and weight decay, which would silently undo a
+        change the user allowed (`checkpoint.allow_config_change`). Unchanged, they are the same numbers."""
+        cfg = self.optim_cfg
+        self.scheduler.base_lrs = [cfg.lr for _ in self.scheduler.base_lrs]
+        factor = lr_factor(self.scheduler.last_epoch, self.schedule_cfg, self.schedule_total)
+        for group in self.optimizer.optimizer.param_groups:
+            decays = group["params"][0].ndim >= 2  # `param_groups`: matrices decay, 1-D tensors do not
+            group.update(betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay if decays else 0.0)
+            group.update(initial_lr=cfg.lr, lr=cfg.lr * factor)
 
     def _load_checkpoint(self, path: Path) -> None:
         state = ckpt.load_checkpoint(
@@ -423,6 +512,20 @@ class Engine:
         self.step = self._last_saved_step = int(state["step"])
         self.nonfinite_skips = int(state["nonfinite_skips"])
         self.consecutive_nonfinite = int(state["consecutive_nonfinite"])
+        self.bad_skips = int(state.get("bad_skips", self.nonfinite_skips))
+        self.schedule_total = int(state.get("schedule_total_steps", self.total_steps))
+        self._apply_optim_config()
+        if self.schedule_total != self.total_steps and self.is_main:
+            final = lr_factor(self.schedule_total, self.schedule_cfg, self.schedule_total) * self.optim_cfg.lr
+            logger.warning(
+                "the run is now %d steps (it was %d): the learning-rate schedule keeps its %d-step horizon and "
+                "holds its final value %.3g after it%s",
+                self.total_steps,
+                self.schedule_total,
+                self.schedule_total,
+                final,
+                " (0: the steps after it change nothing; set schedule.min_lr_ratio)" if final == 0 else "",
+            )
         if state["world_size"] != self.world_size:
             logger.warning("checkpoint from %d processes, resuming on %d", state["world_size"], self.world_size)
 
@@ -435,17 +538,38 @@ class Engine:
     def interrupt(self) -> NoReturn:
         """Checkpoint the current step (unless it just was), close, and exit with EXIT_INTERRUPTED (75)."""
         path = self.run_dir / "checkpoints" / ckpt.step_dir_name(self.step)
+        saved: Path | None = path
         if self._last_saved_step != self.step or not (path / ckpt.MANIFEST).is_file():
-            path = self.save_checkpoint()
+            saved = self.save_checkpoint()
         if self.is_main:
+            where = f"checkpoint {saved}" if saved is not None else "no checkpoint (a non-finite streak is open)"
             print(
-                f"rlhf: interrupted at step {self.step}; checkpoint {path}. Run the same command again to "
-                "resume (checkpoint.resume: auto).",
+                f"rlhf: interrupted at step {self.step}; {where}. Run the same command again to resume from the "
+                "newest complete checkpoint (checkpoint.resume: auto).",
                 file=sys.stderr,
                 flush=True,
             )
         self.close()
         raise SystemExit(EXIT_INTERRUPTED)
+
+    def check_trained(self) -> None:
+        """Before the final model is saved: a run whose every step was skipped, or more than
+        train.max_nonfinite_fraction of them for a non-finite loss or gradient, raises NonFiniteError (the
+        weights are what they were, or worse), so it never looks like a finished run."""
+        if self.step == 0:
+            return
+        advice = "Lower optim.lr, keep optim.max_grad_norm > 0, check the data and the reward for huge values."
+        if self.nonfinite_skips == self.step:
+            raise NonFiniteError(
+                f"none of the {self.step} optimizer steps made an update (every loss or gradient was non-finite, see "
+                f"train/nonfinite_skips); final/ is not written. {advice}"
+            )
+        limit, fraction = self.train_cfg.max_nonfinite_fraction, self.bad_skips / self.step
+        if fraction > limit:
+            raise NonFiniteError(
+                f"{self.bad_skips} of {self.step} optimizer steps ({fraction:.0%}) were skipped for a non-finite loss "
+                f"or gradient, more than train.max_nonfinite_fraction ({limit:g}); final/ is not written. {advice}"
+            )
 
     def save_final(self, model_to_save: nn.Module, tokenizer: Any = None, *, subdir: str = "final") -> Path:
         """`save_pretrained` (safetensors) of the model and tokenizer into run_dir/<subdir>, atomically.

@@ -22,8 +22,10 @@ def save_final(engine: Engine, model: nn.Module, tokenizer: Any, *, base_path: s
     """Save `model` (and the tokenizer) to `run_dir/<subdir>`, LoRA merged; the adapter to `<subdir>_adapter/`.
 
     `base_path` is the checkpoint the adapters were trained on (the stage's `model.path`). Merging changes
-    `model` in place, so call this once training is over. Returns the `<subdir>` directory.
+    `model` in place, so call this once training is over. Returns the `<subdir>` directory. A run that did
+    not really train (`Engine.check_trained`) raises instead.
     """
+    engine.check_trained()
     if hasattr(model, "merge_and_unload"):
         for adapter in model.peft_config.values():
             adapter.base_model_name_or_path = str(Path(base_path).resolve())

@@ -9,6 +9,7 @@ of the same config (or a run and its resumed twin) produce byte-identical files.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -119,8 +120,21 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def json_safe(value: Any) -> Any:
+    """`value` with every non-finite float as the string "NaN", "Infinity" or "-Infinity", so that the line is
+    valid JSON (Python's json writes bare NaN, which is not)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
 class JsonlWriter:
-    """Appends one JSON object per line and flushes each, so a crash loses at most the line being written."""
+    """Appends one JSON object per line and flushes each, so a crash loses at most the line being written.
+    Non-finite floats are written as strings (`json_safe`): every line is valid JSON."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -129,7 +143,7 @@ class JsonlWriter:
     def write(self, record: dict[str, Any]) -> None:
         if self._f is None:
             self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open across calls
-        self._f.write(json.dumps(record) + "\n")
+        self._f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
         self._f.flush()
 
     def close(self) -> None:

@@ -1,0 +1,239 @@
+"""The fault paths, as a user meets them through `rlhf train`: each case reproduces what used to end badly (a
+silent no-op run, a silent config change on resume, a checkpoint that cannot be loaded, a full disk, checkpoints
+of diverged weights, tracebacks where one line was due) and checks what happens now."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from _resume import ENV
+
+from rlhf.cli import main
+from rlhf.runtime import checkpoint as ckpt
+from rlhf.tasks.sorting import write_task_files
+
+from _ppo_helpers import read_jsonl, write_prompts  # isort: skip
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return write_task_files(tmp_path_factory.mktemp("data"), n_train=64, n_eval=8)
+
+
+def sft(tiny_dirs: dict[str, str], files: dict[str, Path], out: Path, *extra: str) -> int:
+    return main(["train", "sft", f"--output_dir={out}", f"--model.path={tiny_dirs['llama']}",
+                 f"--data.train={files['sft']}", "--data.max_length=40", "--data.max_prompt_length=24",
+                 "--train.batch_size=4", "--train.micro_batch_size=4", "--optim.lr=3e-3", "--schedule.name=constant",
+                 "--logging.progress=false", *extra])  # fmt: skip
+
+
+def strict_json(path: Path) -> list[dict]:
+    """Every line of a JSON-lines file parsed as standard JSON (bare NaN / Infinity are not JSON)."""
+
+    def refuse(token: str) -> None:
+        raise ValueError(f"{path}: {token} is not JSON")
+
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+
+
+# ---------------------------------------------------------------- 1. a run that trained nothing
+
+
+def test_a_run_that_made_no_update_fails_and_writes_no_final(tiny_dirs, files, tmp_path, capsys):
+    """PPO on a reward of 1e38 per completion: the advantages overflow to inf, every update is skipped. Before:
+    exit 0 with final/ equal to the input and NaN in metrics.jsonl. Now: exit 1 with one line, no final/, and
+    metrics.jsonl is standard JSON with the non-finite values as strings."""
+    (tmp_path / "huge.py").write_text("def f(prompts, completions, **_):\n    return [1e38] * len(completions)\n")
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 16)
+    out = tmp_path / "ppo"
+    status = main(["train", "ppo", f"--output_dir={out}", f"--model.path={tiny_dirs['llama']}",
+                   f"--data.train={prompts}", f"--reward.function={tmp_path / 'huge.py'}:f", "--rollout.batch_size=4",
+                   "--rollout.max_new_tokens=4", "--train.batch_size=4", "--train.micro_batch_size=4",
+                   "--total_episodes=12", "--ppo_epochs=1", "--whiten_advantages=false",
+                   "--logging.progress=false"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert status == 1 and "Traceback" not in err
+    assert "rlhf: error: none of the 3 optimizer steps made an update" in err and "final/ is not written" in err
+    assert not (out / "final").exists()
+    lines = strict_json(out / "metrics.jsonl")
+    assert lines[-1]["train/nonfinite_skips"] == 3 and lines[0]["train/loss"] in ("NaN", "Infinity", "-Infinity")
+
+
+def test_too_many_skipped_steps_fail_the_run(tiny_dirs, files, tmp_path, capsys):
+    """An SFT run whose every step is non-finite (lr 1e30 makes the first update overflow, the rest are skipped):
+    more than train.max_nonfinite_fraction of the steps skipped is an error at the end; 0 for
+    max_consecutive_nonfinite means "never abort", as its doc says."""
+    status = sft(tiny_dirs, files, tmp_path / "run", "--optim.lr=1e30", "--optim.max_grad_norm=0",
+                 "--train.max_steps=6", "--train.max_consecutive_nonfinite=0")  # fmt: skip
+    err = capsys.readouterr().err
+    assert status == 1 and "more than train.max_nonfinite_fraction (0.1); final/ is not written" in err
+    assert not (tmp_path / "run" / "final").exists()
+
+
+# ---------------------------------------------------------------- 2. resuming with another config
+
+
+def test_resuming_with_a_changed_config_is_refused_and_lists_the_changes(tiny_dirs, files, tmp_path, capsys, caplog):
+    """A finished 8-step run rerun with another learning rate and batch size: exit 2, one line listing each change
+    (old -> new) and both ways out; config.yaml is left alone. Allowed explicitly, it resumes; a longer run is an
+    allowed, reported change whose (constant) learning rate carries on."""
+    out = tmp_path / "run"
+    assert sft(tiny_dirs, files, out, "--train.max_steps=8", "--checkpoint.every=4") == 0
+    config = (out / "config.yaml").read_text()
+    capsys.readouterr()
+    assert sft(tiny_dirs, files, out, "--train.max_steps=8", "--checkpoint.every=4", "--optim.lr=1e-4",
+               "--train.batch_size=8", "--train.micro_batch_size=8") == 2  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "optim.lr 0.003 -> 0.0001; train.batch_size 4 -> 8; train.micro_batch_size 4 -> 8" in err
+    assert "--checkpoint.resume never" in err and "--checkpoint.allow_config_change" in err
+    assert (out / "config.yaml").read_text() == config
+
+    assert sft(tiny_dirs, files, out, "--train.max_steps=12", "--checkpoint.every=4") == 0
+    lines = read_jsonl(out / "metrics.jsonl")
+    assert [m["step"] for m in lines] == list(range(1, 13)) and {m["train/lr"] for m in lines} == {3e-3}
+    assert "with changed settings: train.max_steps 8 -> 12" in caplog.text  # the longer run is reported
+    assert "the run is now 12 steps (it was 8)" in caplog.text
+
+    allowed = ("--train.max_steps=12", "--optim.lr=1e-4", "--checkpoint.allow_config_change")
+    assert sft(tiny_dirs, files, out, *allowed) == 0
+    assert "optim.lr 0.003 -> 0.0001" in caplog.text
+
+
+# ---------------------------------------------------------------- 3. a checkpoint that cannot be loaded
+
+
+def rehash(path: Path) -> None:
+    """Recompute a checkpoint's manifest for its files as they are now: the damage is invisible to it."""
+    ckpt.write_manifest(path, int(path.name.removeprefix("step-")))
+
+
+class Planted:  # pickled into optimizer.pt: weights_only must refuse it
+    pass
+
+
+@pytest.mark.parametrize("damage", ["truncated scheduler.pt", "garbage trainer_state.json", "planted pickle"])
+def test_an_unloadable_checkpoint_falls_back_to_the_previous_one(tiny_dirs, files, tmp_path, capsys, caplog, damage):
+    out = tmp_path / "run"
+    assert sft(tiny_dirs, files, out, "--train.max_steps=8", "--checkpoint.every=4") == 0
+    newest = out / "checkpoints" / "step-8"
+    if damage == "truncated scheduler.pt":
+        os.truncate(newest / "scheduler.pt", 100)
+        name = "scheduler.pt"
+    elif damage == "garbage trainer_state.json":
+        (newest / "trainer_state.json").write_text('{"step": "eight"')
+        name = "trainer_state.json"
+    else:
+        torch.save({"state": Planted()}, newest / "optimizer.pt")
+        name = "optimizer.pt"
+    rehash(newest)
+    capsys.readouterr()
+    assert sft(tiny_dirs, files, out, "--train.max_steps=8", "--checkpoint.every=4") == 0
+    err = capsys.readouterr().err + caplog.text
+    assert f"cannot resume from step-8: {newest / name}" in err and "trying the previous checkpoint" in err
+    assert "weights_only" not in err and "Traceback" not in err
+    assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == list(range(1, 9))  # steps 5-8 again
+
+    for step in (4, 8):  # now none of them loads: one line, no traceback
+        torch.save({"state": Planted()}, out / "checkpoints" / f"step-{step}" / "optimizer.pt")
+        rehash(out / "checkpoints" / f"step-{step}")
+    assert sft(tiny_dirs, files, out, "--train.max_steps=8", "--checkpoint.every=4") == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("rlhf: error: no checkpoint in") and err.endswith(
+        "start fresh with --checkpoint.resume never"
+    )
+
+
+# ---------------------------------------------------------------- 4. a full disk
+
+
+def test_a_full_disk_is_one_line_removes_its_litter_and_keeps_the_earlier_checkpoints(
+    tiny_dirs, files, tmp_path, capsys, monkeypatch
+):
+    """torch.save raising ENOSPC while step-8 is written (as on a full device): exit 74, "no space left on device"
+    with the path and the bytes needed, no .tmp-step-8 left behind, step-4 intact and verified."""
+    out = tmp_path / "run"
+    real_save = torch.save
+
+    def save(obj, f, *a, **kw):
+        if ".tmp-step-8" in str(f):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", save)
+    assert sft(tiny_dirs, files, out, "--train.max_steps=8", "--checkpoint.every=4") == 74
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"rlhf: error: no space left on device writing {out / 'checkpoints'}: it needs about")
+    assert "bytes)" in err and "earlier checkpoints are intact" in err and "Traceback" not in err
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-4"]
+    ckpt.verify_checkpoint(out / "checkpoints" / "step-4")
+
+
+# ---------------------------------------------------------------- 5. checkpoints during a non-finite streak
+
+
+def test_no_checkpoint_is_written_while_a_non_finite_streak_is_open(tiny_dirs, files, tmp_path, caplog):
+    """Four good steps (checkpoints 2 and 4), then lr 1e9: step 5's update ruins the weights (finite, huge), every
+    later step is non-finite and skipped. Before, the checkpoints written meanwhile held the ruined weights and
+    pushed out the good ones (keep_last 2); now none is written while the streak is open, so step-4, from before
+    the divergence, is still there for a resume with a lower learning rate; and the run ends with an error, leaving
+    the 4-step run's final/ as it was."""
+    out = tmp_path / "run"
+    assert sft(tiny_dirs, files, out, "--train.max_steps=4", "--checkpoint.every=2") == 0
+    final = (out / "final" / "model.safetensors").read_bytes()
+    status = sft(tiny_dirs, files, out, "--train.max_steps=12", "--checkpoint.every=2", "--optim.lr=1e9",
+                 "--checkpoint.allow_config_change")  # fmt: skip
+    assert status == 1 and "step 6: no checkpoint while a non-finite streak is open" in caplog.text
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    assert (out / "final" / "model.safetensors").read_bytes() == final
+
+
+# ---------------------------------------------------------------- 6. one line instead of a traceback
+
+
+def test_message_data_with_a_tokenizer_without_a_chat_template_names_both(tiny_dirs, files, tmp_path, capsys):
+    import shutil
+
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_dirs["llama"], plain)
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    assert main(["train", "sft", f"--output_dir={tmp_path / 'run'}", f"--model.path={plain}",
+                 f"--data.train={files['sft']}", "--logging.progress=false"]) == 1  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"rlhf: error: {files['sft']}: the tokenizer has no chat template") and str(plain) in err
+
+
+def test_an_output_dir_that_is_a_file_is_one_line(tiny_dirs, files, tmp_path, capsys):
+    (tmp_path / "taken").write_text("not a directory")
+    assert sft(tiny_dirs, files, tmp_path / "taken", "--train.max_steps=2") == 1
+    assert (
+        capsys.readouterr().err.strip()
+        == f"rlhf: error: output_dir: {tmp_path / 'taken'} exists and is not a directory"
+    )
+
+
+def test_sigterm_while_loading_exits_75_with_a_message(tiny_dirs, files, tmp_path):
+    """SIGTERM before the first step (here: while the process imports torch and loads): exit 75, one line. Before,
+    the default handler ended it with 143 and nothing said why."""
+    cmd = [sys.executable, "-m", "rlhf", "train", "sft", f"--output_dir={tmp_path / 'run'}",
+           f"--model.path={tiny_dirs['llama']}", f"--data.train={files['sft']}",
+           "--logging.progress=false"]  # fmt: skip
+    p = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # past the interpreter's start and `import rlhf.cli`, well before the first step
+    assert p.poll() is None
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 75, err[-2000:]
+    assert "rlhf: got SIGTERM: stopped before the first step" in err or "interrupted at step 0" in err
