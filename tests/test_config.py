@@ -402,3 +402,20 @@ def test_the_section_tables_of_docs_config_md_match_the_dataclasses() -> None:
                 "rollout": RolloutConfig, "reward": RewardConfig, "kl": KLConfig, "eval": OnlineEvalConfig}  # fmt: skip
     for name, cls in sections.items():
         assert f"### `{name}` ({cls.__name__})\n\n" + config_markdown(cls, f"{name}.") in page, name
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "key", "ours"),
+    [
+        ("sft", "per_device_train_batch_size", "train.micro_batch_size"),
+        ("ppo", "beta", "kl.coef"),
+        ("grpo", "num_generations", "group_size"),
+        ("grpo", "loss_type", "loss_aggregation"),
+        ("dpo", "num_train_epochs", "train.epochs"),
+    ],  # fmt: skip
+)
+def test_trl_argument_names_point_to_ours(algorithm: str, key: str, ours: str) -> None:
+    from rlhf.cli import train_config, trainer_module
+
+    with pytest.raises(ConfigError, match=f"unknown key '{key}' \\(that is TRL's name; here it is '{ours}'\\)"):
+        train_config(algorithm, trainer_module(algorithm), None, [f"--{key}", "1"])

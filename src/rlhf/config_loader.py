@@ -216,7 +216,53 @@ def _suggest(cls: type, name: str) -> str | None:
     return best[1] if best[0] >= 0.6 else None
 
 
+TRL_NAMES: dict[str, tuple[str, ...]] = {
+    "learning_rate": ("optim.lr",),
+    "per_device_train_batch_size": ("train.micro_batch_size",),
+    "gradient_accumulation_steps": ("train.batch_size",),
+    "num_train_epochs": ("train.epochs",),
+    "max_steps": ("train.max_steps",),
+    "warmup_steps": ("schedule.warmup_steps",),
+    "lr_scheduler_type": ("schedule.name",),
+    "weight_decay": ("optim.weight_decay",),
+    "max_grad_norm": ("optim.max_grad_norm",),
+    "adam_beta1": ("optim.beta1",),
+    "adam_beta2": ("optim.beta2",),
+    "bf16": ("train.mixed_precision",),
+    "fp16": ("train.mixed_precision",),
+    "gradient_checkpointing": ("model.gradient_checkpointing",),
+    "model_name_or_path": ("model.path",),
+    "logging_steps": ("logging.every",),
+    "report_to": ("logging.trackers",),
+    "save_steps": ("checkpoint.every",),
+    "save_total_limit": ("checkpoint.keep_last",),
+    "max_length": ("data.max_length",),
+    "max_prompt_length": ("data.max_prompt_length",),
+    "beta": ("beta", "kl.coef"),
+    "kl_coef": ("kl.coef",),
+    "num_generations": ("group_size",),
+    "max_completion_length": ("rollout.max_new_tokens",),
+    "response_length": ("rollout.max_new_tokens",),
+    "temperature": ("rollout.temperature",),
+    "num_ppo_epochs": ("ppo_epochs",),
+    "num_iterations": ("ppo_epochs",),
+    "cliprange": ("clip_low",),
+    "epsilon": ("clip_low",),
+    "epsilon_high": ("clip_high",),
+    "cliprange_value": ("value_clip",),
+    "loss_type": ("loss_type", "loss_aggregation"),
+    "scale_rewards": ("scale_by_std",),
+}
+"""TRL's argument names -> ours (the first that the config has), for the "did you mean" of an unknown key.
+Batches differ in kind: our train.batch_size is the global batch (TRL's per-device batch x accumulation x
+processes), our train.micro_batch_size TRL's per_device_train_batch_size."""
+
+
 def _unknown_key(cls: type, name: str, prefix: str, rest: str = "") -> ConfigError:
+    if not prefix and not rest and name in TRL_NAMES:
+        ours = next((k for k in TRL_NAMES[name] if k in _all_keys(cls) and k != name), None)
+        if ours is not None:
+            return ConfigError(f"unknown key {name!r} (that is TRL's name; here it is {ours!r})")
     suggestion = _suggest(cls, name)
     valid = ", ".join(field_types(cls))
     hint = f"did you mean {prefix + suggestion + rest!r}?" if suggestion else f"valid keys: {valid}"
@@ -358,8 +404,10 @@ def load_config(
     overrides: Sequence[str] = (),
     *,
     preset: Mapping[str, Any] | None = None,
+    values: Sequence[Mapping[str, Any]] = (),
 ) -> T:
-    """An instance of config dataclass `cls`: defaults, then `preset`, the YAML file, the overrides; validated."""
+    """An instance of config dataclass `cls`: defaults, then `preset`, the YAML file, `values` (nested mappings,
+    as from Python), the command-line overrides; validated once, at the end."""
     if not (dataclasses.is_dataclass(cls) and isinstance(cls, type)):
         raise TypeError(f"load_config needs a dataclass type, got {cls!r}")
     cfg = cls()
@@ -371,6 +419,8 @@ def load_config(
             _apply_mapping(cfg, data, "", cli=False)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
+    for mapping in values:
+        _apply_mapping(cfg, mapping, "", cli=False)
     for key, value in parse_overrides(overrides):
         _set_dotted(cfg, key, value)
     validate_config(cfg)

@@ -59,7 +59,7 @@ from rlhf.losses import (
     ppo_policy_loss,
 )
 from rlhf.models import padding_free
-from rlhf.models.loading import apply_lora, disable_dropout, frozen_copy, load_causal_lm, load_tokenizer
+from rlhf.models.loading import apply_lora, disable_dropout, load_causal_lm, load_tokenizer, reference_policy
 from rlhf.models.value import PolicyWithValue, ValueConfig, load_critic
 from rlhf.rollout.batch import RolloutBatch
 from rlhf.rollout.config import (
@@ -135,10 +135,11 @@ class Config:
     stop_when: list[str] = field(default_factory=list)
     """Stop the run early (and save final/) once an iteration's metrics line meets one of these rules, e.g.
     `hacking/length_drift>1.5` or `eval/gold<0.5` (METRIC>VALUE, <, >=, <=)."""
-    ref_path: str | None = None
-    """A separate reference model directory; null: a frozen copy of the initial policy."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The policy, usually an SFT checkpoint."""
+    ref: ModelConfig | None = None
+    """A separate reference model; unset: the initial policy (a frozen copy; with LoRA the model with its
+    adapters off). The same key as DPO's and GRPO's."""
     data: DataConfig = field(default_factory=DataConfig)
     """Prompt data (kind `prompt`; extra fields go to reward functions). Held-out prompts (`eval`, `eval_fraction`)
     are left out of training and are what `eval.every` evaluates on."""
@@ -228,15 +229,9 @@ def build_models(cfg: Config) -> Models:
     trust = cfg.model.trust_remote_code
     tokenizer = load_tokenizer(cfg.model.tokenizer_path, trust_remote_code=trust)
     policy = load_causal_lm(cfg.model, trainable=True)
-    if cfg.ref_path:
-        ref = load_causal_lm(
-            ModelConfig(path=cfg.ref_path, dtype=cfg.model.dtype, trust_remote_code=trust), trainable=False
-        )
-    else:
-        ref = frozen_copy(policy)
+    disable_dropout(policy)
     policy = apply_lora(policy, cfg.model.lora)
-    for m in (policy, ref):
-        disable_dropout(m)
+    ref = reference_policy(policy, cfg.ref)
     reward_models = load_reward_models(
         cfg.reward,
         cfg.data,
