@@ -11,7 +11,7 @@ from rlhf.models import padding_free
 from rlhf.models.forward import (
     Unpadded,
     causal_lm_logprobs,
-    last_token_index,
+    score_index,
     sequence_scores,
     token_scores,
 )
@@ -53,14 +53,20 @@ def test_full_sequence_logprobs_shape_and_values(tiny_dirs):
         torch.testing.assert_close(got[0], _plain_logprobs(model, ids), atol=1e-5, rtol=1e-5)
 
 
-def test_last_token_index_either_padding_side():
-    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
-    assert last_token_index(mask).tolist() == [2, 4, 4]
+def test_score_index_is_the_rightmost_non_pad_token_either_padding_side():
+    """Rows [5 6 7 . .], [. . 5 6 7], [5 6 2 2 2] (pad 0 shown as ".", padding masked): 2, 4, 4; with pad id 2 (pad
+    == eos) the last row is read at its last non-pad token, 1; a row of pad ids only at its last token."""
+    ids = torch.tensor([[5, 6, 7, 0, 0], [0, 0, 5, 6, 7], [5, 6, 2, 2, 2], [2, 2, 2, 2, 2]])
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert score_index(ids, mask, 0).tolist() == [2, 4, 4, 4]
+    assert score_index(ids, mask, 2).tolist() == [2, 4, 1, 4]
+    assert score_index(ids, mask, None).tolist() == [2, 4, 4, 4]
 
 
 @pytest.mark.parametrize("style", ["llama", "gpt2"])
-def test_sequence_score_read_at_last_real_token_whatever_padding(tiny_dirs, style):
-    """Right- and left-padded batches give the score of the unpadded row, EOS included even when pad == eos."""
+def test_sequence_score_read_where_transformers_reads_it_whatever_padding(tiny_dirs, style):
+    """Right- and left-padded batches give the score of the unpadded row, read as `transformers`' own pooling reads
+    it: at the EOS (llama), at the token before it when EOS is the pad id (gpt2)."""
     model = load_scalar_model(ModelConfig(path=tiny_dirs[style]), trainable=False)
     tok = AutoTokenizer.from_pretrained(tiny_dirs[style])
     eos, pad = tok.eos_token_id, tok.pad_token_id
@@ -77,10 +83,12 @@ def test_sequence_score_read_at_last_real_token_whatever_padding(tiny_dirs, styl
             model, torch.tensor([long_row, [pad] * 3 + short_row]), torch.tensor([[1] * 6, [0] * 3 + [1] * 3])
         )
         without_eos = sequence_scores(model, torch.tensor([short_row[:-1]]), torch.ones(1, 2, dtype=torch.long))
+        native = model(input_ids=torch.tensor([short_row])).logits[0]
     want = torch.cat(alone)
     torch.testing.assert_close(right, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(left, want, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(without_eos, alone[1])  # the EOS token itself is what gets scored
+    torch.testing.assert_close(alone[1], native, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(without_eos, alone[1]) == (pad == eos)  # pad == eos: the EOS is not what is read
 
 
 # ---------------------------------------------------------------- padding-free passes of padded batches

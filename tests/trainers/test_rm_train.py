@@ -93,8 +93,7 @@ def test_rm_learns_the_sorting_preferences_and_final_loads(
 @pytest.mark.parametrize("style", ["llama", "gpt2"])
 def test_score_is_read_at_the_last_real_token_on_either_padding_side(tiny_dirs: dict[str, str], style: str) -> None:
     """The trainer's scoring path on a right- and a left-padded batch gives each sequence's score alone (no
-    padding), including gpt2 where pad == eos, so the last real token IS a pad id (transformers' own pooling,
-    which goes by pad id, reads the token before it instead)."""
+    padding), and reads it where `transformers`' own pooling does: with gpt2's pad == eos, the token before EOS."""
     torch.manual_seed(0)
     model = load_scalar_model(ModelConfig(path=tiny_dirs[style]), trainable=False)
     scorer = reward.SequenceScorer(model)
@@ -105,10 +104,9 @@ def test_score_is_read_at_the_last_real_token_on_either_padding_side(tiny_dirs: 
         ids = pad_sequences(seqs, model.config.pad_token_id, left=left)
         mask = pad_sequences([[1] * len(s) for s in seqs], 0, left=left)
         torch.testing.assert_close(scorer(ids, mask), alone, rtol=1e-5, atol=1e-5)
-    if style == "gpt2":
-        ids = pad_sequences(seqs, model.config.pad_token_id)
-        native = model(input_ids=ids, attention_mask=pad_sequences([[1] * len(s) for s in seqs], 0)).logits[:, 0]
-        assert not torch.allclose(native, alone)
+    ids = pad_sequences(seqs, model.config.pad_token_id)
+    native = model(input_ids=ids, attention_mask=pad_sequences([[1] * len(s) for s in seqs], 0)).logits[:, 0]
+    torch.testing.assert_close(native, alone, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("style", ["llama", "gpt2"])

@@ -25,6 +25,7 @@ The rules (each one guards against a classic silent RLHF bug):
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -138,8 +139,14 @@ def _encode_response(
     response: Text,
     tokenizer: PreTrainedTokenizerBase,
     sp: _Special,
+    whole_turns: bool = False,
 ) -> tuple[list[int], bool]:
-    """Response ids ending with exactly one EOS, and whether the text-level fallback split was needed."""
+    """Response ids ending with exactly one EOS, and whether the text-level fallback split was needed.
+
+    `whole_turns` (what a reward model scores): a conversational response is everything the chat template
+    writes for it, text after its EOS included (ChatML's newline), so prompt + response are exactly the tokens
+    of the rendered conversation, as `apply_chat_template(messages, tokenize=True)` gives them.
+    """
     if isinstance(prompt, str) != isinstance(response, str):
         raise TypeError("a prompt and its responses must both be strings or both be message lists")
     if isinstance(response, str):
@@ -158,6 +165,8 @@ def _encode_response(
     else:
         reason = "the chat template's rendered prompt is not a prefix of the rendered conversation"
         raise SkipExample("prompt", reason, "chat template mismatch")
+    if whole_turns:
+        return ids, fallback
     if sp.eos in ids:  # the response ends at its last EOS; drop template text after it (e.g. "\n")
         ids = ids[: len(ids) - ids[::-1].index(sp.eos)]
     else:
@@ -185,13 +194,17 @@ def _fit_response(ids: list[int], prompt_len: int, max_length: int) -> tuple[lis
 
 
 def _prompt_and_responses(
-    prompt: Text, responses: list[Text], tokenizer: PreTrainedTokenizerBase, cfg: DataConfig
+    prompt: Text,
+    responses: list[Text],
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: DataConfig,
+    whole_turns: bool = False,
 ) -> tuple[list[int], list[list[int]], dict[str, bool]]:
     """The shared path of every prompt+response kind: split, then truncate the prompt, then the responses."""
     _check_cfg(cfg)
     sp = _special(tokenizer)
     prompt_text, prompt_ids = _encode_prompt(prompt, tokenizer, sp)
-    encoded = [_encode_response(prompt, prompt_text, prompt_ids, r, tokenizer, sp) for r in responses]
+    encoded = [_encode_response(prompt, prompt_text, prompt_ids, r, tokenizer, sp, whole_turns) for r in responses]
     prompt_ids, prompt_truncated = _truncate_prompt(prompt_ids, cfg, sp)
     fitted = [_fit_response(ids, len(prompt_ids), cfg.max_length) for ids, _ in encoded]
     flags = {
@@ -202,14 +215,19 @@ def _prompt_and_responses(
     return prompt_ids, [ids for ids, _ in fitted], flags
 
 
-def tokenize_sft(record: SFTRecord, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> dict[str, Any]:
+def tokenize_sft(
+    record: SFTRecord, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, *, whole_turns: bool = False
+) -> dict[str, Any]:
     """`input_ids`, `labels` (-100 on the prompt, unshifted) and `prompt_len`, plus truncation flags.
 
     A `text` record carries loss on all of its text (everything but the BOS) and is truncated from the end.
+    `whole_turns`: see `_encode_response` (how a reward model reads a conversation).
     """
     if record.text is None:
         assert record.prompt is not None and record.completion is not None
-        prompt_ids, (response_ids,), flags = _prompt_and_responses(record.prompt, [record.completion], tokenizer, cfg)
+        prompt_ids, (response_ids,), flags = _prompt_and_responses(
+            record.prompt, [record.completion], tokenizer, cfg, whole_turns
+        )
         input_ids = prompt_ids + response_ids
         labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
         return {"input_ids": input_ids, "labels": labels, "prompt_len": len(prompt_ids), **flags}
@@ -230,11 +248,12 @@ def tokenize_sft(record: SFTRecord, tokenizer: PreTrainedTokenizerBase, cfg: Dat
 
 
 def tokenize_preference(
-    record: PreferenceRecord, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig
+    record: PreferenceRecord, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, *, whole_turns: bool = False
 ) -> dict[str, Any]:
-    """`prompt_ids`, `chosen_ids`, `rejected_ids` (responses, each ending with EOS unless truncated), `margin`."""
+    """`prompt_ids`, `chosen_ids`, `rejected_ids` (responses, each ending with EOS unless truncated), `margin`.
+    `whole_turns` (reward models): each response as the chat template writes it (see `_encode_response`)."""
     prompt_ids, (chosen, rejected), flags = _prompt_and_responses(
-        record.prompt, [record.chosen, record.rejected], tokenizer, cfg
+        record.prompt, [record.chosen, record.rejected], tokenizer, cfg, whole_turns
     )
     if chosen == rejected:
         raise SkipExample("rejected", "identical to chosen after truncation", "identical after truncation")
@@ -337,15 +356,23 @@ class TokenizeReport:
 
 
 def tokenize_records(
-    records: Iterable[Record], kind: str, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig
+    records: Iterable[Record],
+    kind: str,
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: DataConfig,
+    *,
+    whole_turns: bool = False,
 ) -> tuple[list[dict[str, Any]], TokenizeReport]:
     """Tokenize every record of one kind; records that cannot become examples are dropped and counted.
+    `whole_turns` (sft and preference kinds): conversations as the chat template writes them, for reward models.
 
     Raises TokenizerSetupError (a one-line user error naming the data file and the tokenizer) for problems that
     affect every row (no EOS token, no chat template for conversational data): configuration, not bad rows.
     """
     check_kind(kind)
     fn = TOKENIZE_FNS[kind]
+    if whole_turns:
+        fn = functools.partial(fn, whole_turns=True)
     report = TokenizeReport(kind)
     examples = []
     for record in records:

@@ -151,19 +151,31 @@ def token_scores(
     return head(hidden).squeeze(-1).float()  # (B, L)
 
 
-def last_token_index(attention_mask: Tensor) -> Tensor:
-    """Index of the last attended token of each row, whatever the padding side. (B,)"""
+def score_index(input_ids: Tensor, attention_mask: Tensor, pad_token_id: int | None) -> Tensor:
+    """Where a sequence-classification model reads each row's score, (B,): the rightmost attended token whose id
+    is not the pad id, whatever the padding side. That is `transformers`' own pooling (the rightmost non-pad
+    token), so a reward model scores in plain `transformers`, TRL or a pipeline what it scored here; when pad ==
+    eos, a row ending with EOS is read at the token before it, as there. A row of pad ids only: its last token."""
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return (positions * attention_mask.long()).argmax(-1)
+    real = attention_mask.bool()
+    if pad_token_id is not None:
+        scored = real & (input_ids != pad_token_id)
+        real = torch.where(scored.any(-1, keepdim=True), scored, real)
+    return (positions * real.long()).argmax(-1)
+
+
+def pad_token_id(model: nn.Module) -> int | None:
+    """The pad id a sequence-classification model pools by (its config's, as `transformers` reads it)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+    return getattr(text, "pad_token_id", None)
 
 
 def sequence_scores(
     model: nn.Module, input_ids: Tensor, attention_mask: Tensor, *, flat: Unpadded | None = None
 ) -> Tensor:
-    """A reward model's score of each sequence, read at its last non-pad token (by the mask, not the pad id). (B,)
-
-    Reading by the mask keeps the final EOS even when pad == eos, where `transformers`' own pooling (by pad id)
-    would step back one token.
-    """
+    """A reward model's score of each sequence, (B,), read where `transformers` reads it (`score_index`)."""
     scores = token_scores(model, input_ids, attention_mask, flat=flat)  # (B, L)
-    return scores.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
+    index = score_index(input_ids, attention_mask, pad_token_id(model))
+    return scores.gather(1, index[:, None]).squeeze(1)

@@ -132,13 +132,15 @@ class FunctionReward:
 
 def reward_input_ids(prompt: Prompt, completion: str, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> list[int]:
     """Token ids of (prompt, completion) exactly as reward-model training tokenizes a (prompt, chosen) pair:
-    the chat template for message-list prompts (the completion becomes one assistant turn), BOS/EOS rules and
-    truncation of `rlhf.data.tokenize`."""
+    for message-list prompts the whole conversation as the chat template writes it (the completion becomes one
+    assistant turn; `apply_chat_template(..., tokenize=True)`'s tokens), the BOS rule and truncation of
+    `rlhf.data.tokenize`."""
     from rlhf.data.formats import SFTRecord
     from rlhf.data.tokenize import tokenize_sft
 
     response: Prompt = [{"role": "assistant", "content": completion}] if isinstance(prompt, list) else completion
-    return list(tokenize_sft(SFTRecord(prompt=prompt, completion=response), tokenizer, cfg)["input_ids"])
+    record = SFTRecord(prompt=prompt, completion=response)
+    return list(tokenize_sft(record, tokenizer, cfg, whole_turns=True)["input_ids"])
 
 
 class RewardModelReward:

@@ -31,9 +31,9 @@ class Splits:
 
 
 def _tokenized(
-    records: list[Any], kind: str, tokenizer: Any, cfg: DataConfig, what: str
+    records: list[Any], kind: str, tokenizer: Any, cfg: DataConfig, what: str, whole_turns: bool
 ) -> tuple[list[dict[str, Any]], TokenizeReport]:
-    examples, report = tokenize_records(records, kind, tokenizer, cfg)
+    examples, report = tokenize_records(records, kind, tokenizer, cfg, whole_turns=whole_turns)
     for reason, count in report.dropped.items():
         logger.warning("%s: dropped %d row(s): %s", what, count, reason)
     if report.truncated_prompts or report.truncated_responses:
@@ -48,8 +48,9 @@ def _tokenized(
     return examples, report
 
 
-def load_splits(cfg: DataConfig, kind: str, tokenizer: Any, *, seed: int) -> Splits:
-    """Read `cfg.train` (and `cfg.eval`, or hold out `cfg.eval_fraction` of train by a seeded shuffle), tokenize."""
+def load_splits(cfg: DataConfig, kind: str, tokenizer: Any, *, seed: int, whole_turns: bool = False) -> Splits:
+    """Read `cfg.train` (and `cfg.eval`, or hold out `cfg.eval_fraction` of train by a seeded shuffle), tokenize
+    (`whole_turns`: conversations as the chat template writes them, for reward models)."""
     if not cfg.train:
         raise UserError("data.train: no training data given")
     records, skips = load_records(cfg.train, kind, skip_bad_rows=cfg.skip_bad_rows)
@@ -67,8 +68,8 @@ def load_splits(cfg: DataConfig, kind: str, tokenizer: Any, *, seed: int) -> Spl
         held = set(order[:n_eval])
         eval_records = [r for i, r in enumerate(records) if i in held]
         records = [r for i, r in enumerate(records) if i not in held]
-    train, train_report = _tokenized(records, kind, tokenizer, cfg, cfg.train)
-    held_out, _ = _tokenized(eval_records, kind, tokenizer, cfg, cfg.eval or f"{cfg.train} (held out)")
+    train, train_report = _tokenized(records, kind, tokenizer, cfg, cfg.train, whole_turns)
+    held_out, _ = _tokenized(eval_records, kind, tokenizer, cfg, cfg.eval or f"{cfg.train} (held out)", whole_turns)
     if not train:
         raise UserError(f"{cfg.train}: no usable training rows after validation and tokenization")
     report = {

@@ -143,8 +143,9 @@ def collate_shared_prompt(examples: Sequence[dict[str, Any]], pad_id: int) -> di
     (the rejected response starts where the prompt ends, as in its own row); `attention_mask` (B, 1, L, L)
     bool lets query q see key k when k <= q, except that rejected tokens (P+C <= q < n) do not see chosen
     ones (P <= k < P+C); a pad column sees only itself (no all-masked row, which would give NaN).
-    `score_index` (B, 2) holds the last chosen and the last rejected column, P+C-1 and n-1. `margin` as in
-    `collate_pairs`.
+    `score_index` (B, 2) holds the columns where each response's score is read: as `models.forward.score_index`
+    reads prompt + response alone (its rightmost non-pad token: the last one, P+C-1 and n-1, unless it is a
+    pad id, as EOS is when pad == eos). `margin` as in `collate_pairs`.
     """
     lengths = [(len(ex["prompt_ids"]), len(ex["chosen_ids"]), len(ex["rejected_ids"])) for ex in examples]
     spans = torch.tensor(lengths)  # (B, 3): P, C, R
@@ -160,12 +161,23 @@ def collate_shared_prompt(examples: Sequence[dict[str, Any]], pad_id: int) -> di
         "input_ids": pad_sequences(rows, pad_id),  # (B, L)
         "position_ids": pad_sequences(positions, 0),  # (B, L)
         "attention_mask": sees[:, None],  # (B, 1, L, L)
-        "score_index": torch.stack([spans[:, 0] + spans[:, 1] - 1, spans.sum(1) - 1], dim=1),  # (B, 2)
+        "score_index": torch.tensor([_score_columns(ex, pad_id) for ex in examples]),  # (B, 2)
     }
     margins = [ex.get("margin") for ex in examples]
     if any(m is not None for m in margins):
         batch["margin"] = torch.tensor([0.0 if m is None else float(m) for m in margins])  # (B,)
     return batch
+
+
+def _score_columns(example: dict[str, Any], pad_id: int) -> tuple[int, int]:
+    """The columns of [prompt | chosen | rejected] where each response's score is read (`collate_shared_prompt`)."""
+    prompt, chosen, rejected = example["prompt_ids"], example["chosen_ids"], example["rejected_ids"]
+
+    def last_real(seq: list[int]) -> int:
+        return next((i for i in range(len(seq) - 1, -1, -1) if seq[i] != pad_id), len(seq) - 1)
+
+    c, r = last_real([*prompt, *chosen]), last_real([*prompt, *rejected])
+    return c, r if r < len(prompt) else r + len(chosen)  # a rejected column past the prompt follows the chosen
 
 
 def make_collate(share_prompt: bool) -> Any:
@@ -275,7 +287,7 @@ def train(cfg: Config) -> Path:
     seed_everything(cfg.seed)
     out = Path(cfg.output_dir)
     tokenizer = load_tokenizer(cfg.model.tokenizer_path, trust_remote_code=cfg.model.trust_remote_code)
-    splits = load_splits(cfg.data, "preference", tokenizer, seed=cfg.seed)
+    splits = load_splits(cfg.data, "preference", tokenizer, seed=cfg.seed, whole_turns=True)
     if cfg.use_margin and all(ex.get("margin") is None for ex in splits.train):
         raise UserError(f"use_margin is set but no training row of {cfg.data.train} has a `margin` field")
     if not splits.eval:
