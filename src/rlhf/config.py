@@ -235,7 +235,8 @@ class LoggingConfig:
     every: int = 1
     """Write metrics every N optimizer steps."""
     trackers: list[str] = field(default_factory=list)
-    """Extra accelerate trackers: tensorboard, wandb."""
+    """Extra accelerate trackers: tensorboard, wandb (install `rlhf[tensorboard]` / `rlhf[wandb]`; one that cannot
+    start is an error)."""
     progress: bool = True
     """Show a progress bar."""
 

@@ -87,6 +87,19 @@ def lr_factor(step: int, schedule: ScheduleConfig, total_steps: int) -> float:
     return m + (1.0 - m) * decay
 
 
+def check_trackers(trackers: Sequence[str]) -> None:
+    """Every requested tracker's package is installed (else it would log nothing, with only a Python warning)."""
+    import accelerate.utils
+
+    for name in trackers:
+        available = getattr(accelerate.utils, f"is_{name}_available", None)
+        if available is not None and not available():
+            raise UserError(
+                f"logging.trackers: {name} is not installed, so nothing would be logged there: "
+                f"pip install 'rlhf[{name}]' (or {name}), or leave it out"
+            )
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Trainable parameters in two AdamW groups: decay on matrices, none on 1-D tensors (biases, norm scales)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
@@ -120,6 +133,7 @@ class Engine:
         self.run_dir = Path(run_dir)
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise UserError(f"output_dir: {self.run_dir} exists and is not a directory")
+        check_trackers(logging.trackers)
         self.seed, self.total_steps = seed, total_steps
         self.schedule_total = total_steps  # the LR schedule's horizon: the run's first total, kept on resume
         self.optim_cfg, self.schedule_cfg, self.train_cfg = optim, schedule, train
@@ -169,6 +183,10 @@ class Engine:
             self.run_dir.mkdir(parents=True, exist_ok=True)  # config.yaml is written once the run (re)starts
         if logging.trackers:
             self.accelerator.init_trackers("rlhf", config=flatten(config_dict or {}))
+            started = {t.name for t in self.accelerator.trackers}
+            missing = [t for t in logging.trackers if t not in started]
+            if self.is_main and missing:
+                raise UserError(f"logging.trackers: {', '.join(missing)} did not start; nothing would be logged there")
         self._signals.install()
         self.accelerator.wait_for_everyone()
 
