@@ -178,7 +178,9 @@ def test_critic_value_of_token_t_is_read_at_the_position_before_it(tiny_dirs):
 def test_reward_model_with_another_tokenizer_scores_like_a_direct_call(tiny_dirs, tmp_path: Path):
     """Policy: llama-family tokenizer (BOS, own pad). Reward model: gpt2-family (no BOS, pad == EOS). Through the
     PPO path (decode the sampled ids with the policy tokenizer, re-tokenize with the RM's chat template) each
-    score equals the RM run directly on its own tokenization of (prompt, decoded text), one row, no padding."""
+    score equals plain transformers' sequence classification of the RM's own chat-template rendering of (prompt,
+    decoded text), one row: transformers pools at the rightmost non-pad token, so with pad == EOS the trailing EOS
+    is not where the score is read."""
     rm_dir = tmp_path / "rm"
     torch.manual_seed(7)
     load_scalar_model(ModelConfig(path=tiny_dirs["gpt2"])).save_pretrained(rm_dir)
@@ -196,7 +198,7 @@ def test_reward_model_with_another_tokenizer_scores_like_a_direct_call(tiny_dirs
         rendered = rm_tok.apply_chat_template([*ex["prompt"], {"role": "assistant", "content": text}], tokenize=False)
         ids = torch.tensor([rm_tok(rendered, add_special_tokens=False).input_ids])
         with torch.no_grad():
-            direct.append(rm.score(rm.transformer(input_ids=ids).last_hidden_state)[0, -1, 0])
+            direct.append(rm(input_ids=ids).logits[0, 0])
     torch.testing.assert_close(result.scores, torch.stack(direct), atol=1e-5, rtol=0)
     assert result.scores.std() > 0
 
