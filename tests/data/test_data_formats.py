@@ -33,7 +33,12 @@ def _error(kind: str, row: Any) -> str:
 
 INVALID = [
     # sft
-    ("sft", {}, "text: missing field (an sft row needs text, prompt + completion, or messages)"),
+    (
+        "sft",
+        {},
+        "text: missing field (an sft row needs text, prompt + completion, messages, conversations or "
+        "instruction + output)",
+    ),
     ("sft", {"text": "  \n"}, "text: empty text"),
     ("sft", {"text": 3}, "text: expected a string or a message list, got number"),
     ("sft", {"text": [U]}, "text: expected a string, got list (use `messages` for conversations)"),
@@ -52,8 +57,8 @@ INVALID = [
     ("sft", {"messages": [A]}, "messages: no message before the final assistant response"),
     (
         "sft",
-        {"messages": [{"role": "tool", "content": "x"}, A]},
-        "messages[0].role: unknown role 'tool' (expected system, user or assistant)",
+        {"messages": [{"role": "robot", "content": "x"}, A]},
+        "messages[0].role: unknown role 'robot' (expected system, user, assistant or tool)",
     ),
     ("sft", {"messages": ["hi", A]}, "messages[0]: expected a message object with role and content, got string"),
     ("sft", {"messages": [{"role": "user", "content": 5}, A]}, "messages[0].content: expected a string, got number"),
@@ -259,7 +264,8 @@ def test_skip_bad_rows_counts_every_reason(tmp_path: Any) -> None:
     assert skipped.examples == [
         "<rows>:2: text: empty text",
         "<rows>:3: row: expected an object, got list",
-        "<rows>:5: text: missing field (an sft row needs text, prompt + completion, or messages)",
+        "<rows>:5: text: missing field (an sft row needs text, prompt + completion, messages, conversations or "
+        "instruction + output)",
         "<rows>:6: text: empty text",
     ]
     assert skipped.lines()[:4] == [

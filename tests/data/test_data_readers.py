@@ -86,13 +86,14 @@ CONVERSATIONAL = {
 def test_message_lists_in_every_structured_file_type(kind: str, file_type: str, write_rows: Any) -> None:
     rows = CONVERSATIONAL[kind](5, seed=3)
     bad = json.loads(json.dumps(rows[0]))
-    bad["prompt"][0]["role"] = "tool"
+    bad["prompt"][0]["role"] = "robot"
     path = write_rows([*rows[:2], bad, *rows[2:]], file_type)
     records, skipped = load_records(path, kind, skip_bad_rows=True)
     assert len(records) == 5
     assert [r.extra["letters"] for r in records] == [r["letters"] for r in rows]
     assert records[0].prompt == rows[0]["prompt"]
-    assert skipped.examples == [f"{path}:3: prompt[0].role: unknown role 'tool' (expected system, user or assistant)"]
+    want = f"{path}:3: prompt[0].role: unknown role 'robot' (expected system, user, assistant or tool)"
+    assert skipped.examples == [want]
 
 
 def test_missing_file_and_unknown_extension(tmp_path: Path) -> None:
@@ -185,16 +186,20 @@ def test_dataset_dict_uses_train_split_or_names_the_splits(tmp_path: Path) -> No
     datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "no_train"))
     with pytest.raises(DataError) as info:
         load_records(tmp_path / "no_train", "sft")
-    assert (
-        str(info.value) == f"{tmp_path / 'no_train'}: a DatasetDict without a 'train' split (splits: test, validation)"
+    assert str(info.value) == (
+        f"{tmp_path / 'no_train'}: no split 'train' (splits: test, validation); pick one as PATH:SPLIT"
     )
+    records, _ = load_records(f"{tmp_path / 'no_train'}:validation", "sft")
+    assert [r.text for r in records] == ["a", "b"]
 
 
 def test_directory_that_is_not_a_saved_dataset(tmp_path: Path) -> None:
     (tmp_path / "plain").mkdir()
     with pytest.raises(DataError) as info:
         load_records(tmp_path / "plain", "sft")
-    assert str(info.value).startswith(f"{tmp_path / 'plain'}: not a directory saved by datasets.save_to_disk (")
+    assert str(info.value).startswith(
+        f"{tmp_path / 'plain'}: not a datasets.save_to_disk directory, nor a directory of data"
+    )
 
 
 def test_corrupt_parquet_is_a_file_error(tmp_path: Path) -> None:

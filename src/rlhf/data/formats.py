@@ -28,7 +28,10 @@ from rlhf.data.errors import DataError
 from rlhf.data.readers import read_rows
 
 KINDS: tuple[str, ...] = ("sft", "preference", "unpaired", "prompt")
-ROLES: tuple[str, ...] = ("system", "user", "assistant")
+ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "tool": "tool", "function_call": "assistant", "observation": "tool"}  # fmt: skip
+"""ShareGPT's `from` values -> roles (function calls are the assistant's turns, their results the tool's)."""
 HH_ASSISTANT = "\n\nAssistant:"
 """HH-RLHF turn marker: the implicit prompt of a text pair ends with the last one."""
 
@@ -172,13 +175,13 @@ def _messages(value: list[Any], name: str, *, response: bool) -> list[Message]:
             raise _Invalid(f"{where}.role", "missing field", "missing field")
         if role not in ROLES:
             raise _Invalid(
-                f"{where}.role", f"unknown role {role!r} (expected system, user or assistant)", "unknown role"
+                f"{where}.role", f"unknown role {role!r} (expected system, user, assistant or tool)", "unknown role"
             )
         if content is None:
             raise _Invalid(f"{where}.content", "missing field", "missing field")
         if not isinstance(content, str):
             raise _Invalid(f"{where}.content", f"expected a string, got {_type_name(content)}", "invalid message")
-        if role != "system" and not content.strip():
+        if role not in ("system", "tool") and not content.strip():
             raise _Invalid(f"{where}.content", "empty text", "empty text")
         _check_unicode(content, f"{where}.content")
         if response and role != "assistant":
@@ -252,18 +255,69 @@ def _extra(row: dict[str, Any], used: tuple[str, ...]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- kinds
 
 
+def _sharegpt(value: Any) -> list[dict[str, Any]]:
+    """ShareGPT `conversations` ([{"from": "human" | "gpt" | ..., "value": text}, ...]) as role/content messages,
+    errors named by ShareGPT's own fields."""
+    if not isinstance(value, list | tuple):
+        raise _Invalid("conversations", f"expected a list of turns, got {_type_name(value)}", "wrong type")
+    out = []
+    for i, turn in enumerate(value):
+        where = f"conversations[{i}]"
+        if not isinstance(turn, dict):
+            raise _Invalid(
+                where, f"expected a turn object with from and value, got {_type_name(turn)}", "invalid message"
+            )
+        source = turn.get("from")
+        if source is None:
+            raise _Invalid(f"{where}.from", "missing field", "missing field")
+        if source not in SHAREGPT_ROLES:
+            known = ", ".join(SHAREGPT_ROLES)
+            raise _Invalid(f"{where}.from", f"unknown speaker {source!r} (expected one of {known})", "unknown role")
+        out.append({"role": SHAREGPT_ROLES[source], "content": turn.get("value")})
+    return out
+
+
+def _conversation_sft(value: Any, name: str, extra: dict[str, Any], fmt: str) -> SFTRecord:
+    """A whole conversation: every message before the final assistant turn is the prompt."""
+    if not isinstance(value, list | tuple):
+        raise _Invalid(name, f"expected a message list, got {_type_name(value)}", "wrong type")
+    messages = _messages(list(value), name, response=False)
+    last = len(messages) - 1
+    if messages[-1]["role"] != "assistant":
+        raise _Invalid(f"{name}[{last}].role", "the last message must be the assistant's response", "wrong role")
+    if last == 0:
+        raise _Invalid(name, "no message before the final assistant response", "missing prompt")
+    return SFTRecord(messages[:-1], messages[-1:], None, extra, fmt)
+
+
+def _alpaca(row: dict[str, Any]) -> SFTRecord:
+    """Alpaca rows: the instruction, then the optional input after a blank line, is the prompt; output the answer."""
+    instruction = _text(row, "instruction")
+    if not isinstance(instruction, str):
+        raise _Invalid("instruction", "expected a string, got list", "wrong type")
+    source = row.get("input")
+    if source is not None and not isinstance(source, str):
+        raise _Invalid("input", f"expected a string, got {_type_name(source)}", "wrong type")
+    output = _text(row, "output")
+    if not isinstance(output, str):
+        raise _Invalid("output", "expected a string, got list", "wrong type")
+    prompt = f"{instruction}\n\n{source}" if source and source.strip() else instruction
+    return SFTRecord(prompt, output, None, _extra(row, ("instruction", "input", "output")), "alpaca")
+
+
 def _sft(row: dict[str, Any]) -> SFTRecord:
     if _present(row, "messages"):
-        value = row["messages"]
-        if not isinstance(value, list | tuple):
-            raise _Invalid("messages", f"expected a message list, got {_type_name(value)}", "wrong type")
-        messages = _messages(list(value), "messages", response=False)
-        last = len(messages) - 1
-        if messages[-1]["role"] != "assistant":
-            raise _Invalid(f"messages[{last}].role", "the last message must be the assistant's response", "wrong role")
-        if last == 0:
-            raise _Invalid("messages", "no message before the final assistant response", "missing prompt")
-        return SFTRecord(messages[:-1], messages[-1:], None, _extra(row, ("messages",)), "messages")
+        return _conversation_sft(row["messages"], "messages", _extra(row, ("messages",)), "messages")
+    if _present(row, "conversations"):
+        messages = _sharegpt(row["conversations"])
+        try:
+            return _conversation_sft(messages, "conversations", _extra(row, ("conversations",)), "sharegpt")
+        except _Invalid as e:  # name ShareGPT's fields: conversations[2].value, not .content
+            raise _Invalid(
+                e.field.replace(".content", ".value").replace(".role", ".from"), e.reason, e.category
+            ) from None
+    if _present(row, "instruction") or _present(row, "output"):
+        return _alpaca(row)
     if _present(row, "prompt") or _present(row, "completion"):
         prompt = _text(row, "prompt")
         completion = _text(row, "completion", response=True)
@@ -275,7 +329,10 @@ def _sft(row: dict[str, Any]) -> SFTRecord:
         if not isinstance(text, str):
             raise _Invalid("text", "expected a string, got list (use `messages` for conversations)", "wrong type")
         return SFTRecord(None, None, text, _extra(row, ("text",)), "text")
-    raise _Invalid("text", "missing field (an sft row needs text, prompt + completion, or messages)", "missing field")
+    reason = (
+        "missing field (an sft row needs text, prompt + completion, messages, conversations or instruction + output)"
+    )
+    raise _Invalid("text", reason, "missing field")
 
 
 def _split_hh(chosen: str, rejected: str) -> tuple[str, str, str]:
@@ -302,8 +359,36 @@ def _split_messages(chosen: list[Message], rejected: list[Message]) -> tuple[lis
     return chosen[:-1], chosen[-1:], rejected[-1:]
 
 
+def _whole_conversations(row: dict[str, Any]) -> bool:
+    """UltraFeedback-binarized rows: a `prompt` and chosen/rejected that are whole conversations repeating it."""
+    value = row.get("chosen")
+    return isinstance(value, list | tuple) and any(isinstance(m, dict) and m.get("role") != "assistant" for m in value)
+
+
+def _preference_conversations(row: dict[str, Any]) -> PreferenceRecord:
+    """`prompt` + chosen/rejected as whole conversations: the shared turns before the final assistant turn are the
+    prompt, and a string `prompt` must be the last user turn among them (what UltraFeedback-binarized writes)."""
+    chosen, rejected = _text(row, "chosen"), _text(row, "rejected")
+    if not isinstance(rejected, list):
+        raise _Invalid("rejected", "expected a message list like chosen, got a string", "wrong type")
+    assert isinstance(chosen, list)
+    prompt, chosen, rejected = _split_messages(chosen, rejected)
+    given = row.get("prompt")
+    users = [m["content"] for m in prompt if m["role"] == "user"]
+    if isinstance(given, str) and (not users or given.strip() != users[-1].strip()):
+        reason = "does not match the conversations' last user turn (chosen and rejected repeat the prompt)"
+        raise _Invalid("prompt", reason, "prompt mismatch")
+    if chosen == rejected:
+        raise _Invalid("rejected", "identical to chosen", "identical responses")
+    extra = _extra(row, ("prompt", "chosen", "rejected", "margin"))
+    fmt = "prompt+chosen+rejected (whole conversations, UltraFeedback)"
+    return PreferenceRecord(prompt, chosen, rejected, _margin(row.get("margin")), extra, fmt)
+
+
 def _preference(row: dict[str, Any]) -> PreferenceRecord:
     explicit = _present(row, "prompt")
+    if explicit and _whole_conversations(row):
+        return _preference_conversations(row)
     prompt = _text(row, "prompt") if explicit else None
     chosen = _text(row, "chosen", response=explicit)
     rejected = _text(row, "rejected", response=explicit)

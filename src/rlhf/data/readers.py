@@ -9,6 +9,11 @@ Row numbers: `.jsonl` and `.csv` use 1-based *line numbers* in the file (a CSV's
 first data row is line 2; blank lines are skipped but still counted); `.json`, `.parquet` and `save_to_disk`
 directories use the 1-based position of the row.
 
+Splits: `PATH:SPLIT` picks a split of a `DatasetDict.save_to_disk` directory or of a directory of data files in
+the hub's layout (`data/train_prefs-00000-of-00001.parquet`: `datasets.load_dataset` infers the splits); without
+it, `train`. A path that is no local file or directory is read as a dataset *name* (`org/name:split`) from the
+local `datasets` cache; nothing is downloaded unless RLHF_ALLOW_HUB=1 is set.
+
 `pyarrow` and `datasets` are imported only when a file needs them, to keep `import rlhf.data` light.
 """
 
@@ -25,14 +30,34 @@ from rlhf.data.errors import DataError
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 
+HUB_OPT_IN = "RLHF_ALLOW_HUB"
+
+
+def split_of(path: str | Path) -> tuple[Path, str | None]:
+    """`PATH:SPLIT` -> (PATH, SPLIT) unless the whole string names an existing file; else (path, None)."""
+    text = str(path)
+    base, sep, split = text.rpartition(":")
+    if Path(text).exists() or not sep or not base or not split or "/" in split:
+        return Path(text), None
+    return Path(base), split
+
+
 def read_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """Yield `(row_number, value_or_DataError)` for every row of a file or `save_to_disk` directory."""
-    p, source = Path(path), str(path)
+    """Yield `(row_number, value_or_DataError)` for every row of a file, a `save_to_disk` directory, a directory
+    of data files or a cached dataset (`PATH:SPLIT` for a split other than train)."""
+    source = str(path)
+    p, split = split_of(path)
     if not p.exists():
-        raise DataError(source, None, None, "no such file or directory")
-    if p.is_dir():
-        yield from _read_dataset_dir(p, source)
+        yield from _read_named_dataset(str(p), split, source)
         return
+    if p.is_dir():
+        if (p / "dataset_dict.json").is_file() or (p / "state.json").is_file():
+            yield from _read_dataset_dir(p, source, split)
+        else:
+            yield from _read_data_files(p, source, split)
+        return
+    if split is not None:
+        raise DataError(source, None, None, f"a single file has no splits (drop ':{split}')")
     readers = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json}
     readers.update({".parquet": _read_parquet, ".csv": _read_csv})
     reader = readers.get(p.suffix.lower())
@@ -157,8 +182,23 @@ def _read_csv(p: Path, source: str) -> Iterator[tuple[int, Any]]:
                 yield start, {name: cell if cell != "" else None for name, cell in zip(header, cells, strict=True)}
 
 
-def _read_dataset_dir(p: Path, source: str) -> Iterator[tuple[int, Any]]:
-    """A directory written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk` (split `train`)."""
+def _pick_split(ds: Any, split: str | None, source: str) -> Any:
+    """The `split` (default train) of a DatasetDict; a Dataset as it is (it has no splits to choose from)."""
+    import datasets
+
+    if not isinstance(ds, datasets.DatasetDict):
+        if split not in (None, "train"):
+            raise DataError(source, None, None, f"no split {split!r}: the dataset has a single split")
+        return ds
+    name = split or "train"
+    if name not in ds:
+        splits = ", ".join(ds.keys()) or "none"
+        raise DataError(source, None, None, f"no split {name!r} (splits: {splits}); pick one as PATH:SPLIT")
+    return ds[name]
+
+
+def _read_dataset_dir(p: Path, source: str, split: str | None) -> Iterator[tuple[int, Any]]:
+    """A directory written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk` (split `train` unless named)."""
     import datasets
 
     try:
@@ -166,9 +206,55 @@ def _read_dataset_dir(p: Path, source: str) -> Iterator[tuple[int, Any]]:
     except (FileNotFoundError, ValueError, OSError) as e:
         reason = f"not a directory saved by datasets.save_to_disk ({type(e).__name__}: {str(e)[:120]})"
         raise DataError(source, None, None, reason) from None
-    if isinstance(ds, datasets.DatasetDict):
-        if "train" not in ds:
-            splits = ", ".join(ds.keys()) or "none"
-            raise DataError(source, None, None, f"a DatasetDict without a 'train' split (splits: {splits})")
-        ds = ds["train"]
-    yield from enumerate(ds, 1)
+    yield from enumerate(_pick_split(ds, split, source), 1)
+
+
+def _read_data_files(p: Path, source: str, split: str | None) -> Iterator[tuple[int, Any]]:
+    """A directory of parquet / JSON / CSV files in the hub's layout; `datasets` infers its splits from the names."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(str(p))
+    except Exception as e:  # datasets raises many kinds here: an empty directory, unknown files, mixed formats
+        reason = f"not a datasets.save_to_disk directory, nor a directory of data files ({type(e).__name__}: {e})"
+        raise DataError(source, None, None, reason[:300]) from None
+    yield from enumerate(_pick_split(ds, split, source), 1)
+
+
+def _read_named_dataset(name: str, split: str | None, source: str) -> Iterator[tuple[int, Any]]:
+    """A dataset name (`org/name`) read from the local `datasets` cache; the hub only with RLHF_ALLOW_HUB=1."""
+    import os
+
+    allowed = os.environ.get(HUB_OPT_IN) == "1"
+    looks_like_name = name.count("/") == 1 and not Path(name).suffix and not name.startswith((".", "/", "~"))
+    if not looks_like_name:
+        raise DataError(source, None, None, "no such file or directory")
+    if not allowed and not _cached(name):
+        reason = (
+            f"no such file or directory, and no dataset {name!r} in the local datasets cache (nothing is "
+            f"downloaded unless {HUB_OPT_IN}=1 is set)"
+        )
+        raise DataError(source, None, None, reason)
+    import datasets
+
+    offline = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = offline or not allowed
+    try:
+        ds = datasets.load_dataset(name)
+    except Exception as e:
+        where = "on the hub" if allowed else "in the local datasets cache (nothing is downloaded)"
+        raise DataError(source, None, None, f"no dataset {name!r} {where}: {type(e).__name__}") from None
+    finally:
+        datasets.config.HF_HUB_OFFLINE = offline
+    yield from enumerate(_pick_split(ds, split, source), 1)
+
+
+def _cached(name: str) -> bool:
+    """Whether the datasets or hub cache holds something under this dataset name (without importing datasets)."""
+    import os
+
+    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+    hub = Path(os.environ.get("HF_HUB_CACHE", home / "hub"))
+    cache = Path(os.environ.get("HF_DATASETS_CACHE", home / "datasets"))
+    flat = name.replace("/", "___")
+    return (hub / f"datasets--{name.replace('/', '--')}").exists() or any(cache.glob(f"{flat}*"))
