@@ -179,6 +179,26 @@ def test_lr_factor_hand_computed() -> None:
     assert [f("constant", s) for s in (0, 1, 2, 9)] == [0.0, 0.5, 1.0, 1.0]
 
 
+@pytest.mark.parametrize(
+    ("name", "m", "theirs", "kwargs"),
+    [
+        ("constant", 0.0, "constant_with_warmup", {}),
+        ("linear", 0.0, "linear", {}),
+        ("cosine", 0.0, "cosine", {}),
+        ("cosine", 0.2, "cosine_with_min_lr", {"min_lr_rate": 0.2}),
+    ],
+)
+def test_lr_factor_is_transformers_schedule_where_it_has_one(name: str, m: float, theirs: str, kwargs: dict) -> None:
+    """Where transformers.get_scheduler has the curve, ours is the same at every step up to the horizon."""
+    from transformers import get_scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = get_scheduler(theirs, opt, num_warmup_steps=3, num_training_steps=11, scheduler_specific_kwargs=kwargs)
+    want = [sched.lr_lambdas[0](s) for s in range(12)]
+    got = [lr_factor(s, ScheduleConfig(name=name, warmup_steps=3, min_lr_ratio=m), 11) for s in range(12)]
+    assert got == pytest.approx(want, abs=1e-12)
+
+
 def test_engine_applies_the_schedule_step_by_step(tmp_path: Path) -> None:
     batches = token_batches(7)
     with make_engine(

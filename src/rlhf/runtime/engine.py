@@ -76,6 +76,11 @@ def lr_factor(step: int, schedule: ScheduleConfig, total_steps: int) -> float:
     The curve of transformers' `get_*_schedule_with_warmup`, plus a floor: warmup `step / warmup_steps`
     (so the first step of a warmup has LR 0), then with `p = min(1, (step - warmup) / (total - warmup))`
     constant 1, linear `m + (1 - m)(1 - p)`, cosine `m + (1 - m) * 0.5 * (1 + cos(pi p))`, m = min_lr_ratio.
+
+    Not `transformers.get_scheduler`, because it has no linear decay to a floor (`min_lr_ratio`): one function for
+    the three curves rather than two sources. Where transformers has the curve (constant, linear and cosine
+    without a floor, cosine with one), a test checks that ours equals it at every step up to the horizon; past it
+    (a resumed run whose max_steps grew) ours stays at the floor where transformers' cosine rises again.
     """
     warmup, m = schedule.warmup_steps, schedule.min_lr_ratio
     if step < warmup:
