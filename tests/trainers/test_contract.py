@@ -33,7 +33,7 @@ from rlhf.tasks.sorting import write_task_files
 
 ONLINE = ("ppo", "grpo", "rloo")
 DATA = {"sft": "sft", "rm": "preference", "dpo": "preference", "kto": "unpaired"}
-STEPS, KILL_AT = 24, 7
+STEPS, KILL_AT = 15, 7
 
 
 def config(algo: str, data: dict[str, Path], out: str) -> dict[str, Any]:
