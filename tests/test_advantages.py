@@ -9,7 +9,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rlhf.advantages import gae, group_advantages, rloo_advantages
+from rlhf.advantages import batch_normalized_advantages, gae, group_advantages, rloo_advantages
+from rlhf.rollout.shaping import shape_scores
+
+from _shards import run_sharded  # isort: skip
 
 F64 = torch.float64
 
@@ -181,3 +184,25 @@ def test_validation() -> None:
         group_advantages(torch.zeros(2, 2), 2)
     with pytest.raises(ValueError, match="group_size >= 2"):
         rloo_advantages(torch.zeros(4), 1)
+
+
+def test_reinforce_pp_and_score_normalising_are_global_over_processes():
+    """REINFORCE++'s batch normalisation and `reward.normalize` over two shards (as two processes) with
+    `sum_over` equal the whole batch's, so N processes train on the advantages one process would."""
+    g = torch.Generator().manual_seed(1)
+    rewards = torch.randn(8, 6, generator=g)
+    lengths = torch.randint(1, 7, (8,), generator=g)
+    mask = (torch.arange(6)[None] < lengths[:, None]).float()
+    together = batch_normalized_advantages(rewards, mask)
+    halves = [(rewards[:4], mask[:4]), (rewards[4:], mask[4:])]
+    torch.testing.assert_close(torch.cat(run_sharded(batch_normalized_advantages, halves)), together, atol=1e-6, rtol=0)
+
+    scores, ended = torch.randn(8, generator=g), lengths < 6
+    whole = shape_scores(scores, ended, lengths, normalize=True)
+    torch.testing.assert_close(whole, (scores - scores.mean()) / (scores.std() + 1e-8), atol=1e-6, rtol=0)
+
+    def shaped(s, e, n, *, sum_over):
+        return shape_scores(s, e, n, normalize=True, sum_over=sum_over)
+
+    parts = [(scores[:4], ended[:4], lengths[:4]), (scores[4:], ended[4:], lengths[4:])]
+    torch.testing.assert_close(torch.cat(run_sharded(shaped, parts)), whole, atol=1e-6, rtol=0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhf.losses.reduce import masked_whiten, upcast
+from rlhf.losses.reduce import SumOver, masked_whiten, upcast
 
 
 def gae(
@@ -104,7 +104,12 @@ def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def batch_normalized_advantages(
-    rewards: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0, eps: float = 1e-8
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    gamma: float = 1.0,
+    eps: float = 1e-8,
+    sum_over: SumOver | None = None,
 ) -> torch.Tensor:
     """REINFORCE++: each token's return-to-go, normalised over every valid token of the batch.
 
@@ -115,8 +120,9 @@ def batch_normalized_advantages(
     G_t = score - beta sum_{s >= t} kl_s. Hu 2025, "REINFORCE++: A Simple and Efficient Approach for Aligning
     Large Language Models", Sec. 3 (token-level KL penalty, global advantage normalisation): no critic and no
     group, so it works with one completion per prompt; the normalisation over the whole batch replaces the
-    per-prompt baseline. Shapes: rewards, mask (B, T), right padded. Returns (B, T), 0 where mask == 0.
+    per-prompt baseline. Shapes: rewards, mask (B, T), right padded. Returns (B, T), 0 where mask == 0. Under
+    data parallelism `sum_over` makes "the batch" the global one (`rlhf.losses.reduce`).
     """
     zeros = torch.zeros_like(upcast(rewards))
     returns, _ = gae(rewards, zeros, mask, gamma=gamma, lam=1.0)  # V = 0, lam = 1: the discounted return-to-go
-    return masked_whiten(returns, mask, eps=eps)
+    return masked_whiten(returns, mask, eps=eps, sum_over=sum_over)

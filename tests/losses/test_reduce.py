@@ -16,6 +16,8 @@ from rlhf.losses.reduce import (
     upcast,
 )
 
+from _shards import run_sharded  # isort: skip
+
 LOSS = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
 MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
 
@@ -154,3 +156,17 @@ def test_half_precision_reduces_in_float32() -> None:
     assert out.item() == 4128.0
     assert upcast(torch.ones(2, dtype=torch.float64)).dtype == torch.float64
     assert upcast(torch.ones(2, dtype=torch.float16)).dtype == torch.float32
+
+
+def test_whitening_with_sum_over_uses_the_global_batch_of_every_shard():
+    """Three shards (as three processes) whitened with `sum_over` give exactly the slices of the whole batch
+    whitened at once; without it each shard is whitened on its own statistics, which differ."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 5, generator=g) * 3 + 1
+    mask = (torch.rand(9, 5, generator=g) > 0.3).float()
+    shards = [(x[i : i + 3], mask[i : i + 3]) for i in range(0, 9, 3)]
+    together = masked_whiten(x, mask)
+    sharded = torch.cat(run_sharded(masked_whiten, shards))
+    torch.testing.assert_close(sharded, together, rtol=0, atol=1e-6)
+    alone = torch.cat([masked_whiten(*shard) for shard in shards])
+    assert (alone - together).abs().max() > 0.05

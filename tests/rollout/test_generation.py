@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 
@@ -15,8 +16,10 @@ from rlhf.rollout.generation import (
     decode,
     decodes_itself,
     generate_rollout,
+    keyed_uniform,
     mask_after_eos,
     sampler,
+    stream_keys,
 )
 
 
@@ -65,16 +68,19 @@ def test_the_checkpoints_generation_config_does_not_change_sampling(tiny_dirs, t
         if raw:
             kwargs = {"do_sample": True, "max_new_tokens": 8, "eos_token_id": 2, "pad_token_id": 0}
             return model.generate(prompt_ids, attention_mask=prompt_mask, **kwargs)[:, 3:]
-        return HFGenerationBackend(model, eos_token_id=2, pad_token_id=0).generate(prompt_ids, prompt_mask, sampling)
+        backend = HFGenerationBackend(model, eos_token_id=2, pad_token_id=0)
+        return backend.generate(prompt_ids, prompt_mask, sampling, torch.arange(len(prompt_ids)))
 
     assert not torch.equal(draw(plain, raw=True), draw(with_file, raw=True))  # the file does change plain generate
     assert torch.equal(draw(with_file), draw(plain))
     assert with_file.generation_config.repetition_penalty == 5.0  # and is back in place afterwards
 
 
-def _draw_frequencies(logits: torch.Tensor, sampling: SamplingConfig, n: int = 40_000) -> torch.Tensor:
-    torch.manual_seed(0)
-    scores = sampler(sampling)(torch.zeros(n, 1, dtype=torch.long), logits.repeat(n, 1))
+def _draw_frequencies(logits: torch.Tensor, sampling: SamplingConfig, n: int = 40_000, steps: int = 1) -> torch.Tensor:
+    """Frequencies of the tokens drawn by n rows (keys 0..n-1, `model.generate`'s layout) at the step `steps - 1`."""
+    race = sampler(sampling, stream_keys(0, 0, torch.arange(n)), rows_as_ids=False)
+    for _ in range(steps):
+        scores = race(torch.zeros(n, 1, dtype=torch.long), logits.repeat(n, 1))
     return torch.bincount(scores.argmax(-1), minlength=logits.shape[0]).double() / n
 
 
@@ -86,10 +92,11 @@ def _assert_frequencies(freq: torch.Tensor, probs: torch.Tensor, n: int = 40_000
 def test_greedy_argmax_of_the_sampler_draws_from_the_softmax():
     """The exponential race picks token i with probability softmax(logits)_i; -inf tokens never."""
     logits = torch.tensor([2.0, 1.0, 0.0, -1.0, float("-inf")])
-    freq = _draw_frequencies(logits, SamplingConfig())
     probs = torch.tensor([2.0, 1.0, 0.0, -1.0]).exp().double()
-    _assert_frequencies(freq, torch.cat([probs / probs.sum(), torch.zeros(1, dtype=torch.double)]))
-    assert freq[-1] == 0
+    for steps in (1, 2):  # the first and the next step of the same rows
+        freq = _draw_frequencies(logits, SamplingConfig(), steps=steps)
+        _assert_frequencies(freq, torch.cat([probs / probs.sum(), torch.zeros(1, dtype=torch.double)]))
+        assert freq[-1] == 0
 
 
 def test_the_sampler_applies_temperature_and_top_k_as_do_sample_does():
@@ -134,3 +141,64 @@ def test_decode_drives_transformers_models_with_a_cache_and_peft_wrappers(tiny_d
     assert decodes_itself(model) and decodes_itself(AutoModelForCausalLM.from_pretrained(tiny_dirs["gpt2"]))
     assert decodes_itself(get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])))
     assert not decodes_itself(torch.nn.Linear(2, 2))
+
+
+def test_keyed_uniforms_are_uniform_and_independent_over_rows_steps_and_columns():
+    """keyed_uniform is a pure function of (key, step, column), in (0, 1), with the moments of U(0, 1) and no
+    correlation between neighbouring keys, steps or columns (the ones a counter hash could get wrong)."""
+    keys = stream_keys(5, 3, torch.arange(4096))
+    u0, u1 = keyed_uniform(keys, 0, 64).double(), keyed_uniform(keys, 1, 64).double()
+    assert torch.equal(u0.float(), keyed_uniform(keys, 0, 64)) and ((u0 > 0) & (u0 < 1)).all()
+    n = u0.numel()
+    assert abs(u0.mean() - 0.5) < 5 * (1 / 12 / n) ** 0.5
+    assert abs(u0.var() - 1 / 12) < 5 * (1 / 180 / n) ** 0.5  # Var of (U - 1/2)^2 is 1/180
+
+    def corr(a, b):
+        return float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])
+
+    bound = 5 / (n // 2) ** 0.5
+    assert abs(corr(u0, u1)) < bound  # the same row and column, the next step
+    assert abs(corr(u0[:-1], u0[1:])) < bound  # neighbouring keys
+    assert abs(corr(u0[:, :-1], u0[:, 1:])) < bound  # neighbouring columns
+    assert (
+        len(set(stream_keys(5, 3, torch.arange(8)).tolist()) | set(stream_keys(5, 4, torch.arange(8)).tolist())) == 16
+    )
+
+
+@pytest.mark.parametrize("style", ["llama", "gpt2"])
+def test_a_rows_sample_depends_on_its_key_not_on_the_rows_beside_it(tiny_dirs, style):
+    """Sampled rows of one batch equal the same rows sampled in other batches, with other neighbours and other
+    left padding, in any chunking: what lets N processes sample what one process does (the rows leave the
+    batch at different steps, so the keys follow the rows that are still going)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs[style]).eval()
+    prompt_ids = torch.tensor([[0, 0, 5, 70], [0, 5, 72, 73], [5, 80, 81, 82], [0, 0, 5, 9], [0, 0, 0, 5]] * 4)
+    prompt_mask = (prompt_ids != 0).long()
+    keys = stream_keys(1, 2, torch.arange(len(prompt_ids)))
+    sampling = SamplingConfig(max_new_tokens=12, temperature=1.5)
+
+    def rollout(rows, chunk=None, eos=-1):
+        ids, mask = prompt_ids[rows], prompt_mask[rows]
+        width = int(mask.sum(-1).max())  # strip the columns no row of this batch needs
+        backend = HFGenerationBackend(model, eos_token_id=eos, pad_token_id=0)
+        out = generate_rollout(
+            backend,
+            ids[:, -width:],
+            mask[:, -width:],
+            sampling,
+            eos_token_id=eos,
+            pad_token_id=0,
+            chunk_size=chunk,
+            keys=keys[rows],
+        )
+        return out.response_ids, out.response_mask
+
+    free, _ = rollout(torch.arange(20))  # no EOS: every row runs to the end; then stop at the commonest token
+    rollout = functools.partial(rollout, eos=int(free.flatten().mode().values))
+    whole, whole_mask = rollout(torch.arange(20))
+    assert len(set(map(tuple, whole.tolist()))) > 10, "the rows should differ"
+    assert 0 < int(whole_mask.sum(-1).min()) < int(whole_mask.sum(-1).max()), "rows should stop at different steps"
+    for rows, chunk in ((torch.arange(1, 20, 2), None), (torch.arange(0, 20, 2), 3), (torch.tensor([13, 2]), 1)):
+        part, part_mask = rollout(rows, chunk)
+        width = part.shape[1]
+        assert torch.equal(part, whole[rows, :width]) and torch.equal(part_mask, whole_mask[rows, :width])
+        assert not whole_mask[rows, width:].any()

@@ -12,11 +12,18 @@ Conventions:
       thousands of bf16 numbers would otherwise keep about three significant digits.
     * A denominator that counts tokens or rows is clamped to at least 1, so a row or a batch with no valid
       token gives 0, never NaN.
+    * `sum_over` (variance, whitening): a function that sums a tensor over the processes of a data-parallel
+      run (`Engine.sum_over_processes`), so the statistics are those of the global batch; None: this process's.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+
+SumOver = Callable[[torch.Tensor], torch.Tensor]
+"""Sums a tensor elementwise over the processes of a data-parallel run (the identity in one process)."""
 
 AGGREGATE_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
 
@@ -60,35 +67,49 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return xm.sum(dim) / m.sum(dim).clamp(min=1)
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    """Variance of `x` over all positions where `mask` is 1 (a scalar).
+def masked_moments(
+    x: torch.Tensor, mask: torch.Tensor, *, unbiased: bool = True, sum_over: SumOver | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of `x` over all positions where `mask` is 1 (two scalars), over every process's
+    positions with `sum_over` (two all-reduces: the sums, then the squared deviations from the global mean).
 
-        mu  = masked_mean(x, m)
-        var = sum(m * (x - mu)^2) / max(n - 1, 1)    if unbiased (Bessel's correction), n = sum(m)
+        mu  = sum(m * x) / max(n, 1)                 n = sum(m)
+        var = sum(m * (x - mu)^2) / max(n - 1, 1)    if unbiased (Bessel's correction)
         var = sum(m * (x - mu)^2) / max(n, 1)        otherwise
 
-    With one valid position the variance is 0, with none it is 0 (not NaN).
+    With one valid position the variance is 0, with none both are 0 (not NaN).
     """
     xm, m = _masked(x, mask)
-    n = m.sum()
-    mean = xm.sum() / n.clamp(min=1)
-    sq = ((xm - mean) * m) ** 2  # (x - mu)^2 on valid positions, 0 elsewhere
+    total, n = xm.sum(), m.sum()
+    if sum_over is not None:
+        total, n = sum_over(torch.stack([total, n])).unbind()
+    mean = total / n.clamp(min=1)
+    sq = (((xm - mean) * m) ** 2).sum()  # (x - mu)^2 on valid positions, 0 elsewhere
+    if sum_over is not None:
+        sq = sum_over(sq)
     den = (n - 1).clamp(min=1) if unbiased else n.clamp(min=1)
-    return sq.sum() / den
+    return mean, sq / den
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of `x` over all positions where `mask` is 1 (a scalar; `masked_moments`)."""
+    return masked_moments(x, mask, unbiased=unbiased)[1]
+
+
+def masked_whiten(
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8, *, sum_over: SumOver | None = None
+) -> torch.Tensor:
     """Normalise `x` to zero mean and unit variance over the valid positions.
 
         out = (x - mu) / sqrt(var + eps)           if shift_mean
         out = (x - mu) / sqrt(var + eps) + mu      otherwise (rescale only, keep the mean)
 
     mu and var (unbiased) are taken over all positions where `mask` is 1, as a single population (the usual
-    whitening of PPO advantages across the batch). Masked-out positions are 0 in the output. Shape of `x`.
+    whitening of PPO advantages across the batch; the global batch with `sum_over`). Masked-out positions are 0
+    in the output. Shape of `x`.
     """
     xm, m = _masked(x, mask)
-    mean = masked_mean(xm, m)
-    var = masked_var(xm, m, unbiased=True)
+    mean, var = masked_moments(xm, m, sum_over=sum_over)
     whitened = (xm - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean

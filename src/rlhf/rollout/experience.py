@@ -92,6 +92,7 @@ def make_experience(
     *,
     group_size: int = 1,
     actor_pass: bool = True,
+    keys: Tensor | None = None,
 ) -> Experience:
     """Sample `group_size` completions of each prompt example and score them (see the module docstring).
 
@@ -100,6 +101,8 @@ def make_experience(
     `examples`: tokenized prompt examples (`prompt_ids`, `prompt`, `extra`), this process's share.
     `actor_pass=False` skips the actor's no-grad pass: for a caller whose one update step starts from these very
     weights, so that the update's own forward gives the same log-probs.
+    `keys`: (len(examples) * group_size,) the rows' sampling keys (`rollout.generation.ExponentialRace`; the
+    trainers' come from `runtime.online.rollout_keys`); None: fresh ones from torch's global RNG.
     """
     policy = actor.policy if isinstance(actor, PolicyWithValue) else actor
     device = next(policy.parameters()).device
@@ -113,6 +116,7 @@ def make_experience(
         prompts["attention_mask"].to(device),
         cfg.sampling,
         chunk_size=cfg.forward_batch_size,
+        keys=keys,
         **ids,
     )
     t1 = time.perf_counter()

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from rlhf.losses.kl import kl_penalty
+from rlhf.losses.reduce import SumOver, masked_moments
 
 
 def shape_scores(
@@ -30,11 +31,16 @@ def shape_scores(
     normalize: bool = False,
     clip: float | None = None,
     eps: float = 1e-8,
+    sum_over: SumOver | None = None,
 ) -> Tensor:
-    """Sequence scores (B,) after the EOS and length penalties, optional batch whitening, optional clipping."""
+    """Sequence scores (B,) after the EOS and length penalties, optional batch whitening, optional clipping.
+
+    normalize: s <- (s - mean(s)) / (std(s) + eps)    over the batch (the global one with `sum_over`)
+    """
     shaped = scores.float() - missing_eos_penalty * (~ended_with_eos).float() - length_penalty * lengths.float()
     if normalize and shaped.numel() > 1:
-        shaped = (shaped - shaped.mean()) / (shaped.std() + eps)
+        mean, var = masked_moments(shaped, torch.ones_like(shaped), sum_over=sum_over)
+        shaped = (shaped - mean) / (var.sqrt() + eps)
     if clip is not None:
         shaped = shaped.clamp(-clip, clip)
     return shaped

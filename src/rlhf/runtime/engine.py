@@ -201,6 +201,11 @@ class Engine:
     def unwrapped_model(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.model)
 
+    def sum_over_processes(self, x: Tensor) -> Tensor:
+        """`x` summed elementwise over the processes (one all-reduce; `x` itself in one process): the
+        `rlhf.losses.reduce.SumOver` that makes batch statistics global under data parallelism."""
+        return self.accelerator.reduce(x, reduction="sum") if self.world_size > 1 else x
+
     def micro_batches_per_step(self) -> int:
         """Micro-batches per process per optimizer step: batch_size // (micro_batch_size * world_size)."""
         per_pass = self.train_cfg.micro_batch_size * self.world_size

@@ -26,6 +26,7 @@ from rlhf.evaluation.stats import repetition
 from rlhf.rollout.batch import RolloutBatch
 from rlhf.rollout.config import OnlineEvalConfig
 from rlhf.rollout.experience import Experience
+from rlhf.rollout.generation import stream_keys
 from rlhf.rollout.rewards import FunctionReward, RewardSource, load_reward_function
 from rlhf.runtime.data_order import DataOrder
 from rlhf.runtime.engine import Engine
@@ -61,6 +62,15 @@ def prompts_of_iteration(engine: Engine, order: DataOrder, prompts: Sequence[dic
     if order.batch_size % engine.world_size:
         raise UserError(f"rollout.batch_size {order.batch_size} does not split over {engine.world_size} processes")
     return [prompts[i] for i in order.next_batch()[engine.rank :: engine.world_size]]
+
+
+def rollout_keys(engine: Engine, order: DataOrder, *, seed: int, iteration: int, group_size: int) -> Tensor:
+    """The sampling keys of this process's rollout rows (in `prompts_of_iteration`'s order): completion m of the
+    prompt at position p of the iteration's global batch is row p * group_size + m of stream (seed, iteration),
+    so a prompt's completions are the same whether 1 or N processes share the batch, and on resume."""
+    positions = torch.arange(engine.rank, order.batch_size, engine.world_size)
+    rows = positions[:, None] * group_size + torch.arange(group_size)  # (prompts, group_size)
+    return stream_keys(seed, iteration, rows.flatten())
 
 
 def run_updates(

@@ -64,6 +64,7 @@ from rlhf.config import (
 from rlhf.errors import UserError
 from rlhf.losses import AGGREGATE_MODES, aggregate_parts, kl_penalty, ppo_policy_loss
 from rlhf.losses.policy import sequence_log_ratio
+from rlhf.losses.reduce import SumOver
 from rlhf.models import padding_free
 from rlhf.models.forward import causal_lm_logprobs
 from rlhf.models.loading import apply_lora, disable_dropout, load_causal_lm, load_tokenizer, reference_policy
@@ -93,6 +94,7 @@ from rlhf.runtime.online import (
     iterations_done,
     mean_metrics,
     prompts_of_iteration,
+    rollout_keys,
     run_updates,
     stop_reason,
 )
@@ -262,10 +264,14 @@ class Estimates:
     zero_std: Tensor  # (G,) bool: the group's shaped scores are all equal
 
 
-def estimate_advantages(cfg: Config, exp: Experience, beta: float) -> Estimates:
-    """Shaped scores, the KL to the reference, the estimator's advantages and the rows kept in the loss."""
+def estimate_advantages(cfg: Config, exp: Experience, beta: float, sum_over: SumOver | None = None) -> Estimates:
+    """Shaped scores, the KL to the reference, the estimator's advantages and the rows kept in the loss. The
+    batch statistics (score normalising, REINFORCE++'s normalisation) are the global batch's with `sum_over`;
+    the group statistics need none, a group being on one process."""
     mask, k = exp.mask, exp.group_size
-    shaped = shape_scores(exp.scores.to(mask.device), exp.ended_with_eos, exp.lengths, **cfg.reward.shaping)
+    shaped = shape_scores(
+        exp.scores.to(mask.device), exp.ended_with_eos, exp.lengths, **cfg.reward.shaping, sum_over=sum_over
+    )
     if cfg.overlong == "penalty":
         penalty = overlong_penalty(exp.lengths, cfg.rollout.max_new_tokens, cfg.overlong_buffer)
         shaped = shaped + cfg.overlong_factor * penalty
@@ -276,7 +282,7 @@ def estimate_advantages(cfg: Config, exp: Experience, beta: float) -> Estimates:
     total = shaped - beta_reward * kl.sum(-1)  # (N,) the sequence reward
     if cfg.advantage == "reinforce_pp":
         rewards = score_at_last_token(shaped, mask) - beta_reward * kl  # (N, T)
-        advantages = batch_normalized_advantages(rewards, mask)
+        advantages = batch_normalized_advantages(rewards, mask, sum_over=sum_over)
     elif cfg.advantage == "rloo":
         advantages = rloo_advantages(total, k)[:, None] * mask
     else:
@@ -291,9 +297,11 @@ def estimate_advantages(cfg: Config, exp: Experience, beta: float) -> Estimates:
     return Estimates(shaped, kl, advantages, keep, zero_std)
 
 
-def rollout_batch(cfg: Config, exp: Experience, beta: float) -> tuple[RolloutBatch[GroupTokens], dict[str, Tensor]]:
+def rollout_batch(
+    cfg: Config, exp: Experience, beta: float, sum_over: SumOver | None = None
+) -> tuple[RolloutBatch[GroupTokens], dict[str, Tensor]]:
     """The batch the updates read, and the iteration's rollout statistics (scalar tensors)."""
-    est = estimate_advantages(cfg, exp, beta)
+    est = estimate_advantages(cfg, exp, beta, sum_over)
     loss_mask = exp.mask * est.keep[:, None]
     ref = exp.ref_logprobs if cfg.kl_in == "loss" and cfg.uses_reference else None
     batch = exp.sequences.with_tokens(GroupTokens(exp.logprobs, est.advantages, loss_mask, ref))
@@ -413,8 +421,9 @@ def train(cfg: Config) -> Path:
                 cfg.rollout,
                 group_size=cfg.group_size,
                 actor_pass=not cfg.single_update,
+                keys=rollout_keys(engine, order, seed=cfg.seed, iteration=iteration, group_size=cfg.group_size),
             )
-            batch, stats_t = rollout_batch(cfg, exp, beta)
+            batch, stats_t = rollout_batch(cfg, exp, beta, engine.sum_over_processes)
             stats = global_mean(engine, stats_t | hacking.stats(exp))
             if "objective/kl" in stats:
                 kl_ctl.update(stats["objective/kl"], cfg.episodes_per_iteration)

@@ -58,6 +58,7 @@ from rlhf.losses import (
     masked_whiten,
     ppo_policy_loss,
 )
+from rlhf.losses.reduce import SumOver
 from rlhf.models import padding_free
 from rlhf.models.loading import apply_lora, disable_dropout, load_causal_lm, load_tokenizer, reference_policy
 from rlhf.models.value import PolicyWithValue, ValueConfig, load_critic
@@ -88,6 +89,7 @@ from rlhf.runtime.online import (
     iterations_done,
     mean_metrics,
     prompts_of_iteration,
+    rollout_keys,
     run_updates,
     stop_reason,
 )
@@ -289,29 +291,44 @@ class Estimates:
 
 
 def estimate_advantages(
-    cfg: Config, scores: Tensor, ended_with_eos: Tensor, mask: Tensor, tokens: dict[str, Tensor], kl_coef: float
+    cfg: Config,
+    scores: Tensor,
+    ended_with_eos: Tensor,
+    mask: Tensor,
+    tokens: dict[str, Tensor],
+    kl_coef: float,
+    sum_over: SumOver | None = None,
 ) -> Estimates:
-    """Scores (B,) and `tokens` logprobs, ref_logprobs, values (B, T) -> shaped rewards, GAE advantages, returns."""
-    shaped = shape_scores(scores, ended_with_eos, mask.sum(-1), **cfg.reward.shaping)
+    """Scores (B,) and `tokens` logprobs, ref_logprobs, values (B, T) -> shaped rewards, GAE advantages, returns.
+    Score normalising and advantage whitening use the global batch's statistics with `sum_over`."""
+    shaped = shape_scores(scores, ended_with_eos, mask.sum(-1), **cfg.reward.shaping, sum_over=sum_over)
     rewards, kl = token_rewards(
         shaped, tokens["logprobs"], tokens["ref_logprobs"], mask, kl_coef=kl_coef, kl_kind=cfg.kl.estimator
     )
     advantages, returns = gae(rewards, tokens["values"], mask, gamma=cfg.gamma, lam=cfg.lam)
     if cfg.whiten_advantages:
-        advantages = masked_whiten(advantages, mask)
+        advantages = masked_whiten(advantages, mask, sum_over=sum_over)
     return Estimates(shaped, rewards, kl, advantages, returns)
 
 
 def make_rollout(
-    cfg: Config, models: Models, actor_critic: PolicyWithValue, examples: list[dict[str, Any]], kl_coef: float
+    cfg: Config,
+    models: Models,
+    actor_critic: PolicyWithValue,
+    examples: list[dict[str, Any]],
+    kl_coef: float,
+    *,
+    keys: Tensor | None = None,
+    sum_over: SumOver | None = None,
 ) -> RolloutResult:
-    """Generate, score, shape and estimate advantages for one batch of prompt examples (this process's share)."""
-    exp = make_experience(actor_critic, models.ref, models.reward, models.tokenizer, examples, cfg.rollout)
+    """Generate, score, shape and estimate advantages for one batch of prompt examples (this process's share;
+    `keys`: the rows' sampling keys, `sum_over`: the global batch statistics, see `estimate_advantages`)."""
+    exp = make_experience(actor_critic, models.ref, models.reward, models.tokenizer, examples, cfg.rollout, keys=keys)
     # PPO always runs the actor-critic pass and has a reference
     assert exp.logprobs is not None and exp.ref_logprobs is not None and exp.values is not None
     mask, device = exp.mask, exp.logprobs.device
     tokens = {"logprobs": exp.logprobs, "ref_logprobs": exp.ref_logprobs, "values": exp.values}
-    est = estimate_advantages(cfg, exp.scores.to(device), exp.ended_with_eos, mask, tokens, kl_coef)
+    est = estimate_advantages(cfg, exp.scores.to(device), exp.ended_with_eos, mask, tokens, kl_coef, sum_over)
     batch = exp.sequences.with_tokens(PPOTokens(exp.logprobs, exp.values, est.advantages, est.returns))
     stats = {
         **exp.stats(),
@@ -413,7 +430,10 @@ def train(cfg: Config) -> Path:
                 engine.interrupt()
             step_before, kl_coef = engine.step, kl_ctl.value
             examples = prompts_of_iteration(engine, order, prompts)
-            result = make_rollout(cfg, models, engine.unwrapped_model, examples, kl_coef)
+            keys = rollout_keys(engine, order, seed=cfg.seed, iteration=iteration, group_size=1)
+            result = make_rollout(
+                cfg, models, engine.unwrapped_model, examples, kl_coef, keys=keys, sum_over=engine.sum_over_processes
+            )
             stats = global_mean(engine, result.stats | hacking.stats(result.experience))
             kl_ctl.update(stats["objective/kl"], cfg.rollout.batch_size)
             t0 = time.perf_counter()
