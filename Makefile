@@ -22,8 +22,12 @@ demo: install
 test: install
 	$(BIN)/python -m pytest
 
+# the tests marked slow (multi-process kill-and-resume), left out of `make test` to keep CI inside its budget
+test-slow: install
+	$(BIN)/python -m pytest -m slow
+
 lint: install
 	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/mypy
 
-.PHONY: install demo test lint
+.PHONY: install demo test test-slow lint

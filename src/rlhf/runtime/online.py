@@ -23,6 +23,7 @@ from transformers import PreTrainedTokenizerBase
 from rlhf.errors import ConfigError, UserError
 from rlhf.evaluation.policies import evaluate_policy
 from rlhf.evaluation.stats import repetition
+from rlhf.losses.reduce import SumOver
 from rlhf.rollout.batch import RolloutBatch
 from rlhf.rollout.config import OnlineEvalConfig
 from rlhf.rollout.experience import Experience
@@ -176,14 +177,19 @@ class HackingMonitor:
     def __init__(self) -> None:
         self.first_length: float | None = None
 
-    def stats(self, exp: Experience) -> dict[str, Tensor]:
+    def stats(self, exp: Experience, sum_over: SumOver | None = None) -> dict[str, Tensor]:
+        """This process's signals; the drift is of the global batch's mean length with `sum_over` (the other
+        signals are means over equal shares of the rows, so their mean over processes is the global one)."""
         lengths = exp.lengths  # (N,)
+        total = torch.stack([lengths.sum().float(), torch.tensor(float(len(lengths)))])
+        total = sum_over(total) if sum_over is not None else total
+        mean_length = total[0] / total[1].clamp(min=1)
         if self.first_length is None:
-            self.first_length = float(lengths.mean())
+            self.first_length = float(mean_length)
         responses = exp.sequences.input_ids[:, -exp.mask.shape[1] :].tolist()  # (N, T) response ids
         tokens = [row[: int(n)] for row, n in zip(responses, lengths.tolist(), strict=True)]
         out = {
-            "hacking/length_drift": lengths.mean() / max(self.first_length, 1e-9),
+            "hacking/length_drift": mean_length / max(self.first_length, 1e-9),
             "hacking/repetition": torch.tensor(sum(repetition(t, 2) for t in tokens) / max(len(tokens), 1)),
         }
         if exp.score_spread is not None:

@@ -424,7 +424,7 @@ def train(cfg: Config) -> Path:
                 keys=rollout_keys(engine, order, seed=cfg.seed, iteration=iteration, group_size=cfg.group_size),
             )
             batch, stats_t = rollout_batch(cfg, exp, beta, engine.sum_over_processes)
-            stats = global_mean(engine, stats_t | hacking.stats(exp))
+            stats = global_mean(engine, stats_t | hacking.stats(exp, engine.sum_over_processes))
             if "objective/kl" in stats:
                 kl_ctl.update(stats["objective/kl"], cfg.episodes_per_iteration)
             t0 = time.perf_counter()

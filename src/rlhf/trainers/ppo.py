@@ -434,7 +434,7 @@ def train(cfg: Config) -> Path:
             result = make_rollout(
                 cfg, models, engine.unwrapped_model, examples, kl_coef, keys=keys, sum_over=engine.sum_over_processes
             )
-            stats = global_mean(engine, result.stats | hacking.stats(result.experience))
+            stats = global_mean(engine, result.stats | hacking.stats(result.experience, engine.sum_over_processes))
             kl_ctl.update(stats["objective/kl"], cfg.rollout.batch_size)
             t0 = time.perf_counter()
             logged, train_tokens = run_updates(

@@ -1,0 +1,156 @@
+"""The online trainers under data parallelism: `accelerate launch` on 2 CPU processes (gloo, DDP) trains what one
+process trains on the same global batch, and a 2-process run killed with SIGKILL resumes bit-identically.
+
+Why one process and two agree: a rollout row's sampling noise is keyed by (seed, iteration, its place in the
+global batch), so both sample the same completions; the statistics over the batch (score normalising, advantage
+whitening, REINFORCE++'s normalisation) are all-reduced; a group stays on one process; the engine scales each
+process's loss sum by the global token count. With one minibatch per epoch every optimizer step sees the same
+rows either way. What differs is the order of float sums (the gradient all-reduce, the statistics), ~1e-7
+relative, which Adam's normalised steps carry into the weights: measured 5e-7 (GRPO, 8 steps) and 3e-6 (PPO with
+its critic and whitening, 8 steps) at most, hence atol 1e-5. The weights move by ~1e-3 a step at lr 1e-3, and
+each process normalising on its own statistics (no all-reduce) misses by more than 1e-5 in both tests.
+
+The kill-and-resume run is marked slow (19 s here): `make test-slow` runs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from rlhf import cli
+
+from _ppo_helpers import write_prompts  # isort: skip
+from _resume import ENV, assert_same_run, wait_for_step  # isort: skip
+
+ITERATIONS = 4
+
+
+def config(algo: str, model: str, prompts: Path, out: Path, iterations: int = ITERATIONS) -> dict[str, Any]:
+    """`iterations` of 4 prompts, one minibatch of the whole rollout per epoch, 2 rows per micro-batch."""
+    cfg: dict[str, Any] = {
+        "output_dir": str(out),
+        "seed": 3,
+        "model": {"path": model},
+        "data": {"train": str(prompts), "max_length": 40, "max_prompt_length": 24},
+        # the length penalty makes the shaped scores differ although the random model scores 0 on gold
+        "reward": {"function": "_ppo_helpers:slow_gold_reward", "normalize": True, "length_penalty": 0.1},
+        "rollout": {"batch_size": 4, "forward_batch_size": 2, "max_new_tokens": 6, "temperature": 1.0},
+        "optim": {"lr": 1e-3},
+        "schedule": {"name": "constant"},
+        "logging": {"progress": False},
+        "checkpoint": {"every": 1},
+        "samples_every": 0,
+    }
+    if algo == "ppo":
+        cfg |= {"ppo_epochs": 2, "total_episodes": 4 * iterations}
+        cfg["train"] = {"batch_size": 4, "micro_batch_size": 2}
+    else:  # GRPO with REINFORCE++'s batch normalisation over the groups of both processes, KL in the loss
+        cfg |= {"group_size": 2, "ppo_epochs": 2, "advantage": "reinforce_pp", "total_episodes": 8 * iterations}
+        cfg["train"] = {"batch_size": 8, "micro_batch_size": 2}
+    return cfg
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_two(algo: str, config_file: Path) -> subprocess.Popen:
+    """`accelerate launch -m rlhf train ALGO` on 2 CPU processes: the torchrun path (`--multi_gpu`) with CUDA
+    hidden, as in tests/runtime/test_engine.py."""
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    cmd += ["-m", "rlhf", "train", algo, "--config", str(config_file)]
+    return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant (torchrun starts its workers in sessions of their own, so a
+    process group does not reach them), children first found, then all killed at once."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    tree, frontier = [pid], [pid]
+    while frontier:
+        frontier = [child for child, parent in parents.items() if parent in frontier]
+        tree += frontier
+    for p in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+
+
+def finish(p: subprocess.Popen) -> str:
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-4000:]
+    return err
+
+
+def rows(run_dir: Path) -> list[dict[str, float]]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_prompts(tmp_path_factory.mktemp("dp") / "prompts.jsonl", 64)
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_two_processes_train_what_one_process_trains(algo, tiny_dirs, prompts, tmp_path, monkeypatch):
+    two, one = tmp_path / "two", tmp_path / "one"
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(config(algo, tiny_dirs["llama"], prompts, two)))
+    p = launch_two(algo, tmp_path / "two.yaml")
+    (tmp_path / "one.yaml").write_text(yaml.safe_dump(config(algo, tiny_dirs["llama"], prompts, one)))
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "support"))
+    assert cli.main(["train", algo, "--config", str(tmp_path / "one.yaml")]) == 0  # meanwhile, in this process
+    finish(p)
+
+    a, b = load_file(one / "final" / "model.safetensors"), load_file(two / "final" / "model.safetensors")
+    start = load_file(Path(tiny_dirs["llama"]) / "model.safetensors")
+    assert a.keys() == b.keys()
+    moved = max(float((a[k] - start[k]).abs().max()) for k in start)
+    assert moved > 1e-3, "it trained"
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=0, msg=key)
+    m1, m2 = rows(one), rows(two)
+    assert len(m1) == len(m2) == ITERATIONS
+    for key in ("reward/score", "response/length", "objective/kl", "hacking/length_drift", "train/units"):
+        assert [r[key] for r in m2] == pytest.approx([r[key] for r in m1], rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_two_processes_killed_and_resumed_are_bit_identical(tiny_dirs, prompts, tmp_path):
+    """GRPO on 2 processes (2 steps an iteration), SIGKILL to the whole launch once step 4 is logged (the checkpoint
+    of step 2 is written by then), the same launch
+    again: final weights and metrics.jsonl byte for byte those of an uninterrupted 2-process run."""
+    runs = {}
+    for name in ("killed", "uninterrupted"):
+        runs[name] = tmp_path / name
+        cfg = config("grpo", tiny_dirs["llama"], prompts, runs[name], iterations=12)
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+    p = launch_two("grpo", tmp_path / "killed.yaml")
+    wait_for_step(p, runs["killed"], 4, timeout=180)
+    kill_tree(p.pid)
+    p.communicate(timeout=60)
+    assert not (runs["killed"] / "final").exists(), "the run finished before it was killed"
+    assert "rlhf: resumed at step" in finish(launch_two("grpo", tmp_path / "killed.yaml"))
+    finish(launch_two("grpo", tmp_path / "uninterrupted.yaml"))
+    assert_same_run(runs["uninterrupted"], runs["killed"])
