@@ -47,14 +47,15 @@ def test_a_watched_online_run_gets_its_over_optimisation_section(tmp_path, capsy
 
 def test_a_directory_of_runs_with_an_evaluation(tmp_path):
     """A reward-model run (with calibration.json) and an eval.json beside it: the evaluation table (win rate with
-    its interval, green when above 1/2 beyond doubt), the calibration figure, the sample tables."""
+    its interval, green when above 1/2 beyond doubt), the calibration figure, the sample tables (a repeated prompt
+    once among the best and worst answers)."""
     bins = [{"lower": i / 10, "upper": (i + 1) / 10, "count": 4, "predicted": i / 10 + 0.05, "observed": i / 10}
             for i in range(10)]  # fmt: skip
     write_run(tmp_path / "rm", [{"step": 1, "train/loss": 0.7, "eval/accuracy": 0.8}, {"step": 2, "train/loss": 0.6}],
               calibration_json={"ece": 0.05, "bins": bins})  # fmt: skip
     samples = [{"prompt": [{"role": "user", "content": f"sort: {x}"}], "letters": x,
                 "answers": {"sft": {"text": x[:-1], "gold": 0.5}, "dpo": {"text": "".join(sorted(x)), "gold": 1.0}}}
-               for x in ("cba", "dca", "fe", "hg")]  # fmt: skip
+               for x in ("cba", "cba", "dca", "fe", "hg", "ji", "lk", "nm")]  # fmt: skip
     win = {"rate": 0.875, "low": 0.6, "high": 1.0, "wins": 3, "ties": 1, "losses": 0, "n": 4}
     ev = {"prompts": 4, "baseline": "sft", "judge": "gold", "samples": samples,
           "policies": {"sft": {"gold": 0.5, "gold_se": 0.1, "kl": 0.0, "length": 2.0},
@@ -66,6 +67,7 @@ def test_a_directory_of_runs_with_an_evaluation(tmp_path):
         assert f"<h2>{section}</h2>" in page
     assert '<td class="good">87.5% [60%, 100%]</td>' in page and "<title>Mine</title>" in page
     assert "dpo: its best and worst answers against sft" in page and "sort: dca" in page
+    assert page.split("its best and worst answers")[1].count("sort: cba") == 1
 
 
 def test_constant_panels_are_left_out_and_long_series_smoothed():

@@ -242,7 +242,9 @@ def samples_section(ev: dict[str, Any], rows: int = 8) -> str:
           f'prompt</th>{head}</tr>{body}</table>'  # fmt: skip
     if base in names and key in samples[0]["answers"][base]:
         for name in (n for n in names if n != base):
-            gain = sorted(samples, key=lambda s: s["answers"][name][key] - s["answers"][base][key])
+            # one row per distinct prompt (held-out sets of short prompts repeat some)
+            distinct = {prompt_text(s["prompt"]): s for s in samples}.values()
+            gain = sorted(distinct, key=lambda s: s["answers"][name][key] - s["answers"][base][key])
             chosen = gain[-3:][::-1] + gain[:3]
             body = "".join(
                 f'<tr><td class="l">{"best" if i < 3 else "worst"}</td>'
