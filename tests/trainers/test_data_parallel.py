@@ -1,14 +1,17 @@
-"""The online trainers under data parallelism: `accelerate launch` on 2 CPU processes (gloo, DDP) trains what one
-process trains on the same global batch, and a 2-process run killed with SIGKILL resumes bit-identically.
+"""The trainers under data parallelism: `accelerate launch` on 2 CPU processes (gloo, DDP) trains what one process
+trains on the same global batch (SFT, DPO with a shared prompt, GRPO, PPO), and a 2-process run killed with
+SIGKILL resumes bit-identically.
 
-Why one process and two agree: a rollout row's sampling noise is keyed by (seed, iteration, its place in the
-global batch), so both sample the same completions; the statistics over the batch (score normalising, advantage
-whitening, REINFORCE++'s normalisation) are all-reduced; a group stays on one process; the engine scales each
-process's loss sum by the global token count. With one minibatch per epoch every optimizer step sees the same
-rows either way. What differs is the order of float sums (the gradient all-reduce, the statistics), ~1e-7
-relative, which Adam's normalised steps carry into the weights: measured 5e-7 (GRPO, 8 steps) and 3e-6 (PPO with
-its critic and whitening, 8 steps) at most, hence atol 1e-5. The weights move by ~1e-3 a step at lr 1e-3, and
-each process normalising on its own statistics (no all-reduce) misses by more than 1e-5 in both tests.
+Why one process and two agree: the engine scales each process's loss sum by the global count of units, so the
+gradient is the global batch's however it is split. For the online trainers, a rollout row's sampling noise is
+keyed by (seed, iteration, its place in the global batch), so both sample the same completions; the statistics
+over the batch (score normalising, advantage whitening, REINFORCE++'s normalisation) are all-reduced; a group
+stays on one process; with one minibatch per epoch every optimizer step sees the same rows either way.
+
+What differs is the order of float sums (the gradient all-reduce, the statistics), ~1e-7 relative, which Adam's
+normalised steps carry into the weights: measured at most 5e-7 (GRPO, 8 steps) and 3e-6 (PPO with its critic
+and whitening, 8 steps), hence atol 1e-5. The weights move by ~1e-3 a step at lr 1e-3, and GRPO and PPO with
+each process normalising on its own statistics (no all-reduce) miss by more than 1e-5.
 
 The kill-and-resume run is marked slow (19 s here): `make test-slow` runs it.
 """
@@ -31,35 +34,41 @@ import yaml
 from safetensors.torch import load_file
 
 from rlhf import cli
+from rlhf.tasks.sorting import write_task_files
 
-from _ppo_helpers import write_prompts  # isort: skip
 from _resume import ENV, assert_same_run, wait_for_step  # isort: skip
 
 ITERATIONS = 4
 
 
-def config(algo: str, model: str, prompts: Path, out: Path, iterations: int = ITERATIONS) -> dict[str, Any]:
-    """`iterations` of 4 prompts, one minibatch of the whole rollout per epoch, 2 rows per micro-batch."""
+def config(algo: str, model: str, data: dict[str, Path], out: Path, iterations: int = ITERATIONS) -> dict[str, Any]:
+    """A global batch of 8 rows in micro-batches of 2 (so 2 processes accumulate 2 each, 1 process 4); the online
+    runs: `iterations` of 4 prompts, one minibatch of the whole rollout per epoch."""
     cfg: dict[str, Any] = {
         "output_dir": str(out),
         "seed": 3,
         "model": {"path": model},
-        "data": {"train": str(prompts), "max_length": 40, "max_prompt_length": 24},
-        # the length penalty makes the shaped scores differ although the random model scores 0 on gold
-        "reward": {"function": "_ppo_helpers:slow_gold_reward", "normalize": True, "length_penalty": 0.1},
-        "rollout": {"batch_size": 4, "forward_batch_size": 2, "max_new_tokens": 6, "temperature": 1.0},
+        "data": {"max_length": 40, "max_prompt_length": 24},
         "optim": {"lr": 1e-3},
         "schedule": {"name": "constant"},
+        "train": {"batch_size": 8, "micro_batch_size": 2, "max_steps": 2 * iterations},
         "logging": {"progress": False},
         "checkpoint": {"every": 1},
-        "samples_every": 0,
     }
+    if algo in ("sft", "dpo"):  # DPO with its default shared prompt and the reference on the fly
+        cfg["data"]["train"] = str(data["sft" if algo == "sft" else "preference"])
+        return cfg
+    del cfg["train"]["max_steps"]
+    cfg["data"]["train"] = str(data["prompt"])
+    cfg["samples_every"] = 0
+    # the length penalty makes the shaped scores differ although the random model scores 0 on gold
+    cfg["reward"] = {"function": "_ppo_helpers:slow_gold_reward", "normalize": True, "length_penalty": 0.1}
+    cfg["rollout"] = {"batch_size": 4, "forward_batch_size": 2, "max_new_tokens": 6, "temperature": 1.0}
     if algo == "ppo":
         cfg |= {"ppo_epochs": 2, "total_episodes": 4 * iterations}
-        cfg["train"] = {"batch_size": 4, "micro_batch_size": 2}
+        cfg["train"]["batch_size"] = 4
     else:  # GRPO with REINFORCE++'s batch normalisation over the groups of both processes, KL in the loss
         cfg |= {"group_size": 2, "ppo_epochs": 2, "advantage": "reinforce_pp", "total_episodes": 8 * iterations}
-        cfg["train"] = {"batch_size": 8, "micro_batch_size": 2}
     return cfg
 
 
@@ -109,16 +118,16 @@ def rows(run_dir: Path) -> list[dict[str, float]]:
 
 
 @pytest.fixture(scope="module")
-def prompts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_prompts(tmp_path_factory.mktemp("dp") / "prompts.jsonl", 64)
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return write_task_files(tmp_path_factory.mktemp("dp"), n_train=64, n_eval=8)
 
 
-@pytest.mark.parametrize("algo", ["grpo", "ppo"])
-def test_two_processes_train_what_one_process_trains(algo, tiny_dirs, prompts, tmp_path, monkeypatch):
+@pytest.mark.parametrize("algo", ["sft", "dpo", "grpo", "ppo"])
+def test_two_processes_train_what_one_process_trains(algo, tiny_dirs, data, tmp_path, monkeypatch):
     two, one = tmp_path / "two", tmp_path / "one"
-    (tmp_path / "two.yaml").write_text(yaml.safe_dump(config(algo, tiny_dirs["llama"], prompts, two)))
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(config(algo, tiny_dirs["llama"], data, two)))
     p = launch_two(algo, tmp_path / "two.yaml")
-    (tmp_path / "one.yaml").write_text(yaml.safe_dump(config(algo, tiny_dirs["llama"], prompts, one)))
+    (tmp_path / "one.yaml").write_text(yaml.safe_dump(config(algo, tiny_dirs["llama"], data, one)))
     monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "support"))
     assert cli.main(["train", algo, "--config", str(tmp_path / "one.yaml")]) == 0  # meanwhile, in this process
     finish(p)
@@ -131,20 +140,21 @@ def test_two_processes_train_what_one_process_trains(algo, tiny_dirs, prompts, t
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=0, msg=key)
     m1, m2 = rows(one), rows(two)
-    assert len(m1) == len(m2) == ITERATIONS
-    for key in ("reward/score", "response/length", "objective/kl", "hacking/length_drift", "train/units"):
+    assert len(m1) == len(m2) and len(m1) >= ITERATIONS
+    online = ("reward/score", "response/length", "objective/kl", "hacking/length_drift")
+    for key in ("train/loss", "train/units", *(online if algo in ("grpo", "ppo") else ())):
         assert [r[key] for r in m2] == pytest.approx([r[key] for r in m1], rel=1e-5, abs=1e-6), key
 
 
 @pytest.mark.slow
-def test_two_processes_killed_and_resumed_are_bit_identical(tiny_dirs, prompts, tmp_path):
+def test_two_processes_killed_and_resumed_are_bit_identical(tiny_dirs, data, tmp_path):
     """GRPO on 2 processes (2 steps an iteration), SIGKILL to the whole launch once step 4 is logged (the checkpoint
     of step 2 is written by then), the same launch
     again: final weights and metrics.jsonl byte for byte those of an uninterrupted 2-process run."""
     runs = {}
     for name in ("killed", "uninterrupted"):
         runs[name] = tmp_path / name
-        cfg = config("grpo", tiny_dirs["llama"], prompts, runs[name], iterations=12)
+        cfg = config("grpo", tiny_dirs["llama"], data, runs[name], iterations=12)
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
     p = launch_two("grpo", tmp_path / "killed.yaml")
     wait_for_step(p, runs["killed"], 4, timeout=180)
