@@ -19,6 +19,7 @@ from _toy import TokenModel, make_engine, split, token_batches, token_loss
 from safetensors.torch import load_file
 
 from rlhf.config import ScheduleConfig
+from rlhf.errors import UserError
 from rlhf.runtime import checkpoint as ckpt
 from rlhf.runtime.engine import NonFiniteError, lr_factor
 from rlhf.tasks.tiny import build_model, build_tokenizer
@@ -343,3 +344,13 @@ def test_fresh_start_drops_step_zero_lines_of_a_run_killed_before_its_first_chec
     assert [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [
         {"step": 0, "data/rows": 1.0}
     ]
+
+
+@pytest.mark.parametrize("flag", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_a_launch_that_asks_for_sharding_is_refused_before_anything_starts(tmp_path, monkeypatch, flag):
+    """`accelerate launch --use_fsdp` / `--use_deepspeed` (or an accelerate config saying so): not supported yet,
+    and on a machine without GPUs accelerate would quietly run DDP instead; one message naming the way out."""
+    name = "FSDP" if "FSDP" in flag else "DeepSpeed"
+    monkeypatch.setenv(flag, "true")
+    with pytest.raises(UserError, match=f"the launch asks for {name}, which rlhf does not support yet.*--multi_gpu"):
+        make_engine(TokenModel(), tmp_path)

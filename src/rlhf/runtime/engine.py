@@ -30,7 +30,7 @@ from typing import Any, NoReturn
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, parse_flag_from_env, set_seed
 from torch import Tensor, nn
 
 from rlhf.config import CheckpointConfig, LoggingConfig, OptimConfig, ScheduleConfig, TrainConfig
@@ -105,6 +105,21 @@ def check_trackers(trackers: Sequence[str]) -> None:
             )
 
 
+def check_sharding() -> None:
+    """Refuse a launch that asks for FSDP or DeepSpeed (`accelerate launch --use_fsdp / --use_deepspeed`, or an
+    accelerate config saying so). The engine's checkpoints, the online trainers' generation and the scoring passes
+    are written for whole parameters, not shards, and are untested under either; and on CPUs accelerate cannot
+    shard at all: it quietly falls back to DDP, every process holding the whole model. See docs/scaling.md."""
+    for name, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED")):
+        if parse_flag_from_env(flag):
+            raise UserError(
+                f"the launch asks for {name}, which rlhf does not support yet (its checkpoints, generation and "
+                f"scoring passes work on whole parameters; on CPUs accelerate would run plain DDP instead). Launch "
+                f"data parallelism: accelerate launch --multi_gpu --num_processes N -m rlhf train ... "
+                f"(on CPUs with CUDA_VISIBLE_DEVICES=''); see docs/scaling.md"
+            )
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Trainable parameters in two AdamW groups: decay on matrices, none on 1-D tensors (biases, norm scales)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
@@ -139,6 +154,7 @@ class Engine:
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise UserError(f"output_dir: {self.run_dir} exists and is not a directory")
         check_trackers(logging.trackers)
+        check_sharding()
         self.seed, self.total_steps = seed, total_steps
         self.schedule_total = total_steps  # the LR schedule's horizon: the run's first total, kept on resume
         self.optim_cfg, self.schedule_cfg, self.train_cfg = optim, schedule, train
