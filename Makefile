@@ -22,7 +22,8 @@ demo: install
 test: install
 	$(BIN)/python -m pytest
 
-# the tests marked slow (multi-process kill-and-resume), left out of `make test` to keep CI inside its budget
+# the tests marked slow (kill-and-resume of full-weight runs and of 2 processes), left out of `make test` to keep
+# CI inside its budget
 test-slow: install
 	$(BIN)/python -m pytest -m slow
 

@@ -5,7 +5,7 @@ the other's allocator or thread state) and alternates the sides round by round, 
 shared machine hits both alike. The orchestrating process prints one JSON object per line.
 
     setup = make_setup(out_dir, hidden=256, layers=4)        # tiny llama + seeded RM init + task files
-    peak = matmul_peak_flops(threads=2)                      # fp32 FLOP/s of a big torch.matmul loop
+    peak = matmul_peak_flops(threads=2)                      # FLOP/s of a big torch.matmul loop (fp32 or bf16)
     result = run_worker([sys.executable, script, "--worker", ...], result_file)
     emit({"bench": "sft", "side": "ours", **result})
 """
@@ -72,26 +72,53 @@ def set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def matmul_peak_flops(*, n: int = 1024, seconds: float = 1.0, repeats: int = 5, threads: int | None = None) -> float:
-    """Measured fp32 matmul throughput (FLOP/s): the best of `repeats` bursts of (n x n) @ (n x n) products.
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+"""--precision of the benchmarks: fp32 throughout, or bf16 mixed precision (ours: train.mixed_precision bf16;
+TRL: bf16=True; both autocast with fp32 master weights)."""
+
+
+def device() -> str:
+    """Where both sides train: the GPU when there is one (as accelerate and the HF Trainer choose), else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def matmul_peak_flops(
+    *, n: int = 1024, seconds: float = 1.0, repeats: int = 5, threads: int | None = None, precision: str = "fp32"
+) -> float:
+    """Measured matmul throughput (FLOP/s) in `precision` on `device()`: the best of `repeats` bursts of
+    (n x n) @ (n x n) products.
 
     The MFU denominator: what this machine's BLAS reaches on large, well-shaped products with `threads`
-    threads, rather than a datasheet number that a shared 2-core VM never sees.
+    threads, rather than a datasheet number that a shared 2-core VM never sees. (A 2-core Intel Xeon with AMX
+    gave 320-330 GFLOP/s in fp32 and 1200-2600 in bf16, rising with n.)
     """
     if threads is not None:
         torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    out = torch.empty(n, n)
+    where, dtype = device(), PRECISIONS[precision]
+    a, b = torch.randn(n, n, device=where, dtype=dtype), torch.randn(n, n, device=where, dtype=dtype)
+    out = torch.empty(n, n, device=where, dtype=dtype)
+    sync = torch.cuda.synchronize if where == "cuda" else (lambda: None)
     for _ in range(3):
         torch.matmul(a, b, out=out)
     best = 0.0
     for _ in range(repeats):
-        count, start = 0, time.perf_counter()
+        count = 0
+        sync()
+        start = time.perf_counter()
         while (elapsed := time.perf_counter() - start) < seconds:
-            torch.matmul(a, b, out=out)
-            count += 1
+            for _ in range(8):
+                torch.matmul(a, b, out=out)
+            count += 8
+            sync()
         best = max(best, 2 * n**3 * count / elapsed)
     return best
+
+
+def peak_memory_mib() -> float:
+    """Peak memory of this process so far in MiB: the GPU's allocator peak on CUDA, else the peak RSS."""
+    if device() == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return peak_rss_mib()
 
 
 def mfu(matmul_params: int, tokens_per_s: float, peak_flops: float) -> float:

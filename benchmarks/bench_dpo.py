@@ -18,10 +18,11 @@ i.e. what the job itself allocated) and the final logged loss.
 One JSON object per trial goes to stdout, then a summary with the medians and the ours/TRL ratios.
 
 Settings shared by both: sigmoid loss, beta 0.1, batch 16 pairs in one micro-batch, AdamW lr 5e-4 with a linear
-decay and no warmup, gradient clipping at 1.0, fp32, no gradient checkpointing, dropout off, a log line every 8
-steps, no evaluation, no intermediate checkpoints, CPU, one intra-op thread by default (`--threads`): on a small
-machine shared with other jobs, a 2-thread run mostly measures how often the other thread was preempted (torch's
-parallel regions wait for their slowest thread), which swamps any difference between the two trainers.
+decay and no warmup, gradient clipping at 1.0, fp32 (`--precision bf16`: bf16 mixed precision on both sides), no
+gradient checkpointing, dropout off, a log line every 8 steps, no evaluation, no intermediate checkpoints, CPU
+(`--device cuda`: the GPU), one intra-op thread by default (`--threads`): on a small machine shared with other
+jobs, a 2-thread run mostly measures how often the other thread was preempted (torch's parallel regions wait for
+their slowest thread), which swamps any difference between the two trainers.
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import machine  # noqa: E402
 
 BATCH = 16
 LR = 5e-4
@@ -78,7 +84,7 @@ class PeakRSS:
 # ---------------------------------------------------------------------------------------------- the two jobs
 
 
-def run_ours(model: str, data: str, out: str, epochs: int, cache: bool) -> dict[str, Any]:
+def run_ours(model: str, data: str, out: str, epochs: int, cache: bool, precision: str) -> dict[str, Any]:
     from rlhf.config import load_config
     from rlhf.trainers import dpo
 
@@ -100,6 +106,7 @@ def run_ours(model: str, data: str, out: str, epochs: int, cache: bool) -> dict[
         "logging.every": LOG_EVERY,
         "logging.progress": False,
         "checkpoint.resume": "never",
+        "train.mixed_precision": "bf16" if precision == "bf16" else "no",
     }
     from rlhf.runtime.engine import Engine
 
@@ -129,7 +136,7 @@ def run_ours(model: str, data: str, out: str, epochs: int, cache: bool) -> dict[
     }
 
 
-def run_trl(model: str, data: str, out: str, epochs: int, cache: bool) -> dict[str, Any]:
+def run_trl(model: str, data: str, out: str, epochs: int, cache: bool, precision: str) -> dict[str, Any]:
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
@@ -159,9 +166,9 @@ def run_trl(model: str, data: str, out: str, epochs: int, cache: bool) -> dict[s
         max_length=MAX_LENGTH,
         precompute_ref_log_probs=cache,
         gradient_checkpointing=False,
-        bf16=False,
+        bf16=precision == "bf16",
         fp16=False,
-        use_cpu=True,
+        use_cpu=not torch.cuda.is_available(),
         logging_steps=LOG_EVERY,
         save_strategy="no",
         eval_strategy="no",
@@ -198,7 +205,7 @@ def child(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp, PeakRSS() as rss:
         start, cpu_start = time.perf_counter(), time.process_time()
         job = run_ours if args.impl == "ours" else run_trl
-        result = job(args.model, args.data, tmp + "/run", args.epochs, args.ref == "cache")
+        result = job(args.model, args.data, tmp + "/run", args.epochs, args.ref == "cache", args.precision)
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     pairs = result["steps"] * BATCH
     record = {
@@ -289,6 +296,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="trials per (implementation, reference) setting")
     p.add_argument("--settings", default="live,cache", help="which reference settings to run")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads in each trial (OMP_NUM_THREADS)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: mixed precision, both sides")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: both sides train on the GPU")
+    p.add_argument("--impls", default="ours,trl", help="which sides to run (ours alone where TRL is not installed)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--impl", choices=("ours", "trl"), help=argparse.SUPPRESS)
     p.add_argument("--ref", choices=("live", "cache"), help=argparse.SUPPRESS)
@@ -300,14 +310,16 @@ def main() -> None:
         return
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
-    env.setdefault("CUDA_VISIBLE_DEVICES", "")
+    if args.device == "cpu":
+        env.setdefault("CUDA_VISIBLE_DEVICES", "")
     records = []
     with tempfile.TemporaryDirectory() as tmp:
         model, data = prepare(Path(tmp), args)
-        print(json.dumps({"setup": vars(args) | {"batch": BATCH, "max_length": MAX_LENGTH, "lr": LR}}), flush=True)
+        setup = vars(args) | {"batch": BATCH, "max_length": MAX_LENGTH, "lr": LR, "machine": machine()}
+        print(json.dumps({"setup": setup}), flush=True)
         for _ in range(args.repeats):
             for ref in args.settings.split(","):
-                for impl in ("ours", "trl"):
+                for impl in args.impls.split(","):
                     cmd = [
                         sys.executable,
                         __file__,
@@ -322,6 +334,8 @@ def main() -> None:
                         data,
                         "--epochs",
                         str(args.epochs),
+                        "--precision",
+                        args.precision,
                     ]
                     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
                     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)

@@ -19,7 +19,8 @@ policy; one epoch (mu = 1) of ONE optimizer step over the 128 completions in 4 m
 per_device_train_batch_size 32, gradient_accumulation_steps 4, steps_per_generation 4); clip 0.2; the GRPO
 paper's reduction (each sequence's token mean, then the mean over sequences: TRL's loss_type "grpo", ours
 seq_mean_token_mean); AdamW lr 1e-5, constant, gradient clipping at 1.0; fp32, dropout off, no gradient
-checkpointing, no checkpoints, CPU, one torch thread per trial (`--threads`).
+checkpointing, no checkpoints, CPU, one torch thread per trial (`--threads`). `--precision bf16` trains both
+sides in bf16 mixed precision, `--device cuda` on the GPU.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine  # noqa: E402
 
@@ -43,7 +46,7 @@ LR, BETA = 1e-5, 0.04
 MAX_LENGTH, MAX_PROMPT_LENGTH = 64, 32
 
 
-def run_ours(policy: str, prompts: str, out: str, iterations: int) -> dict[str, Any]:
+def run_ours(policy: str, prompts: str, out: str, iterations: int, precision: str) -> dict[str, Any]:
     from rlhf.config import load_config
     from rlhf.trainers import grpo
 
@@ -70,6 +73,7 @@ def run_ours(policy: str, prompts: str, out: str, iterations: int) -> dict[str, 
         "train.micro_batch_size": MICRO,
         "logging.progress": "false",
         "checkpoint.resume": "never",
+        "train.mixed_precision": "bf16" if precision == "bf16" else "no",
     }
     cfg = load_config(grpo.Config, None, [f"--{k}={v}" for k, v in overrides.items()])
     run_dir = grpo.train(cfg)
@@ -91,7 +95,7 @@ def gold(prompts: list[Any], completions: list[Any], letters: list[str], **_: An
     return gold_reward(prompts, [c[0]["content"] for c in completions], letters)
 
 
-def run_trl(policy: str, prompts: str, out: str, iterations: int) -> dict[str, Any]:
+def run_trl(policy: str, prompts: str, out: str, iterations: int, precision: str) -> dict[str, Any]:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
@@ -120,9 +124,9 @@ def run_trl(policy: str, prompts: str, out: str, iterations: int) -> dict[str, A
         lr_scheduler_type="constant",
         max_grad_norm=1.0,
         gradient_checkpointing=False,
-        bf16=False,
+        bf16=precision == "bf16",
         fp16=False,
-        use_cpu=True,
+        use_cpu=not torch.cuda.is_available(),
         logging_steps=1,
         save_strategy="no",
         report_to="none",
@@ -163,7 +167,7 @@ def child(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         job = run_ours if args.impl == "ours" else run_trl
-        result = job(args.policy, args.prompts, tmp + "/run", args.iterations)
+        result = job(args.policy, args.prompts, tmp + "/run", args.iterations, args.precision)
         wall = time.perf_counter() - start
     record = {
         "impl": args.impl,
@@ -229,6 +233,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="trials per implementation")
     p.add_argument("--sft-steps", type=int, default=100, help="supervised steps before GRPO")
     p.add_argument("--threads", type=int, default=1, help="torch threads of each trial (OMP_NUM_THREADS)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: mixed precision, both sides")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: both sides train on the GPU")
+    p.add_argument("--impls", default="ours,trl", help="which sides to run (ours alone where TRL is not installed)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--impl", choices=("ours", "trl"), help=argparse.SUPPRESS)
     for name in ("--policy", "--prompts"):
@@ -238,7 +245,8 @@ def main() -> None:
         child(args)
         return
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    env.setdefault("CUDA_VISIBLE_DEVICES", "")
+    if args.device == "cpu":
+        env.setdefault("CUDA_VISIBLE_DEVICES", "")
     env["OMP_NUM_THREADS"] = str(args.threads)
     records = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -252,8 +260,9 @@ def main() -> None:
         setup = {k: v for k, v in vars(args).items() if k not in ("child", "impl", "policy", "prompts")} | shape
         print(json.dumps({"setup": setup, "machine": machine()}), flush=True)
         for _ in range(args.repeats):
-            for impl in ("ours", "trl"):
+            for impl in args.impls.split(","):
                 cmd = [sys.executable, __file__, "--child", "--impl", impl, "--iterations", str(args.iterations)]
+                cmd += ["--precision", args.precision]
                 cmd += ["--policy", policy, "--prompts", prompts, "--threads", str(args.threads)]
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -261,7 +270,8 @@ def main() -> None:
                     raise SystemExit(f"{impl} failed:\n{proc.stderr[-4000:]}")
                 records.append(json.loads(line.removeprefix("RESULT ")))
                 print(json.dumps(records[-1]), flush=True)
-    print(json.dumps(summarize(records)), flush=True)
+    if len(set(args.impls.split(","))) == 2:
+        print(json.dumps(summarize(records)), flush=True)
 
 
 if __name__ == "__main__":

@@ -8,15 +8,17 @@ the same order (TRL gets the rows in the order our `DataOrder` draws them and sa
 the same batch, sequence lengths (identical token ids: checked), optimizer settings (AdamW, constant LR,
 no weight decay, clipping at 1.0), fp32, no gradient checkpointing, no evaluation, no checkpoint saving and
 the same logging interval. TRL's own defaults differ (gradient checkpointing and bf16 on); we turn them off
-because they change the computation, not the trainer.
+because they change the computation, not the trainer. `--precision bf16` trains both sides in bf16 mixed
+precision (autocast, fp32 master weights; ours `train.mixed_precision bf16`, TRL `bf16=True`) and measures the
+MFU peak in bf16. On a GPU both sides train there (`use_cpu` is off) and memory is the allocator's peak.
 
 Each trial is a fresh worker process; rounds alternate the sides (ABBA). The timed window runs from the end
 of the first logging step to the end of the last step (model loading, tokenization and the first steps'
 warm-up are outside it). Per trial and per side (median over rounds) the script prints JSON lines with
-samples/s, tokens/s (real tokens, padding excluded), peak RSS of the worker, final loss and
-MFU = 6 * N * tokens/s / peak, where N counts the parameters in matmuls and the peak is measured here with
-a large fp32 torch.matmul loop on the same number of threads; then the ratio ours/TRL. A separate short
-run per side logs every step and checks that the two loss curves agree from the first step on.
+samples/s, tokens/s (real tokens, padding excluded), peak memory of the worker (RSS; GPU: allocated), final loss
+and MFU = 6 * N * tokens/s / peak, where N counts the parameters in matmuls and the peak is measured here with
+a large torch.matmul loop in the run's precision on the same number of threads; then the ratio ours/TRL. A
+separate short run per side logs every step and checks that the two loss curves agree from the first step on.
 """
 
 from __future__ import annotations
@@ -35,13 +37,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402 - the script's own folder first
     Setup,
     alternating,
+    device,
     emit,
+    machine,
     make_setup,
     matmul_params,
     matmul_peak_flops,
     median,
     mfu,
-    peak_rss_mib,
+    peak_memory_mib,
     run_worker,
     set_threads,
 )
@@ -70,6 +74,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="give TRL its shipped default gradient_checkpointing=True (more compute; same loss curve)",
     )
+    p.add_argument(
+        "--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: mixed precision on both sides (autocast)"
+    )
+    p.add_argument("--peak-seconds", type=float, default=1.0, help="length of each burst of the matmul peak")
+    p.add_argument("--impls", default="ours,trl", help="which sides to run (ours alone where TRL is not installed)")
     p.add_argument("--ours-two-rows", action="store_true", help="RM: score chosen and rejected as two rows each")
     p.add_argument("--ours-padded", action="store_true", help="SFT: padded batches (data.padding_free false)")
     p.add_argument("--workdir", default=None, help="where models, data and run directories go (default: a temp dir)")
@@ -133,6 +142,8 @@ class StepClock:
         self.threads = 0
 
     def tick(self, step: int) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the step's kernels have run, not only been queued
         self.at[step] = (time.perf_counter(), time.process_time())
         self.threads = torch.get_num_threads()
 
@@ -166,6 +177,7 @@ def worker_ours(args: argparse.Namespace, setup: Setup, stage: str, run_dir: Pat
         "logging.progress": False,
         "checkpoint.every": 0,
         "checkpoint.resume": "never",
+        "train.mixed_precision": "bf16" if args.precision == "bf16" else "no",
     }
     if stage == "rm":
         overrides["share_prompt"] = not args.ours_two_rows
@@ -216,8 +228,8 @@ def trl_settings(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
         "save_strategy": "no",
         "eval_strategy": "no",
         "report_to": "none",
-        "use_cpu": True,
-        "bf16": False,
+        "use_cpu": device() == "cpu",
+        "bf16": args.precision == "bf16",
         "gradient_checkpointing": args.trl_gradient_checkpointing,
         "train_sampling_strategy": "sequential",
         "disable_tqdm": True,
@@ -273,7 +285,7 @@ def worker_main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix=f"bench-{args.worker}-{stage}-") as tmp:
         run = worker_ours if args.worker == "ours" else worker_trl
         result = run(args, setup, stage, Path(tmp) / "run")
-    result["peak_rss_mib"] = peak_rss_mib()
+    result["peak_memory_mib"] = peak_memory_mib()
     Path(args.result).write_text(json.dumps(result))
 
 
@@ -294,6 +306,7 @@ def trial(args: argparse.Namespace, side: str, stage: str, files: dict[str, Path
         "lr": args.lr,
         "threads": args.threads,
         "seed": args.seed,
+        "precision": args.precision,
     } | extra
     cmd = [sys.executable, __file__, *(f"--{k}={v}" for k, v in values.items())]
     flags = ("trl-gradient-checkpointing", "ours-two-rows", "ours-padded")
@@ -350,7 +363,7 @@ def summarize(
         "best_samples_per_s": args.batch_size * timed_steps / min(windows),
         "cpu_ms_per_step": 1000 * median([r["cpu_s"] for r in results]) / timed_steps,
         "threads_in_use": results[0]["threads_in_use"],
-        "peak_rss_mib": median([r["peak_rss_mib"] for r in results]),
+        "peak_memory_mib": median([r["peak_memory_mib"] for r in results]),
         "final_loss": final,
         "mfu": mfu(results[0]["matmul_params"], computed_tokens / window, peak),
         "matmul_params": results[0]["matmul_params"],
@@ -362,10 +375,11 @@ def bench_stage(
 ) -> None:
     """The loss-curve check, then `rounds` alternating timed trials per side, their summary and the ratio."""
     plan, shared = tokens  # real tokens per step: of the sequences, and with the prompt once (RM)
-    if args.check_steps:
+    sides = args.impls.split(",")
+    if args.check_steps and "trl" in sides:
         emit(loss_check(args, stage, files, plan))
-    results: dict[str, list[dict[str, Any]]] = {"ours": [], "trl": []}
-    for rnd, side in alternating(args.rounds, ["ours", "trl"]):
+    results: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
+    for rnd, side in alternating(args.rounds, sides):
         r = trial(args, side, stage, files)
         if side == "trl":
             assert r["tokens"] == plan, "TRL tokenized the rows differently"
@@ -387,6 +401,8 @@ def bench_stage(
     rows = {side: summarize(stage, side, results[side], args, timed_tokens, computed[side], peak) for side in results}
     for row in rows.values():
         emit(row)
+    if len(rows) < 2:
+        return
     ours, trl = rows["ours"], rows["trl"]
     emit(
         {
@@ -395,7 +411,7 @@ def bench_stage(
             "speed": ours["samples_per_s"] / trl["samples_per_s"],
             "speed_best": ours["best_samples_per_s"] / trl["best_samples_per_s"],
             "speed_by_cpu_time": trl["cpu_ms_per_step"] / ours["cpu_ms_per_step"],
-            "peak_rss": ours["peak_rss_mib"] / trl["peak_rss_mib"],
+            "peak_memory": ours["peak_memory_mib"] / trl["peak_memory_mib"],
             "final_loss_ours": ours["final_loss"],
             "final_loss_trl (mean of last interval)": trl["final_loss"],
         }
@@ -422,12 +438,15 @@ def main(argv: list[str] | None = None) -> int:
     for stage in stages:
         rows_file, plan, shared = batch_plan(setup, stage, args.batch_size, args.steps, args.seed, workdir)
         files[f"{stage}_rows"], plans[stage] = rows_file, (plan, shared)
-    peak = matmul_peak_flops(threads=args.threads)
+    peak = matmul_peak_flops(threads=args.threads, precision=args.precision, seconds=args.peak_seconds)
     emit(
         {
             "bench": "setup",
             "argv": sys.argv[1:],
             "threads": args.threads,
+            "precision": args.precision,
+            "device": device(),
+            "machine": machine(),
             "matmul_peak_gflops": peak / 1e9,
             "hidden": args.hidden,
             "layers": args.layers,
@@ -435,13 +454,14 @@ def main(argv: list[str] | None = None) -> int:
             "steps": args.steps,
             "timed_steps": args.steps - args.log_every,
             "torch": __import__("torch").__version__,
-            "trl": __import__("trl").__version__,
+            "trl": __import__("trl").__version__ if "trl" in args.impls else None,
         }
     )
 
     for stage in stages:
         bench_stage(args, stage, files, plans[stage], peak)
-    emit({"bench": "end", "matmul_peak_gflops_again": matmul_peak_flops(threads=args.threads) / 1e9})
+    again = matmul_peak_flops(threads=args.threads, precision=args.precision, seconds=args.peak_seconds)
+    emit({"bench": "end", "matmul_peak_gflops_again": again / 1e9})
     return 0
 
 

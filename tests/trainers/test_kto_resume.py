@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import pytest
 from _dpo_helpers import (
     kill_and_resume,
     make_config,
@@ -20,6 +21,9 @@ from rlhf.trainers import kto
 STEPS = 36
 
 
+# slow: the default suite kills and resumes every algorithm with LoRA (test_contract.py), and DPO's resume test
+# covers the reference cache KTO shares
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(tiny_dirs: dict[str, str], tmp_path: Path) -> None:
     files = task_files(tmp_path / "data", n_train=160, n_eval=16)
 

@@ -72,6 +72,9 @@ def reference(inputs, tmp_path_factory) -> Path:
     return root / "run"
 
 
+# slow: the default suite kills and resumes every algorithm with LoRA (test_contract.py); the SIGTERM test
+# below stays in it
+@pytest.mark.slow
 def test_sigkill_then_resume_auto_is_bit_identical(inputs, reference: Path, tmp_path: Path):
     run_dir = tmp_path / "run"
     config = write_config(tmp_path / "ppo.yaml", run_dir, *inputs)

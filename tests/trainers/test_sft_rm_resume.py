@@ -46,6 +46,9 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return write_task_files(tmp_path_factory.mktemp("task"), n_train=256, n_eval=32)
 
 
+# slow: the default suite kills and resumes every algorithm with LoRA (test_contract.py), and the engine's
+# full-weight kill at a random step (tests/runtime/test_resume.py)
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["sft", "rm"])
 def test_sigkill_at_a_random_step_then_resume_is_bit_identical(
     stage: str, tiny_dirs: dict[str, str], data: dict[str, Path], tmp_path: Path

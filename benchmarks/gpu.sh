@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The bf16 path on one GPU, side by side with TRL: SFT, DPO and GRPO steps on CUDA, in under 8 minutes on an H200.
+# Nothing is downloaded there: the model is a random llama built from a transformers config (hidden 1024 x 24
+# layers, ~0.3B parameters in its layers), the data is the built-in sorting task.
+#
+#   bash benchmarks/gpu.sh download   # here, with pip's network: the wheels the GPU image lacks, into .whl/
+#   bash benchmarks/gpu.sh            # there (device tool, carry .whl): install .whl/ into /tmp/site and run
+#   GPU_SH_TINY=1 bash benchmarks/gpu.sh   # the same three benchmarks at a tiny size on the CPU (run by the tests)
+#
+# Each benchmark prints JSON lines (benchmarks/README.md): per trial, per side, and the ratio ours/TRL; SFT also
+# its MFU against the bf16 matmul peak measured on the same device and the peak GPU memory. TRL's side runs only
+# where `trl` imports; otherwise ours alone.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+if [ "${1:-}" = download ]; then
+    # what the GPU image (torch 2.11, transformers 5.17, no datasets or trl) lacks for ours and TRL's side
+    rm -rf .whl && mkdir -p .whl
+    grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+    $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d .whl transformers==5.24.0 trl==1.12.0 datasets dill multiprocess
+    ls .whl
+    exit 0
+fi
+
+if [ -n "${GPU_SH_TINY:-}" ]; then  # the CPU rehearsal: same scripts, tiny model, a few steps
+    size=(--hidden 64 --layers 2)
+    sft=(--heads 4 --batch-size 8 --steps 4 --log-every 2 --rounds 1 --check-steps 2 --n-train 64 --threads 1 --peak-seconds 0.05)
+    dpo=(--pairs 128 --epochs 1 --repeats 1 --settings live --threads 1)  # 8 steps: one log line
+    grpo=(--iterations 2 --repeats 1 --sft-steps 4 --threads 1)
+    device=cpu
+else
+    if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+        $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+        export PYTHONPATH=/tmp/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+    fi
+    export PYTHONPATH=${PYTHONPATH:-$PWD/src}
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+    size=(--hidden 1024 --layers 24)
+    sft=(--heads 16 --batch-size 64 --steps 40 --log-every 10 --rounds 1 --check-steps 5 --n-train 4096 --threads 4)
+    dpo=(--pairs 512 --epochs 1 --repeats 1 --settings live --threads 4)
+    grpo=(--iterations 4 --repeats 1 --sft-steps 20 --threads 4)
+    device=cuda
+fi
+impls=ours,trl
+$PY -c 'import trl' 2>/dev/null || impls=ours
+
+$PY benchmarks/bench_sft_rm.py --stage sft --precision bf16 --impls "$impls" "${size[@]}" "${sft[@]}"
+$PY benchmarks/bench_dpo.py --precision bf16 --device "$device" --impls "$impls" "${size[@]}" "${dpo[@]}"
+$PY benchmarks/bench_grpo.py --precision bf16 --device "$device" --impls "$impls" "${size[@]}" "${grpo[@]}"

@@ -1,0 +1,34 @@
+"""benchmarks/gpu.sh cannot rot: its three benchmarks (SFT, DPO, GRPO in bf16, ours and, where `trl` imports,
+TRL's) run on the CPU at a tiny size, as the script runs them on a GPU at its full size."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_gpu_script_runs_its_benchmarks_at_a_tiny_size_on_the_cpu(tmp_path):
+    env = {
+        **os.environ,
+        "GPU_SH_TINY": "1",
+        "PYTHON": sys.executable,
+        "CUDA_VISIBLE_DEVICES": "",
+        "TMPDIR": str(tmp_path),
+    }
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu.sh")], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    setup = next(x for x in lines if x.get("bench") == "setup")
+    assert setup["precision"] == "bf16" and setup["device"] == "cpu" and setup["matmul_peak_gflops"] > 0
+    sft = next(x for x in lines if x.get("bench") == "sft" and x.get("side") == "ours" and "rounds" in x)
+    assert sft["samples_per_s"] > 0 and 0 < sft["mfu"] < 1
+    dpo = [x for x in lines if x.get("impl") == "ours" and "pairs_per_s" in x]
+    grpo = [x for x in lines if x.get("impl") == "ours" and "completions_per_s" in x]
+    assert len(dpo) == len(grpo) == 1 and dpo[0]["pairs_per_s"] > 0 and grpo[0]["completions"] == 2 * 16 * 8
