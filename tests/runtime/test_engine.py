@@ -7,14 +7,13 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from _resume import last_logged_step, wait_for_step
+from _resume import accelerate_launch, last_logged_step, wait_for_step
 from _toy import TokenModel, make_engine, split, token_batches, token_loss
 from safetensors.torch import load_file
 
@@ -250,12 +249,6 @@ def test_micro_batches_and_local_indices(tmp_path: Path) -> None:
         engine.world_size, engine.rank = 1, 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 MP_ARGS = ["--steps", "6", "--batch-size", "8", "--micro-batch-size", "4", "--ckpt-every", "2"]
 
 
@@ -264,16 +257,8 @@ def _env(tmp: Path) -> dict[str, str]:
 
 
 def _launch(run_dir: Path, *extra: str) -> subprocess.Popen:
-    """`accelerate launch` of the toy on 2 CPU processes (gloo).
-
-    `accelerate launch --cpu --num_processes 2` starts ONE process unless an MPI hostfile is given (its
-    simple launcher just runs `python script`), so we take the torchrun path (`--multi_gpu`) with CUDA
-    hidden: the Engine then builds a CPU Accelerator and accelerate initialises gloo.
-    """
-    accelerate = Path(sys.executable).with_name("accelerate")
-    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
-    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
-    cmd += [str(TOY), "--run-dir", str(run_dir), *MP_ARGS, *extra]
+    """`accelerate launch` of the toy on 2 CPU processes (gloo)."""
+    cmd = [*accelerate_launch(2), str(TOY), "--run-dir", str(run_dir), *MP_ARGS, *extra]
     return subprocess.Popen(cmd, env=_env(run_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -45,6 +46,24 @@ def wait_for_step(p: subprocess.Popen, run_dir: Path, step: int, timeout: float 
         assert p.poll() is None, f"the run ended before step {step}: {p.communicate()[1][-2000:]}"
         assert time.monotonic() < deadline, "timed out waiting for the run"
         time.sleep(0.01)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_launch(processes: int = 2) -> list[str]:
+    """The start of an `accelerate launch` command line for `processes` CPU processes (gloo).
+
+    `accelerate launch --cpu --num_processes 2` starts ONE process unless an MPI hostfile is given (its simple
+    launcher just runs `python script`), so this takes the torchrun path (`--multi_gpu`); with CUDA hidden (as in
+    ENV) the Engine builds a CPU Accelerator and accelerate initialises gloo.
+    """
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1"]
+    return cmd + ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
 
 
 def launch(cmd: Sequence[str], cwd: Path | None = None) -> subprocess.Popen:

@@ -22,9 +22,7 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +34,7 @@ from safetensors.torch import load_file
 from rlhf import cli
 from rlhf.tasks.sorting import write_task_files
 
-from _resume import ENV, assert_same_run, wait_for_step  # isort: skip
+from _resume import ENV, accelerate_launch, assert_same_run, wait_for_step  # isort: skip
 
 ITERATIONS = 4
 
@@ -72,19 +70,9 @@ def config(algo: str, model: str, data: dict[str, Path], out: Path, iterations: 
     return cfg
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch_two(algo: str, config_file: Path) -> subprocess.Popen:
-    """`accelerate launch -m rlhf train ALGO` on 2 CPU processes: the torchrun path (`--multi_gpu`) with CUDA
-    hidden, as in tests/runtime/test_engine.py."""
-    accelerate = Path(sys.executable).with_name("accelerate")
-    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
-    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
-    cmd += ["-m", "rlhf", "train", algo, "--config", str(config_file)]
+    """`accelerate launch -m rlhf train ALGO` on 2 CPU processes (gloo)."""
+    cmd = [*accelerate_launch(2), "-m", "rlhf", "train", algo, "--config", str(config_file)]
     return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -9,11 +9,12 @@ on each without a mask, and scatters the outputs back to the flat row. Right pad
 exact: no real query ever sees a later (pad) position, and the pad outputs are dropped, so they get no
 gradient either. The result equals the padded forward up to float summation order.
 
-`enable(model)` registers the function under `ATTENTION` and switches the model to it. Calls without a
-layout (generation, evaluation, any padded batch) go to `sdpa` unchanged, with `sdpa`'s own masks, so the
-switch is safe for every other use of the model, gradient-checkpointing recomputation included (it replays
-the layer with the same keyword arguments). Only models on `sdpa` that route attention through
-`transformers`' attention interface (every model shipped in `transformers` v5) can do this; `enable`
+`enable(model)` registers the function under `ATTENTION` and switches the model to it; every model loaded
+through `rlhf.models.loading` is switched. Calls without a layout (generation, evaluation, any padded batch)
+go to `sdpa` unchanged, with `sdpa`'s own masks (short half-precision attention on the CPU runs in fp32:
+`UPCAST_BELOW`), so the switch is safe for every other use of the model, gradient-checkpointing recomputation
+included (it replays the layer with the same keyword arguments). Only models on `sdpa` that route attention
+through `transformers`' attention interface (every model shipped in `transformers` v5) can do this; `enable`
 returns False for others (remote code, eager, flash-attention), and callers keep padded batches.
 """
 

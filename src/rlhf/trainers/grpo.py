@@ -368,9 +368,6 @@ def load_models(cfg: Config) -> tuple[nn.Module, nn.Module | None]:
     disable_dropout(policy)
     policy = apply_lora(policy, cfg.model.lora)
     reference = reference_policy(policy, cfg.ref) if cfg.uses_reference else None
-    for m in (policy, reference):
-        if m is not None:
-            padding_free.enable(m)  # the no-grad passes and the updates skip the rollout's padding where they can
     return policy, reference
 
 

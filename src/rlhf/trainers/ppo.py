@@ -59,7 +59,6 @@ from rlhf.losses import (
     ppo_policy_loss,
 )
 from rlhf.losses.reduce import SumOver
-from rlhf.models import padding_free
 from rlhf.models.loading import apply_lora, disable_dropout, load_causal_lm, load_tokenizer, reference_policy
 from rlhf.models.value import PolicyWithValue, ValueConfig, load_critic
 from rlhf.rollout.batch import RolloutBatch
@@ -243,9 +242,6 @@ def build_models(cfg: Config) -> Models:
     )
     reward = build_reward(cfg.reward, reward_models)
     critic, critic_tokenizer = load_critic(cfg.value, cfg.model, cfg.reward.model_paths, tokenizer)
-    for m in (policy, ref, critic, *(r.model for r in reward_models)):
-        if m is not None:
-            padding_free.enable(m)  # the no-grad scoring passes skip the rollout's padding where they can
     actor_critic = PolicyWithValue(policy, critic, value_head=cfg.value.head_on_policy)
     return Models(tokenizer, actor_critic, ref, reward, reward_models, critic_tokenizer)
 

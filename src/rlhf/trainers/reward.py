@@ -47,6 +47,7 @@ from rlhf.data import collate_pairs, pad_sequences, to_device
 from rlhf.errors import UserError
 from rlhf.evaluation.calibration import preference_calibration
 from rlhf.losses.reward import bradley_terry_loss, reward_centering_penalty
+from rlhf.models import padding_free
 from rlhf.models.forward import backbone_and_head, sequence_scores
 from rlhf.models.loading import apply_lora, disable_dropout, load_scalar_model, load_tokenizer
 from rlhf.runtime.data_order import DataOrder
@@ -131,9 +132,10 @@ class SequenceScorer(nn.Module):
 
 
 def supports_shared_prompt(model: nn.Module) -> bool:
-    """Whether the attention implementation takes a custom 4-D mask (eager and sdpa do; flash-attention not)."""
+    """Whether the attention implementation takes a custom 4-D mask (eager, sdpa and ours on sdpa do; flash-attention
+    not)."""
     config = getattr(model, "config", None)
-    return getattr(config, "_attn_implementation", None) in ("eager", "sdpa")
+    return getattr(config, "_attn_implementation", None) in ("eager", "sdpa", padding_free.ATTENTION)
 
 
 def collate_shared_prompt(examples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Tensor]:

@@ -201,7 +201,7 @@ def train(cfg: Config) -> Path:
         logger.warning("no held-out data (set data.eval or data.eval_fraction): eval/* metrics are not logged")
     total = count_steps(cfg.train, len(examples))
     model = apply_lora(load_causal_lm(cfg.model, trainable=True), cfg.model.lora)
-    flat = cfg.data.padding_free and padding_free.enable(model)
+    flat = cfg.data.padding_free and padding_free.enabled(model)
     if cfg.data.padding_free and not flat:
         logger.info("padding-free batches need a transformers model on sdpa attention: using padded batches")
     engine = make_engine(model, cfg, total, data_report=splits.report)
