@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -66,16 +66,16 @@ class Rollout:
 class GenerationBackend(Protocol):
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, sampling: SamplingConfig, keys: Tensor) -> Tensor:
         """Return the sampled response tokens (B, T'), T' <= max_new_tokens, padded after EOS; row r sampled with
-        the noise of keys[r] (`ExponentialRace`)."""
+        the noise of keys[r] (`KeyedDraw`)."""
         ...
 
 
 _MASK32 = 0xFFFFFFFF
 
 
-def _mix32(x: Tensor) -> Tensor:
-    """A 32-bit integer hash (Wellons' lowbias32) of int64 tensors holding values in [0, 2^32); the products wrap
-    in int64 and only their low 32 bits are kept, so it is exact on every device."""
+def _mix32(x: Any) -> Any:
+    """A 32-bit integer hash (Wellons' lowbias32) of a Python int or an int64 tensor holding values in [0, 2^32);
+    the products wrap in int64 and only their low 32 bits are kept, so it is exact on every device."""
     x = x ^ (x >> 16)
     x = (x * 0x7FEB352D) & _MASK32
     x = x ^ (x >> 15)
@@ -83,15 +83,18 @@ def _mix32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-def keyed_uniform(keys: Tensor, step: int, width: int) -> Tensor:
-    """(len(keys), width) float32 uniforms in (0, 1), a pure function of (key, step, column): the noise of row r
-    at step t depends on nothing but keys[r] and t (not on the batch it shares, the process or the device)."""
+def key_hash(keys: Tensor) -> Tensor:
+    """(b,) int64 in [0, 2^32): each int64 sampling key hashed, both of its halves mixed."""
     keys = keys.long()
-    row = _mix32(_mix32((keys >> 32) & _MASK32) ^ (keys & _MASK32))
-    row = _mix32(row ^ _mix32(torch.full_like(row, step + 0x9E3779B9) & _MASK32))  # (b,)
-    column = _mix32(torch.arange(width, device=keys.device) + 0x632BE5AB)  # (width,)
-    bits = _mix32(row[:, None] ^ column[None]) >> 8  # (b, width): 24 random bits
-    return (bits.float() + 0.5) * 2.0**-24
+    return _mix32(_mix32((keys >> 32) & _MASK32) ^ (keys & _MASK32))
+
+
+def keyed_uniform(hashed: Tensor, step: int) -> Tensor:
+    """(b,) float64 uniforms in (0, 1) with 32 random bits, a pure function of (key, step): the draw of row r at
+    step t depends on nothing but its key and t (not on the batch it shares, the process or the device).
+    `hashed`: `key_hash(keys)`."""
+    bits = _mix32(hashed ^ _mix32((step + 0x9E3779B9) & _MASK32))
+    return (bits.double() + 0.5) * 2.0**-32
 
 
 def stream_keys(seed: int, counter: int, rows: Tensor) -> Tensor:
@@ -110,34 +113,42 @@ def random_keys(n: int, device: torch.device | str = "cpu") -> Tensor:
     return (base + torch.arange(n)).remainder(2**62).to(device)
 
 
-class ExponentialRace(LogitsProcessor):
-    """Sampling as an argmax: returns `scores - log E` with E_i = -log U_i, U_i ~ U(0, 1) i.i.d., whose argmax is
-    token i with probability softmax(scores)_i (the exponential race: argmax_i p_i / E_i; equivalently the
-    Gumbel-max trick, -log E being Gumbel(0, 1)). Tokens at -inf stay there.
+class KeyedDraw(LogitsProcessor):
+    """Sampling as an argmax: draws token i with probability softmax(scores)_i by the inverse CDF, with one
+    uniform u per row, and returns the scores with +inf at the drawn token:
 
-    The uniforms are `keyed_uniform(keys[rows], step)`: row r's draws are a function of its key and the step
-    alone, so a completion does not depend on which rows share its batch or process. The online trainers key a
-    row by (seed, iteration, its position in the global batch), which makes a rollout the same on 1 or N
-    processes and a resumed run sample what an uninterrupted one does. `decode` passes the indices of the rows
-    still going as the ids (`rows_as_ids`); `model.generate` keeps every row, so there rows are 0..B-1.
+        c_j = sum_{i <= j} p_i  (p in float32, summed in float64),   token = min{ j : c_j > u * c_V }
 
-    `generate` then runs in greedy mode and draws from the same distribution as `do_sample=True`.
+    so `generate` in greedy mode draws from the same distribution as `do_sample=True`; tokens at -inf
+    (p_i = 0) are never drawn. u is `keyed_uniform` of the row's key at the step: row r's draw is a function of
+    its key and the step alone, so a completion does not depend on which rows share its batch or process. The
+    online trainers key a row by (seed, iteration, its position in the global batch), which makes a rollout the
+    same on 1 or N processes and a resumed run sample what an uninterrupted one does. `decode` passes the
+    indices of the rows still going as the ids (`rows_as_ids`); `model.generate` keeps every row, so there rows
+    are 0..B-1.
+
+    One keyed uniform per row and step, rather than one per token (the Gumbel-max race): hashing a uniform for
+    each of 64 x 263 scores took 0.22 ms a step, 44 ms at a 32,000-token vocabulary (1 thread), against 0.06 and
+    7 ms for torch.rand's; this draw takes 0.08 and 4.3 ms (the softmax and the float64 cumulative sum).
     """
 
     def __init__(self, keys: Tensor, *, rows_as_ids: bool) -> None:
-        self.keys, self.rows_as_ids, self.step = keys, rows_as_ids, 0
+        self.hashed, self.rows_as_ids, self.step = key_hash(keys), rows_as_ids, 0
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        keys = self.keys[input_ids[:, 0]] if self.rows_as_ids else self.keys
-        uniform = keyed_uniform(keys.to(scores.device), self.step, scores.shape[-1])
+        hashed = self.hashed.to(scores.device)
+        hashed = hashed[input_ids[:, 0]] if self.rows_as_ids else hashed
+        u = keyed_uniform(hashed, self.step)[:, None]  # (b, 1)
         self.step += 1
-        return scores - uniform.log_().neg_().log_()
+        cdf = torch.softmax(scores.float(), dim=-1).double().cumsum_(-1)  # (b, V); 0 steps at -inf
+        token = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=scores.shape[-1] - 1)  # (b, 1)
+        return scores.scatter_(1, token, float("inf"))  # the drawn token is the argmax, whatever the others
 
 
 def sampler(sampling: SamplingConfig, keys: Tensor, *, rows_as_ids: bool = True) -> LogitsProcessorList:
     """What `generate(do_sample=True, temperature, top_k, top_p)` applies to the logits and draws, as logits
-    processors for greedy mode: `transformers`' own warpers, then `ExponentialRace` over the rows' `keys` (none
-    for `greedy`). One list per generate call: the race counts the steps."""
+    processors for greedy mode: `transformers`' own warpers, then `KeyedDraw` over the rows' `keys` (none for
+    `greedy`). One list per generate call: the draw counts the steps."""
     if sampling.greedy:
         return LogitsProcessorList()
     warpers: list[LogitsProcessor] = []
@@ -147,7 +158,7 @@ def sampler(sampling: SamplingConfig, keys: Tensor, *, rows_as_ids: bool = True)
         warpers.append(TopKLogitsWarper(sampling.top_k))
     if sampling.top_p < 1.0:
         warpers.append(TopPLogitsWarper(sampling.top_p))
-    return LogitsProcessorList([*warpers, ExponentialRace(keys, rows_as_ids=rows_as_ids)])
+    return LogitsProcessorList([*warpers, KeyedDraw(keys, rows_as_ids=rows_as_ids)])
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
@@ -301,7 +312,7 @@ def generate_rollout(
     """Sample one response per prompt row, in chunks of `chunk_size` rows (one `generate` call each; None: all at
     once), responses padded to the widest chunk, everything after each response's first EOS masked.
 
-    `keys` (B,) int64: each row's sampling key (`ExponentialRace`); None: fresh ones from torch's global RNG.
+    `keys` (B,) int64: each row's sampling key (`KeyedDraw`); None: fresh ones from torch's global RNG.
 
     A chunk narrower than the widest one finished every row with EOS (a row without EOS runs to max_new_tokens),
     so the pad columns added here always lie after an EOS and are masked.
