@@ -74,7 +74,8 @@ def stage_overrides(out: Path, data: dict[str, Path], quick: bool) -> dict[str, 
         ),  # fmt: skip
         "rm": ("rm", common("rm", sft, "1e-3", 300, 32) + prefs),
         "dpo": ("dpo", common("dpo", sft, "1e-4", 150, 32) + prefs + ["--beta=0.3"]),
-        "ppo": ("ppo", common("ppo", sft, "1e-4", 80, 32) + online + ["--rollout.batch_size=64"]),
+        # 120 steps: gold win rate 0.77, 0.77, 0.76 over seeds 0-2 against SFT; 80 gave 0.71-0.83 (noisier)
+        "ppo": ("ppo", common("ppo", sft, "1e-4", 120, 32) + online + ["--rollout.batch_size=64"]),
         "grpo": ("grpo", common("grpo", sft, "1e-4", 60, 128, 64) + online + group),
         "grpo_overopt": (
             "grpo",
