@@ -15,12 +15,13 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
 if [ "${1:-}" = download ]; then
-    # what the GPU image (torch 2.11, transformers 5.17, no datasets or trl) lacks for ours and TRL's side
+    # what the GPU image (torch 2.11, transformers 5.17, no datasets or trl) lacks for ours and TRL's side, at the
+    # versions the CPU suite runs (15 MB; the image has their other needs: pyarrow, fsspec, hub, tokenizers)
     rm -rf .whl && mkdir -p .whl
     grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
     $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        -d .whl transformers==5.24.0 trl==1.12.0 datasets dill multiprocess
+        -d .whl transformers==5.24.0 trl==1.12.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
     ls .whl
     exit 0
 fi
