@@ -102,7 +102,7 @@ def make_experience(
     `actor_pass=False` skips the actor's no-grad pass: for a caller whose one update step starts from these very
     weights, so that the update's own forward gives the same log-probs.
     `keys`: (len(examples) * group_size,) the rows' sampling keys (`rollout.generation.KeyedDraw`; the
-    trainers' come from `runtime.online.rollout_keys`); None: fresh ones from torch's global RNG.
+    trainers' come from `runtime.online.share_of_iteration`); None: fresh ones from torch's global RNG.
     """
     policy = actor.policy if isinstance(actor, PolicyWithValue) else actor
     device = next(policy.parameters()).device

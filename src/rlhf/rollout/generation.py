@@ -107,10 +107,10 @@ def stream_keys(seed: int, counter: int, rows: Tensor) -> Tensor:
     return (rows.long() + base).remainder(2**62)
 
 
-def random_keys(n: int, device: torch.device | str = "cpu") -> Tensor:
+def random_keys(n: int) -> Tensor:
     """n sampling keys from one draw of torch's global RNG (callers without keys of their own: evaluation)."""
     base = int(torch.randint(0, 2**62, ()))
-    return (base + torch.arange(n)).remainder(2**62).to(device)
+    return (base + torch.arange(n)).remainder(2**62)
 
 
 class KeyedDraw(LogitsProcessor):
@@ -136,8 +136,8 @@ class KeyedDraw(LogitsProcessor):
         self.hashed, self.rows_as_ids, self.step = key_hash(keys), rows_as_ids, 0
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        hashed = self.hashed.to(scores.device)
-        hashed = hashed[input_ids[:, 0]] if self.rows_as_ids else hashed
+        self.hashed = self.hashed.to(scores.device)  # once: a no-op from the second step on
+        hashed = self.hashed[input_ids[:, 0]] if self.rows_as_ids else self.hashed
         u = keyed_uniform(hashed, self.step)[:, None]  # (b, 1)
         self.step += 1
         cdf = torch.softmax(scores.float(), dim=-1).double().cumsum_(-1)  # (b, V); 0 steps at -inf

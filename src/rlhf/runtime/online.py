@@ -58,20 +58,21 @@ def count_iterations(cfg: Any, num_prompts: int) -> int:
     return cfg.train.epochs * (num_prompts // cfg.rollout.batch_size)
 
 
-def prompts_of_iteration(engine: Engine, order: DataOrder, prompts: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """This process's share of the iteration's prompt examples (every process draws the same global batch)."""
+def share_of_iteration(
+    engine: Engine, order: DataOrder, prompts: Sequence[dict[str, Any]], *, seed: int, iteration: int, group_size: int
+) -> tuple[list[dict[str, Any]], Tensor]:
+    """This process's share of the iteration: its prompt examples and the sampling keys of their rollout rows.
+
+    Every process draws the same global batch and takes positions rank, rank + W, ... of it. Completion m of the
+    prompt at position p is row p * group_size + m of stream (seed, iteration), so a prompt's completions are the
+    same whether 1 or N processes share the batch, and on resume. Keys: (prompts * group_size,), prompt-major.
+    """
     if order.batch_size % engine.world_size:
         raise UserError(f"rollout.batch_size {order.batch_size} does not split over {engine.world_size} processes")
-    return [prompts[i] for i in order.next_batch()[engine.rank :: engine.world_size]]
-
-
-def rollout_keys(engine: Engine, order: DataOrder, *, seed: int, iteration: int, group_size: int) -> Tensor:
-    """The sampling keys of this process's rollout rows (in `prompts_of_iteration`'s order): completion m of the
-    prompt at position p of the iteration's global batch is row p * group_size + m of stream (seed, iteration),
-    so a prompt's completions are the same whether 1 or N processes share the batch, and on resume."""
-    positions = torch.arange(engine.rank, order.batch_size, engine.world_size)
+    batch = order.next_batch()
+    positions = torch.arange(engine.rank, order.batch_size, engine.world_size)  # (prompts,)
     rows = positions[:, None] * group_size + torch.arange(group_size)  # (prompts, group_size)
-    return stream_keys(seed, iteration, rows.flatten())
+    return [prompts[batch[p]] for p in positions.tolist()], stream_keys(seed, iteration, rows.flatten())
 
 
 def run_updates(

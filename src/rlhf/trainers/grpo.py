@@ -93,9 +93,8 @@ from rlhf.runtime.online import (
     global_mean,
     iterations_done,
     mean_metrics,
-    prompts_of_iteration,
-    rollout_keys,
     run_updates,
+    share_of_iteration,
     stop_reason,
 )
 from rlhf.runtime.setup import load_splits, make_engine, seed_everything
@@ -408,7 +407,9 @@ def train(cfg: Config) -> Path:
             if engine.should_stop():
                 engine.interrupt()
             step_before, beta = engine.step, kl_ctl.value
-            examples = prompts_of_iteration(engine, order, prompts)
+            examples, keys = share_of_iteration(
+                engine, order, prompts, seed=cfg.seed, iteration=iteration, group_size=cfg.group_size
+            )
             exp = make_experience(
                 engine.unwrapped_model,
                 reference,
@@ -418,7 +419,7 @@ def train(cfg: Config) -> Path:
                 cfg.rollout,
                 group_size=cfg.group_size,
                 actor_pass=not cfg.single_update,
-                keys=rollout_keys(engine, order, seed=cfg.seed, iteration=iteration, group_size=cfg.group_size),
+                keys=keys,
             )
             batch, stats_t = rollout_batch(cfg, exp, beta, engine.sum_over_processes)
             stats = global_mean(engine, stats_t | hacking.stats(exp, engine.sum_over_processes))

@@ -87,9 +87,8 @@ from rlhf.runtime.online import (
     global_mean,
     iterations_done,
     mean_metrics,
-    prompts_of_iteration,
-    rollout_keys,
     run_updates,
+    share_of_iteration,
     stop_reason,
 )
 from rlhf.runtime.setup import load_splits, make_engine, seed_everything
@@ -425,8 +424,9 @@ def train(cfg: Config) -> Path:
             if engine.should_stop():
                 engine.interrupt()
             step_before, kl_coef = engine.step, kl_ctl.value
-            examples = prompts_of_iteration(engine, order, prompts)
-            keys = rollout_keys(engine, order, seed=cfg.seed, iteration=iteration, group_size=1)
+            examples, keys = share_of_iteration(
+                engine, order, prompts, seed=cfg.seed, iteration=iteration, group_size=1
+            )
             result = make_rollout(
                 cfg, models, engine.unwrapped_model, examples, kl_coef, keys=keys, sum_over=engine.sum_over_processes
             )
