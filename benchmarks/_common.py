@@ -73,8 +73,26 @@ def set_threads(threads: int) -> None:
 
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
-"""--precision of the benchmarks: fp32 throughout, or bf16 mixed precision (ours: train.mixed_precision bf16;
-TRL: bf16=True; both autocast with fp32 master weights)."""
+"""--precision of the benchmarks: fp32 throughout, or bf16 mixed precision (ours: `mixed_precision(p)` as
+train.mixed_precision; TRL: bf16=True; both autocast with fp32 master weights)."""
+
+
+def mixed_precision(precision: str) -> str:
+    """Our train.mixed_precision for a --precision."""
+    return "bf16" if precision == "bf16" else "no"
+
+
+def add_side_arguments(parser: Any, *, device_flag: bool = False) -> None:
+    """The options every side-by-side script shares: --precision, --impls (and --device where the script hides
+    CUDA from its trials by default)."""
+    parser.add_argument(
+        "--precision", choices=tuple(PRECISIONS), default="fp32", help="bf16: mixed precision, both sides"
+    )
+    parser.add_argument(
+        "--impls", default="ours,trl", help="which sides to run (ours alone where TRL is not installed)"
+    )
+    if device_flag:
+        parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: both sides on the GPU")
 
 
 def device() -> str:

@@ -40,10 +40,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine  # noqa: E402
+from _common import add_side_arguments, device, machine, mixed_precision  # noqa: E402
 
 BATCH = 16
 LR = 5e-4
@@ -106,7 +104,7 @@ def run_ours(model: str, data: str, out: str, epochs: int, cache: bool, precisio
         "logging.every": LOG_EVERY,
         "logging.progress": False,
         "checkpoint.resume": "never",
-        "train.mixed_precision": "bf16" if precision == "bf16" else "no",
+        "train.mixed_precision": mixed_precision(precision),
     }
     from rlhf.runtime.engine import Engine
 
@@ -168,7 +166,7 @@ def run_trl(model: str, data: str, out: str, epochs: int, cache: bool, precision
         gradient_checkpointing=False,
         bf16=precision == "bf16",
         fp16=False,
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=device() == "cpu",
         logging_steps=LOG_EVERY,
         save_strategy="no",
         eval_strategy="no",
@@ -296,9 +294,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="trials per (implementation, reference) setting")
     p.add_argument("--settings", default="live,cache", help="which reference settings to run")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads in each trial (OMP_NUM_THREADS)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: mixed precision, both sides")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: both sides train on the GPU")
-    p.add_argument("--impls", default="ours,trl", help="which sides to run (ours alone where TRL is not installed)")
+    add_side_arguments(p, device_flag=True)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--impl", choices=("ours", "trl"), help=argparse.SUPPRESS)
     p.add_argument("--ref", choices=("live", "cache"), help=argparse.SUPPRESS)

@@ -36,10 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine  # noqa: E402
+from _common import add_side_arguments, device, machine, mixed_precision  # noqa: E402
 
 PROMPTS, GROUP, MICRO, NEW_TOKENS = 16, 8, 32, 32
 LR, BETA = 1e-5, 0.04
@@ -73,7 +71,7 @@ def run_ours(policy: str, prompts: str, out: str, iterations: int, precision: st
         "train.micro_batch_size": MICRO,
         "logging.progress": "false",
         "checkpoint.resume": "never",
-        "train.mixed_precision": "bf16" if precision == "bf16" else "no",
+        "train.mixed_precision": mixed_precision(precision),
     }
     cfg = load_config(grpo.Config, None, [f"--{k}={v}" for k, v in overrides.items()])
     run_dir = grpo.train(cfg)
@@ -126,7 +124,7 @@ def run_trl(policy: str, prompts: str, out: str, iterations: int, precision: str
         gradient_checkpointing=False,
         bf16=precision == "bf16",
         fp16=False,
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=device() == "cpu",
         logging_steps=1,
         save_strategy="no",
         report_to="none",
@@ -233,9 +231,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="trials per implementation")
     p.add_argument("--sft-steps", type=int, default=100, help="supervised steps before GRPO")
     p.add_argument("--threads", type=int, default=1, help="torch threads of each trial (OMP_NUM_THREADS)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: mixed precision, both sides")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: both sides train on the GPU")
-    p.add_argument("--impls", default="ours,trl", help="which sides to run (ours alone where TRL is not installed)")
+    add_side_arguments(p, device_flag=True)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--impl", choices=("ours", "trl"), help=argparse.SUPPRESS)
     for name in ("--policy", "--prompts"):

@@ -36,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402 - the script's own folder first
     Setup,
+    add_side_arguments,
     alternating,
     device,
     emit,
@@ -45,6 +46,7 @@ from _common import (  # noqa: E402 - the script's own folder first
     matmul_peak_flops,
     median,
     mfu,
+    mixed_precision,
     peak_memory_mib,
     run_worker,
     set_threads,
@@ -74,11 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="give TRL its shipped default gradient_checkpointing=True (more compute; same loss curve)",
     )
-    p.add_argument(
-        "--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: mixed precision on both sides (autocast)"
-    )
     p.add_argument("--peak-seconds", type=float, default=1.0, help="length of each burst of the matmul peak")
-    p.add_argument("--impls", default="ours,trl", help="which sides to run (ours alone where TRL is not installed)")
+    add_side_arguments(p)
     p.add_argument("--ours-two-rows", action="store_true", help="RM: score chosen and rejected as two rows each")
     p.add_argument("--ours-padded", action="store_true", help="SFT: padded batches (data.padding_free false)")
     p.add_argument("--workdir", default=None, help="where models, data and run directories go (default: a temp dir)")
@@ -177,7 +176,7 @@ def worker_ours(args: argparse.Namespace, setup: Setup, stage: str, run_dir: Pat
         "logging.progress": False,
         "checkpoint.every": 0,
         "checkpoint.resume": "never",
-        "train.mixed_precision": "bf16" if args.precision == "bf16" else "no",
+        "train.mixed_precision": mixed_precision(args.precision),
     }
     if stage == "rm":
         overrides["share_prompt"] = not args.ours_two_rows
