@@ -82,9 +82,42 @@ def mixed_precision(precision: str) -> str:
     return "bf16" if precision == "bf16" else "no"
 
 
+def add_context_argument(parser: Any) -> None:
+    """--context: filler tokens before every prompt, for longer sequences (`write_data`, `lengths`)."""
+    parser.add_argument(
+        "--context", type=int, default=0, help="filler tokens before every prompt (0: the task's short prompts)"
+    )
+
+
+def lengths(context: int) -> tuple[int, int]:
+    """(max_length, max_prompt_length) of both sides: the task's 64 and 32 tokens, plus the filler."""
+    return 64 + context, 32 + context
+
+
+def write_data(out_dir: str | Path, *, n_train: int, n_eval: int, context: int = 0, seed: int = 0) -> dict[str, Path]:
+    """The built-in task's files (`write_task_files`), each prompt preceded by `context` random letters and a
+    space (the tiny tokenizer is byte-level: one token per letter), so a benchmark can lengthen every sequence
+    without changing what is learnt. Rows keep their other fields, so reward functions still see `letters`."""
+    import random
+
+    from rlhf.tasks.sorting import ALPHABET, write_task_files
+
+    files = write_task_files(out_dir, n_train=n_train, n_eval=n_eval, seed=seed)
+    if context:
+        rng = random.Random(seed)
+        for path in files.values():
+            rows = [json.loads(line) for line in path.read_text().splitlines()]
+            for row in rows:
+                message = row["prompt"][0]
+                message["content"] = "".join(rng.choice(ALPHABET) for _ in range(context)) + " " + message["content"]
+            path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return files
+
+
 def add_side_arguments(parser: Any, *, device_flag: bool = False) -> None:
-    """The options every side-by-side script shares: --precision, --impls (and --device where the script hides
-    CUDA from its trials by default)."""
+    """The options every side-by-side script shares: --precision, --impls, --context (and --device where the
+    script hides CUDA from its trials by default)."""
+    add_context_argument(parser)
     parser.add_argument(
         "--precision", choices=tuple(PRECISIONS), default="fp32", help="bf16: mixed precision, both sides"
     )
@@ -101,10 +134,10 @@ def device() -> str:
 
 
 def matmul_peak_flops(
-    *, n: int = 1024, seconds: float = 1.0, repeats: int = 5, threads: int | None = None, precision: str = "fp32"
+    *, n: int | None = None, seconds: float = 1.0, repeats: int = 5, threads: int | None = None, precision: str = "fp32"
 ) -> float:
     """Measured matmul throughput (FLOP/s) in `precision` on `device()`: the best of `repeats` bursts of
-    (n x n) @ (n x n) products.
+    (n x n) @ (n x n) products (n: 1024 on a CPU, 8192 on a GPU, which smaller products leave half idle).
 
     The MFU denominator: what this machine's BLAS reaches on large, well-shaped products with `threads`
     threads, rather than a datasheet number that a shared 2-core VM never sees. (A 2-core Intel Xeon with AMX
@@ -113,6 +146,7 @@ def matmul_peak_flops(
     if threads is not None:
         torch.set_num_threads(threads)
     where, dtype = device(), PRECISIONS[precision]
+    n = n or (8192 if where == "cuda" else 1024)
     a, b = torch.randn(n, n, device=where, dtype=dtype), torch.randn(n, n, device=where, dtype=dtype)
     out = torch.empty(n, n, device=where, dtype=dtype)
     sync = torch.cuda.synchronize if where == "cuda" else (lambda: None)
@@ -168,12 +202,19 @@ class Setup:
 
 
 def make_setup(
-    out_dir: str | Path, *, hidden: int, layers: int, heads: int = 4, n_train: int = 4096, seed: int = 0
+    out_dir: str | Path,
+    *,
+    hidden: int,
+    layers: int,
+    heads: int = 4,
+    n_train: int = 4096,
+    context: int = 0,
+    seed: int = 0,
 ) -> Setup:
-    """A tiny llama (rlhf.tasks.tiny), its reward-model initialisation, and the built-in task's data files."""
+    """A tiny llama (rlhf.tasks.tiny), its reward-model initialisation, and the built-in task's data files
+    (`write_data`: `context` filler tokens before each prompt)."""
     from rlhf.config import ModelConfig
     from rlhf.models.loading import load_scalar_model, load_tokenizer
-    from rlhf.tasks.sorting import write_task_files
     from rlhf.tasks.tiny import make_tiny_checkpoint
 
     out = Path(out_dir)
@@ -184,7 +225,7 @@ def make_setup(
     rm = load_scalar_model(ModelConfig(path=str(model_dir)), trainable=False)
     rm.save_pretrained(out / "rm_init")
     load_tokenizer(str(model_dir)).save_pretrained(out / "rm_init")
-    data = write_task_files(out / "data", n_train=n_train, n_eval=64, seed=seed)
+    data = write_data(out / "data", n_train=n_train, n_eval=64, context=context, seed=seed)
     return Setup(str(model_dir), str(out / "rm_init"), {k: str(v) for k, v in data.items()})
 
 

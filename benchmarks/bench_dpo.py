@@ -41,12 +41,19 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import add_side_arguments, device, machine, mixed_precision  # noqa: E402
+from _common import (  # noqa: E402
+    add_side_arguments,
+    device,
+    lengths,
+    machine,
+    mixed_precision,
+    peak_memory_mib,
+    write_data,
+)
 
 BATCH = 16
 LR = 5e-4
 LOG_EVERY = 8
-MAX_LENGTH, MAX_PROMPT_LENGTH = 64, 32
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -82,7 +89,7 @@ class PeakRSS:
 # ---------------------------------------------------------------------------------------------- the two jobs
 
 
-def run_ours(model: str, data: str, out: str, epochs: int, cache: bool, precision: str) -> dict[str, Any]:
+def run_ours(model: str, data: str, out: str, epochs: int, cache: bool, precision: str, context: int) -> dict[str, Any]:
     from rlhf.config import load_config
     from rlhf.trainers import dpo
 
@@ -93,8 +100,8 @@ def run_ours(model: str, data: str, out: str, epochs: int, cache: bool, precisio
         "precompute_ref": cache,
         "model.path": model,
         "data.train": data,
-        "data.max_length": MAX_LENGTH,
-        "data.max_prompt_length": MAX_PROMPT_LENGTH,
+        "data.max_length": lengths(context)[0],
+        "data.max_prompt_length": lengths(context)[1],
         "optim.lr": LR,
         "optim.max_grad_norm": 1.0,
         "schedule.name": "linear",
@@ -134,7 +141,7 @@ def run_ours(model: str, data: str, out: str, epochs: int, cache: bool, precisio
     }
 
 
-def run_trl(model: str, data: str, out: str, epochs: int, cache: bool, precision: str) -> dict[str, Any]:
+def run_trl(model: str, data: str, out: str, epochs: int, cache: bool, precision: str, context: int) -> dict[str, Any]:
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
@@ -161,7 +168,7 @@ def run_trl(model: str, data: str, out: str, epochs: int, cache: bool, precision
         max_grad_norm=1.0,
         beta=0.1,
         loss_type=["sigmoid"],
-        max_length=MAX_LENGTH,
+        max_length=lengths(context)[0],
         precompute_ref_log_probs=cache,
         gradient_checkpointing=False,
         bf16=precision == "bf16",
@@ -203,7 +210,8 @@ def child(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp, PeakRSS() as rss:
         start, cpu_start = time.perf_counter(), time.process_time()
         job = run_ours if args.impl == "ours" else run_trl
-        result = job(args.model, args.data, tmp + "/run", args.epochs, args.ref == "cache", args.precision)
+        cache = args.ref == "cache"
+        result = job(args.model, args.data, tmp + "/run", args.epochs, cache, args.precision, args.context)
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     pairs = result["steps"] * BATCH
     record = {
@@ -219,6 +227,7 @@ def child(args: argparse.Namespace) -> None:
         "peak_rss_mb": round(rss.peak / 2**20, 1),
         "rss_growth_mb": round((rss.peak - rss.start) / 2**20, 1),
         "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_memory_mib": round(peak_memory_mib(), 1),  # the GPU allocator's peak on CUDA
         "final_loss": round(result["final_loss"], 4),
     }
     print("RESULT " + json.dumps(record), flush=True)
@@ -228,10 +237,9 @@ def child(args: argparse.Namespace) -> None:
 
 
 def prepare(root: Path, args: argparse.Namespace) -> tuple[str, str]:
-    from rlhf.tasks.sorting import write_task_files
     from rlhf.tasks.tiny import make_tiny_checkpoint
 
-    files = write_task_files(root / "data", n_train=args.pairs, n_eval=8, seed=0)
+    files = write_data(root / "data", n_train=args.pairs, n_eval=8, context=args.context)
     model = make_tiny_checkpoint(
         root / "model", "llama", hidden_size=args.hidden, num_layers=args.layers, num_heads=4, seed=0
     )
@@ -262,6 +270,8 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     ),
                     "ours_peak_rss_mb": med["ours"]["peak_rss_mb"],
                     "trl_peak_rss_mb": med["trl"]["peak_rss_mb"],
+                    "ours_peak_memory_mib": med["ours"]["peak_memory_mib"],
+                    "trl_peak_memory_mib": med["trl"]["peak_memory_mib"],
                     "ours_rss_growth_mb": med["ours"]["rss_growth_mb"],
                     "trl_rss_growth_mb": med["trl"]["rss_growth_mb"],
                     "ours_final_loss": med["ours"]["final_loss"],
@@ -311,7 +321,7 @@ def main() -> None:
     records = []
     with tempfile.TemporaryDirectory() as tmp:
         model, data = prepare(Path(tmp), args)
-        setup = vars(args) | {"batch": BATCH, "max_length": MAX_LENGTH, "lr": LR, "machine": machine()}
+        setup = vars(args) | {"batch": BATCH, "max_length": lengths(args.context)[0], "lr": LR, "machine": machine()}
         print(json.dumps({"setup": setup}), flush=True)
         for _ in range(args.repeats):
             for ref in args.settings.split(","):
@@ -332,6 +342,8 @@ def main() -> None:
                         str(args.epochs),
                         "--precision",
                         args.precision,
+                        "--context",
+                        str(args.context),
                     ]
                     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
                     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)

@@ -37,14 +37,21 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import add_side_arguments, device, machine, mixed_precision  # noqa: E402
+from _common import (  # noqa: E402
+    add_side_arguments,
+    device,
+    lengths,
+    machine,
+    mixed_precision,
+    peak_memory_mib,
+    write_data,
+)
 
 PROMPTS, GROUP, MICRO, NEW_TOKENS = 16, 8, 32, 32
 LR, BETA = 1e-5, 0.04
-MAX_LENGTH, MAX_PROMPT_LENGTH = 64, 32
 
 
-def run_ours(policy: str, prompts: str, out: str, iterations: int, precision: str) -> dict[str, Any]:
+def run_ours(policy: str, prompts: str, out: str, iterations: int, precision: str, context: int) -> dict[str, Any]:
     from rlhf.config import load_config
     from rlhf.trainers import grpo
 
@@ -57,8 +64,8 @@ def run_ours(policy: str, prompts: str, out: str, iterations: int, precision: st
         "samples_every": 0,
         "model.path": policy,
         "data.train": prompts,
-        "data.max_length": MAX_LENGTH,
-        "data.max_prompt_length": MAX_PROMPT_LENGTH,
+        "data.max_length": lengths(context)[0],
+        "data.max_prompt_length": lengths(context)[1],
         "rollout.batch_size": PROMPTS,
         "rollout.forward_batch_size": PROMPTS * GROUP,
         "rollout.max_new_tokens": NEW_TOKENS,
@@ -93,7 +100,7 @@ def gold(prompts: list[Any], completions: list[Any], letters: list[str], **_: An
     return gold_reward(prompts, [c[0]["content"] for c in completions], letters)
 
 
-def run_trl(policy: str, prompts: str, out: str, iterations: int, precision: str) -> dict[str, Any]:
+def run_trl(policy: str, prompts: str, out: str, iterations: int, precision: str, context: int) -> dict[str, Any]:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
@@ -165,7 +172,7 @@ def child(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         job = run_ours if args.impl == "ours" else run_trl
-        result = job(args.policy, args.prompts, tmp + "/run", args.iterations, args.precision)
+        result = job(args.policy, args.prompts, tmp + "/run", args.iterations, args.precision, args.context)
         wall = time.perf_counter() - start
     record = {
         "impl": args.impl,
@@ -174,8 +181,10 @@ def child(args: argparse.Namespace) -> None:
         "completions_per_s": round(result["completions"] / wall, 2),
         "loop_completions_per_s": round(result["completions"] / result["loop_s"], 2),
         "generation_share": round(result["generation_s"] / result["loop_s"], 3),
+        "generation_tokens_per_s": round(result["completions"] * result["response_length"] / result["generation_s"]),
         "final_score": round(result["final_score"], 4),
         "mean_response_length": round(result["response_length"], 2),
+        "peak_memory_mib": round(peak_memory_mib(), 1),  # the GPU allocator's peak on CUDA, else peak RSS
     }
     print("RESULT " + json.dumps(record), flush=True)
 
@@ -183,11 +192,11 @@ def child(args: argparse.Namespace) -> None:
 def prepare(root: Path, args: argparse.Namespace) -> tuple[str, str]:
     """Prompt data and a tiny llama briefly supervised on the task (`rlhf train sft`, as in `rlhf demo`)."""
     from rlhf.config import load_config
-    from rlhf.tasks.sorting import write_task_files
     from rlhf.tasks.tiny import make_tiny_checkpoint
     from rlhf.trainers import sft
 
-    files = write_task_files(root / "data", n_train=max(PROMPTS * args.iterations, 512), n_eval=8, seed=0)
+    n_train = max(PROMPTS * args.iterations, 512)
+    files = write_data(root / "data", n_train=n_train, n_eval=8, context=args.context)
     base = make_tiny_checkpoint(root / "base", "llama", hidden_size=args.hidden, num_layers=args.layers, seed=0)
     overrides = [
         f"--output_dir={root / 'sft'}",
@@ -199,13 +208,15 @@ def prepare(root: Path, args: argparse.Namespace) -> tuple[str, str]:
         "--optim.lr=3e-3",
         "--schedule.name=constant",
         "--logging.progress=false",
+        f"--data.max_length={lengths(args.context)[0]}",
+        f"--data.max_prompt_length={lengths(args.context)[1]}",
     ]
     policy = sft.train(load_config(sft.Config, None, overrides)) / "final"
     return str(policy), str(files["prompt"])
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
-    keys = ("completions_per_s", "loop_completions_per_s", "generation_share")
+    keys = ("completions_per_s", "loop_completions_per_s", "generation_share", "generation_tokens_per_s")
     med = {
         impl: {k: statistics.median(r[k] for r in records if r["impl"] == impl) for k in keys}
         for impl in ("ours", "trl")
@@ -220,6 +231,8 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         "loop_speedup": round(med["ours"]["loop_completions_per_s"] / med["trl"]["loop_completions_per_s"], 2),
         "ours_generation_share": med["ours"]["generation_share"],
         "trl_generation_share": med["trl"]["generation_share"],
+        "ours_generation_tokens_per_s": med["ours"]["generation_tokens_per_s"],
+        "trl_generation_tokens_per_s": med["trl"]["generation_tokens_per_s"],
     }
 
 
@@ -258,7 +271,7 @@ def main() -> None:
         for _ in range(args.repeats):
             for impl in args.impls.split(","):
                 cmd = [sys.executable, __file__, "--child", "--impl", impl, "--iterations", str(args.iterations)]
-                cmd += ["--precision", args.precision]
+                cmd += ["--precision", args.precision, "--context", str(args.context)]
                 cmd += ["--policy", policy, "--prompts", prompts, "--threads", str(args.threads)]
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)

@@ -34,12 +34,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import add_context_argument, lengths, machine, write_data  # noqa: E402
+
 BATCH, MICRO, EPOCHS, NEW_TOKENS = 64, 16, 4, 32
 LR, KL_COEF, VF_COEF = 1e-5, 0.05, 0.1
-MAX_LENGTH, MAX_PROMPT_LENGTH = 64, 32
 
 
-def run_ours(policy: str, rm: str, prompts: str, out: str, iterations: int) -> dict[str, Any]:
+def run_ours(policy: str, rm: str, prompts: str, out: str, iterations: int, context: int) -> dict[str, Any]:
     from rlhf.config import load_config
     from rlhf.trainers import ppo
 
@@ -51,8 +53,8 @@ def run_ours(policy: str, rm: str, prompts: str, out: str, iterations: int) -> d
         "samples_every": 0,
         "model.path": policy,
         "data.train": prompts,
-        "data.max_length": MAX_LENGTH,
-        "data.max_prompt_length": MAX_PROMPT_LENGTH,
+        "data.max_length": lengths(context)[0],
+        "data.max_prompt_length": lengths(context)[1],
         "rollout.batch_size": BATCH,
         "rollout.forward_batch_size": BATCH,
         "rollout.max_new_tokens": NEW_TOKENS,
@@ -79,7 +81,7 @@ def run_ours(policy: str, rm: str, prompts: str, out: str, iterations: int) -> d
     }
 
 
-def run_trl(policy: str, rm: str, prompts: str, out: str, iterations: int) -> dict[str, Any]:
+def run_trl(policy: str, rm: str, prompts: str, out: str, iterations: int, context: int) -> dict[str, Any]:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from trl.experimental.ppo import PPOConfig, PPOTrainer
@@ -87,7 +89,7 @@ def run_trl(policy: str, rm: str, prompts: str, out: str, iterations: int) -> di
     tokenizer = AutoTokenizer.from_pretrained(policy, padding_side="left")
     rows = [json.loads(line) for line in Path(prompts).read_text().splitlines()]
     ids = [tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True)["input_ids"] for r in rows]
-    dataset = Dataset.from_dict({"input_ids": [x[-MAX_PROMPT_LENGTH:] for x in ids]})
+    dataset = Dataset.from_dict({"input_ids": [x[-lengths(context)[1] :] for x in ids]})
     args = PPOConfig(
         output_dir=out,
         per_device_train_batch_size=MICRO,
@@ -142,7 +144,7 @@ def child(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         job = run_ours if args.impl == "ours" else run_trl
-        result = job(args.policy, args.rm, args.prompts, tmp + "/run", args.iterations)
+        result = job(args.policy, args.rm, args.prompts, tmp + "/run", args.iterations, args.context)
         wall = time.perf_counter() - start
     record = {
         "impl": args.impl,
@@ -164,17 +166,19 @@ def prepare(root: Path, args: argparse.Namespace) -> tuple[str, str, str]:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from rlhf.config import load_config
-    from rlhf.tasks.sorting import write_task_files
     from rlhf.tasks.tiny import make_tiny_checkpoint
     from rlhf.trainers import sft
 
-    files = write_task_files(root / "data", n_train=max(BATCH * args.iterations, 512), n_eval=8, seed=0)
+    n_train = max(BATCH * args.iterations, 512)
+    files = write_data(root / "data", n_train=n_train, n_eval=8, context=args.context)
     base = make_tiny_checkpoint(root / "base", "llama", hidden_size=args.hidden, num_layers=args.layers, seed=0)
     policy = base
     if args.sft_steps:
         overrides = [f"--output_dir={root / 'sft'}", f"--model.path={base}", f"--data.train={files['sft']}",
                      f"--train.max_steps={args.sft_steps}", "--train.batch_size=32", "--train.micro_batch_size=32",
-                     "--optim.lr=3e-3", "--schedule.name=constant", "--logging.progress=false"]  # fmt: skip
+                     "--optim.lr=3e-3", "--schedule.name=constant", "--logging.progress=false",
+                     f"--data.max_length={lengths(args.context)[0]}",
+                     f"--data.max_prompt_length={lengths(args.context)[1]}"]  # fmt: skip
         policy = sft.train(load_config(sft.Config, None, overrides)) / "final"
     torch.manual_seed(1)
     rm = AutoModelForSequenceClassification.from_pretrained(policy, num_labels=1)
@@ -211,6 +215,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="trials per implementation")
     p.add_argument("--sft-steps", type=int, default=100, help="supervised steps before PPO (0: a random policy)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of each trial (OMP_NUM_THREADS)")
+    add_context_argument(p)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--impl", choices=("ours", "trl"), help=argparse.SUPPRESS)
     for name in ("--policy", "--rm", "--prompts"):
@@ -226,11 +231,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         policy, rm, prompts = prepare(Path(tmp), args)
         setup = vars(args) | {"batch": BATCH, "micro_batch": MICRO, "ppo_epochs": EPOCHS, "max_new_tokens": NEW_TOKENS}
-        print(json.dumps({"setup": setup}), flush=True)
+        print(json.dumps({"setup": setup, "machine": machine()}), flush=True)
         for _ in range(args.repeats):
             for impl in ("ours", "trl"):
                 cmd = [sys.executable, __file__, "--child", "--impl", impl, "--iterations", str(args.iterations)]
-                cmd += ["--policy", policy, "--rm", rm, "--prompts", prompts]
+                cmd += ["--policy", policy, "--rm", rm, "--prompts", prompts, "--context", str(args.context)]
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
                 if proc.returncode != 0 or line is None:

@@ -3,22 +3,24 @@
     /tmp/benchvenv/bin/python benchmarks/bench_sft_rm.py --stage both --rounds 3 --threads 2
 
 Both sides train the same tiny llama (`rlhf.tasks.tiny`, default hidden 256, 4 layers) from the same weights
-(the reward model from one seeded head saved to disk), on the same rows of the built-in sorting task, in
-the same order (TRL gets the rows in the order our `DataOrder` draws them and samples sequentially), with
-the same batch, sequence lengths (identical token ids: checked), optimizer settings (AdamW, constant LR,
-no weight decay, clipping at 1.0), fp32, no gradient checkpointing, no evaluation, no checkpoint saving and
-the same logging interval. TRL's own defaults differ (gradient checkpointing and bf16 on); we turn them off
-because they change the computation, not the trainer. `--precision bf16` trains both sides in bf16 mixed
-precision (autocast, fp32 master weights; ours `train.mixed_precision bf16`, TRL `bf16=True`) and measures the
-MFU peak in bf16. On a GPU both sides train there (`use_cpu` is off) and memory is the allocator's peak.
+(the reward model from one seeded head saved to disk), on the same rows of the built-in sorting task, in the
+same order (TRL gets the rows in the order our `DataOrder` draws them and samples sequentially), with the same
+batch, sequence lengths (identical token ids: checked), optimizer settings (AdamW, constant LR, no weight
+decay, clipping at 1.0), fp32, no gradient checkpointing, no evaluation, no checkpoint saving and the same
+logging interval. TRL's own defaults differ (gradient checkpointing and bf16 on); we turn them off because
+they change the computation, not the trainer. `--precision bf16` trains both sides in bf16 mixed precision
+(autocast, fp32 master weights; ours `train.mixed_precision bf16`, TRL `bf16=True`) and measures the MFU peak
+in bf16. `--context N` puts N filler tokens before every prompt (longer sequences). On a GPU both sides train
+there (`use_cpu` is off) and memory is the allocator's peak.
 
-Each trial is a fresh worker process; rounds alternate the sides (ABBA). The timed window runs from the end
-of the first logging step to the end of the last step (model loading, tokenization and the first steps'
-warm-up are outside it). Per trial and per side (median over rounds) the script prints JSON lines with
-samples/s, tokens/s (real tokens, padding excluded), peak memory of the worker (RSS; GPU: allocated), final loss
-and MFU = 6 * N * tokens/s / peak, where N counts the parameters in matmuls and the peak is measured here with
-a large torch.matmul loop in the run's precision on the same number of threads; then the ratio ours/TRL. A
-separate short run per side logs every step and checks that the two loss curves agree from the first step on.
+Each trial is a fresh worker process; rounds alternate the sides (ABBA). The timed window runs from the end of
+the first logging step to the end of the last step (model loading, tokenization and the first steps' warm-up
+are outside it). Per trial and per side (median over rounds) the script prints JSON lines with samples/s,
+tokens/s (real tokens, padding excluded), peak memory of the worker (RSS; GPU: allocated), the mean loss over
+the timed steps (the same statistic on both sides), and MFU = 6 * N * tokens/s / peak, where N counts the
+parameters in matmuls and the peak is measured here with a large torch.matmul loop in the run's precision on
+the same number of threads; then the ratio ours/TRL. A separate short run per side logs every step and checks
+that the two loss curves agree from the first step on.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from _common import (  # noqa: E402 - the script's own folder first
     alternating,
     device,
     emit,
+    lengths,
     machine,
     make_setup,
     matmul_params,
@@ -52,7 +55,6 @@ from _common import (  # noqa: E402 - the script's own folder first
     set_threads,
 )
 
-MAX_LENGTH, MAX_PROMPT_LENGTH = 64, 32
 STAGE_DATA = {"sft": "sft", "rm": "preference"}
 
 
@@ -92,9 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------- the data plan
 
 
-def batch_plan(
-    setup: Setup, stage: str, batch: int, steps: int, seed: int, workdir: Path
-) -> tuple[Path, list[int], list[int]]:
+def batch_plan(setup: Setup, stage: str, args: argparse.Namespace, workdir: Path) -> tuple[Path, list[int], list[int]]:
     """The rows our trainer will draw, in order, written for TRL's sequential sampler; real tokens per step of
     the sequences (RM: prompt + chosen and prompt + rejected) and of what shares the prompt (prompt once)."""
     from rlhf.config import DataConfig
@@ -105,18 +105,19 @@ def batch_plan(
     path = Path(setup.data[STAGE_DATA[stage]])
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     records, _ = load_records(path, STAGE_DATA[stage])
-    cfg = DataConfig(max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH)
+    max_length, max_prompt_length = lengths(args.context)
+    cfg = DataConfig(max_length=max_length, max_prompt_length=max_prompt_length)
     examples, report = tokenize_records(records, STAGE_DATA[stage], load_tokenizer(setup.model_dir), cfg)
     assert len(examples) == len(rows), "every row must tokenize (no drops) so indices line up"
-    order = DataOrder(len(rows), batch, seed=seed)
+    order = DataOrder(len(rows), args.batch_size, seed=args.seed)
     keep = ("prompt", "completion") if stage == "sft" else ("prompt", "chosen", "rejected")
     ordered, tokens, shared = [], [], []
-    for _ in range(steps):
+    for _ in range(args.steps):
         idx = order.next_batch()
         ordered += [{k: rows[i][k] for k in keep} for i in idx]
         tokens.append(sum(example_tokens(examples[i], stage) for i in idx))
         shared.append(sum(example_tokens(examples[i], stage, share_prompt=True) for i in idx))
-    out = workdir / f"{stage}_ordered_{batch}x{steps}.jsonl"
+    out = workdir / f"{stage}_ordered_{args.batch_size}x{args.steps}.jsonl"
     out.write_text("".join(json.dumps(r) + "\n" for r in ordered))
     return out, tokens, shared
 
@@ -163,8 +164,8 @@ def worker_ours(args: argparse.Namespace, setup: Setup, stage: str, run_dir: Pat
         "seed": args.seed,
         "model.path": setup.model_dir if stage == "sft" else setup.rm_init_dir,
         "data.train": setup.data[STAGE_DATA[stage]],
-        "data.max_length": MAX_LENGTH,
-        "data.max_prompt_length": MAX_PROMPT_LENGTH,
+        "data.max_length": lengths(args.context)[0],
+        "data.max_prompt_length": lengths(args.context)[1],
         "optim.lr": args.lr,
         "optim.weight_decay": 0.0,
         "optim.max_grad_norm": 1.0,
@@ -185,10 +186,19 @@ def worker_ours(args: argparse.Namespace, setup: Setup, stage: str, run_dir: Pat
     cfg = load_config(module.Config, None, [f"--{k}={v}" for k, v in overrides.items()])
     clock = StepClock()
     train_step = Engine.train_step
+    step_sums: list[list[tuple[torch.Tensor, Any]]] = []  # per step, (loss_sum, units) of each micro-batch
 
-    def timed_step(engine: Engine, *a: Any, **kw: Any) -> Any:
-        out = train_step(engine, *a, **kw)
+    def timed_step(engine: Engine, micro_batches: Any, loss_fn: Any) -> Any:
+        sums: list[tuple[torch.Tensor, Any]] = []
+
+        def traced(model: Any, mb: Any) -> Any:
+            loss_sum, units, metrics = loss_fn(model, mb)
+            sums.append((loss_sum.detach(), units))  # read after the run: no extra host sync in the window
+            return loss_sum, units, metrics
+
+        out = train_step(engine, micro_batches, traced)
         clock.tick(engine.step)  # after the optimizer step, before logging: where TRL's on_step_end fires
+        step_sums.append(sums)
         return out
 
     Engine.train_step = timed_step  # type: ignore[method-assign]
@@ -203,6 +213,7 @@ def worker_ours(args: argparse.Namespace, setup: Setup, stage: str, run_dir: Pat
     return {
         **clock.window(args.log_every, args.steps),
         "losses": {m["step"]: m["train/loss"] for m in metrics if "train/loss" in m},
+        "step_losses": [float(sum(x for x, _ in s) / sum(float(u) for _, u in s)) for s in step_sums],
         "matmul_params": matmul_params(auto.from_pretrained(run_dir / "final")),
         "tokens": None,  # ours is the reference the plan was computed with
     }
@@ -234,7 +245,7 @@ def trl_settings(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
         "disable_tqdm": True,
         "seed": args.seed,
         "dataloader_num_workers": 0,
-        "max_length": MAX_LENGTH,
+        "max_length": lengths(args.context)[0],
     }
 
 
@@ -306,6 +317,7 @@ def trial(args: argparse.Namespace, side: str, stage: str, files: dict[str, Path
         "threads": args.threads,
         "seed": args.seed,
         "precision": args.precision,
+        "context": args.context,
     } | extra
     cmd = [sys.executable, __file__, *(f"--{k}={v}" for k, v in values.items())]
     flags = ("trl-gradient-checkpointing", "ours-two-rows", "ours-padded")
@@ -332,6 +344,16 @@ def loss_check(args: argparse.Namespace, stage: str, files: dict[str, Path], tok
         "last_loss_ours": ours[args.check_steps],
         "last_loss_trl": trl[args.check_steps],
     }
+
+
+def timed_mean_loss(result: dict[str, Any], args: argparse.Namespace) -> float:
+    """Mean training loss over the timed steps (log_every, steps]. Ours from every step's loss; TRL from its
+    logged values, each the mean over the `log_every` steps before it: the same statistic on both sides."""
+    if "step_losses" in result:
+        window = result["step_losses"][args.log_every : args.steps]
+    else:
+        window = [result["losses"][s] for s in range(2 * args.log_every, args.steps + 1, args.log_every)]
+    return sum(window) / len(window)
 
 
 def summarize(
@@ -364,6 +386,7 @@ def summarize(
         "threads_in_use": results[0]["threads_in_use"],
         "peak_memory_mib": median([r["peak_memory_mib"] for r in results]),
         "final_loss": final,
+        "mean_loss": timed_mean_loss(results[0], args),
         "mfu": mfu(results[0]["matmul_params"], computed_tokens / window, peak),
         "matmul_params": results[0]["matmul_params"],
     }
@@ -392,6 +415,7 @@ def bench_stage(
                 "window_s": r["window_s"],
                 "cpu_s": r["cpu_s"],
                 "final_loss": last,
+                "mean_loss": timed_mean_loss(r, args),
             }
         )
     timed_tokens = sum(plan[args.log_every :])
@@ -411,8 +435,8 @@ def bench_stage(
             "speed_best": ours["best_samples_per_s"] / trl["best_samples_per_s"],
             "speed_by_cpu_time": trl["cpu_ms_per_step"] / ours["cpu_ms_per_step"],
             "peak_memory": ours["peak_memory_mib"] / trl["peak_memory_mib"],
-            "final_loss_ours": ours["final_loss"],
-            "final_loss_trl (mean of last interval)": trl["final_loss"],
+            "mean_loss_ours": ours["mean_loss"],  # over the timed steps, the same statistic on both sides
+            "mean_loss_trl": trl["mean_loss"],
         }
     )
 
@@ -428,14 +452,20 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_sft_rm-"))
     workdir.mkdir(parents=True, exist_ok=True)
     setup = make_setup(
-        workdir, hidden=args.hidden, layers=args.layers, heads=args.heads, n_train=args.n_train, seed=args.seed
+        workdir,
+        hidden=args.hidden,
+        layers=args.layers,
+        heads=args.heads,
+        n_train=args.n_train,
+        context=args.context,
+        seed=args.seed,
     )
     files = {"setup": workdir / "setup.json", "result": workdir / "result.json"}
     files["setup"].write_text(setup.to_json())
     stages = ["sft", "rm"] if args.stage == "both" else [args.stage]
     plans = {}
     for stage in stages:
-        rows_file, plan, shared = batch_plan(setup, stage, args.batch_size, args.steps, args.seed, workdir)
+        rows_file, plan, shared = batch_plan(setup, stage, args, workdir)
         files[f"{stage}_rows"], plans[stage] = rows_file, (plan, shared)
     peak = matmul_peak_flops(threads=args.threads, precision=args.precision, seconds=args.peak_seconds)
     emit(
@@ -449,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
             "matmul_peak_gflops": peak / 1e9,
             "hidden": args.hidden,
             "layers": args.layers,
+            "context": args.context,
+            "max_length": lengths(args.context)[0],
             "batch_size": args.batch_size,
             "steps": args.steps,
             "timed_steps": args.steps - args.log_every,

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The bf16 path on one GPU, side by side with TRL: SFT, DPO and GRPO steps on CUDA, in under 8 minutes on an H200.
 # Nothing is downloaded there: the model is a random llama built from a transformers config (hidden 1024 x 24
-# layers, ~0.3B parameters in its layers), the data is the built-in sorting task.
+# layers, ~0.3B parameters in its layers), the data is the built-in sorting task, as it is (sequences of ~20-40
+# tokens) and with 448 filler tokens before every prompt (--context: sequences of ~470-490 tokens).
 #
 #   bash benchmarks/gpu.sh download   # here, with pip's network: the wheels the GPU image lacks, into .whl/
 #   bash benchmarks/gpu.sh            # there (device tool, carry .whl): install .whl/ into /tmp/site and run
@@ -32,6 +33,7 @@ if [ -n "${GPU_SH_TINY:-}" ]; then  # the CPU rehearsal: same scripts, tiny mode
     dpo=(--pairs 128 --epochs 1 --repeats 1 --settings live --threads 1)  # 8 steps: one log line
     grpo=(--iterations 2 --repeats 1 --sft-steps 4 --threads 1)
     device=cpu
+    contexts=(16)
 else
     if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
         $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -44,10 +46,25 @@ else
     dpo=(--pairs 512 --epochs 1 --repeats 1 --settings live --threads 4)
     grpo=(--iterations 4 --repeats 1 --sft-steps 20 --threads 4)
     device=cuda
+    contexts=(0 448)
+    $PY -c 'import torch, transformers, accelerate; print(torch.__version__, transformers.__version__, accelerate.__version__)'
 fi
 impls=ours,trl
 $PY -c 'import trl' 2>/dev/null || impls=ours
 
-$PY benchmarks/bench_sft_rm.py --stage sft --precision bf16 --impls "$impls" "${size[@]}" "${sft[@]}"
-$PY benchmarks/bench_dpo.py --precision bf16 --device "$device" --impls "$impls" "${size[@]}" "${dpo[@]}"
-$PY benchmarks/bench_grpo.py --precision bf16 --device "$device" --impls "$impls" "${size[@]}" "${grpo[@]}"
+# Each benchmark on its own: one that fails is reported and the others still run; the exit status says if any did.
+failed=()
+bench() {
+    echo "== $*" >&2
+    "$@" || failed+=("$*")
+}
+for context in "${contexts[@]}"; do
+    common=(--precision bf16 --impls "$impls" --context "$context" "${size[@]}")
+    bench $PY benchmarks/bench_sft_rm.py --stage sft "${common[@]}" "${sft[@]}"
+    bench $PY benchmarks/bench_dpo.py --device "$device" "${common[@]}" "${dpo[@]}"
+    bench $PY benchmarks/bench_grpo.py --device "$device" "${common[@]}" "${grpo[@]}"
+done
+if [ ${#failed[@]} -gt 0 ]; then
+    printf 'failed: %s\n' "${failed[@]}" >&2
+    exit 1
+fi

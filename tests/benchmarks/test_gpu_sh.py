@@ -27,6 +27,7 @@ def test_the_gpu_script_runs_its_benchmarks_at_a_tiny_size_on_the_cpu(tmp_path):
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     setup = next(x for x in lines if x.get("bench") == "setup")
     assert setup["precision"] == "bf16" and setup["device"] == "cpu" and setup["matmul_peak_gflops"] > 0
+    assert setup["context"] == 16 and setup["max_length"] == 64 + 16  # the filler reached the trainers' limits
     sft = next(x for x in lines if x.get("bench") == "sft" and x.get("side") == "ours" and "rounds" in x)
     assert sft["samples_per_s"] > 0 and 0 < sft["mfu"] < 1
     dpo = [x for x in lines if x.get("impl") == "ours" and "pairs_per_s" in x]
