@@ -124,8 +124,9 @@ def mean_metrics(logged: list[dict[str, float]]) -> dict[str, float]:
 
 
 def global_mean(engine: Engine, stats: dict[str, Tensor]) -> dict[str, float]:
-    """Python floats of scalar tensors averaged over processes (one host sync)."""
-    vec = torch.stack([v.detach().float() for v in stats.values()])
+    """Python floats of scalar tensors averaged over processes (one host sync). The stats may sit on different
+    devices (rollout statistics on the accelerator, the reward's on the CPU): they meet on the engine's."""
+    vec = torch.stack([v.detach().float().to(engine.device) for v in stats.values()])
     if engine.world_size > 1:
         vec = engine.accelerator.reduce(vec, reduction="mean")
     return dict(zip(stats, vec.tolist(), strict=True))
@@ -182,7 +183,7 @@ class HackingMonitor:
         """This process's signals; the drift is of the global batch's mean length with `sum_over` (the other
         signals are means over equal shares of the rows, so their mean over processes is the global one)."""
         lengths = exp.lengths  # (N,)
-        total = torch.stack([lengths.sum().float(), torch.tensor(float(len(lengths)))])
+        total = torch.stack([lengths.sum().float(), torch.tensor(float(len(lengths)), device=lengths.device)])
         total = sum_over(total) if sum_over is not None else total
         mean_length = total[0] / total[1].clamp(min=1)
         if self.first_length is None:

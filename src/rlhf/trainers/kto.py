@@ -213,7 +213,7 @@ def pairwise_accuracy(rewards: Tensor, desirable: Tensor) -> float:
     good, bad = rewards[desirable.bool()].double(), rewards[~desirable.bool()].double()
     if good.numel() == 0 or bad.numel() == 0:
         return 0.5
-    wins = torch.zeros((), dtype=torch.float64)
+    wins = torch.zeros((), dtype=torch.float64, device=good.device)
     for s in range(0, good.numel(), 1024):  # (1024, n_bad) comparisons at a time
         diff = good[s : s + 1024, None] - bad[None, :]
         wins += (diff > 0).sum() + 0.5 * (diff == 0).sum()
