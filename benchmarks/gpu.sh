@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The bf16 path on one GPU, side by side with TRL: SFT, DPO and GRPO steps on CUDA, in under 8 minutes on an H200.
+# The bf16 path on one GPU, side by side with TRL: SFT, DPO and GRPO steps on CUDA.
 # Nothing is downloaded there: the model is a random llama built from a transformers config (hidden 1024 x 24
 # layers, ~0.3B parameters in its layers), the data is the built-in sorting task, as it is (sequences of ~20-40
-# tokens) and with 448 filler tokens before every prompt (--context: sequences of ~470-490 tokens).
+# tokens) and with 448 filler tokens before every prompt (--context: sequences of ~470-490 tokens). On an H200 one
+# length takes ~5 minutes (process starts and model building weigh most): GPU_SH_CONTEXTS=448 runs one.
 #
 #   bash benchmarks/gpu.sh download   # here, with pip's network: the wheels the GPU image lacks, into .whl/
 #   bash benchmarks/gpu.sh            # there (device tool, carry .whl): install .whl/ into /tmp/site and run
@@ -46,7 +47,7 @@ else
     dpo=(--pairs 512 --epochs 1 --repeats 1 --settings live --threads 4)
     grpo=(--iterations 4 --repeats 1 --sft-steps 20 --threads 4)
     device=cuda
-    contexts=(0 448)
+    read -ra contexts <<< "${GPU_SH_CONTEXTS:-0 448}"
     $PY -c 'import torch, transformers, accelerate; print(torch.__version__, transformers.__version__, accelerate.__version__)'
 fi
 impls=ours,trl
