@@ -116,7 +116,16 @@ def run_ours(model: str, data: str, out: str, epochs: int, cache: bool, precisio
     from rlhf.runtime.engine import Engine
 
     marks: dict[str, float] = {}
-    resume, save_final = Engine.resume, Engine.save_final
+    resume, save_final, train_step = Engine.resume, Engine.save_final, Engine.train_step
+    step_sums: list[tuple[Any, Any]] = []  # (loss_sum, units) of every micro-batch: the mean loss of the run
+
+    def traced_step(self: Engine, micro_batches: Any, loss_fn: Any) -> Any:
+        def traced(model: Any, mb: Any) -> Any:
+            loss_sum, units, metrics = loss_fn(model, mb)
+            step_sums.append((loss_sum.detach(), units))  # read after the run: no host sync in the loop
+            return loss_sum, units, metrics
+
+        return train_step(self, micro_batches, traced)
 
     def timed_resume(self: Engine) -> bool:
         marks["begin"] = time.process_time()
@@ -127,6 +136,7 @@ def run_ours(model: str, data: str, out: str, epochs: int, cache: bool, precisio
         return save_final(self, *a, **kw)
 
     Engine.resume, Engine.save_final = timed_resume, timed_save_final  # type: ignore[method-assign]
+    Engine.train_step = traced_step  # type: ignore[method-assign]
     cfg = load_config(
         dpo.Config, None, [f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in overrides.items()]
     )
@@ -136,6 +146,7 @@ def run_ours(model: str, data: str, out: str, epochs: int, cache: bool, precisio
     return {
         "steps": lines[-1]["step"],
         "final_loss": lines[-1]["train/loss"],
+        "mean_loss": sum(float(x) / float(n) for x, n in step_sums) / len(step_sums),  # one micro-batch a step
         "loop_s": perf[-1]["perf/elapsed_s"],
         "loop_cpu_s": marks["end"] - marks["begin"],
     }
@@ -195,6 +206,7 @@ def run_trl(model: str, data: str, out: str, epochs: int, cache: bool, precision
     return {
         "steps": trainer.state.global_step,
         "final_loss": losses[-1],
+        "mean_loss": result.training_loss,  # the Trainer's mean of every step's loss
         "loop_s": result.metrics["train_runtime"],
         "loop_cpu_s": marks["end"] - marks["begin"],
     }
@@ -228,7 +240,8 @@ def child(args: argparse.Namespace) -> None:
         "rss_growth_mb": round((rss.peak - rss.start) / 2**20, 1),
         "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "peak_memory_mib": round(peak_memory_mib(), 1),  # the GPU allocator's peak on CUDA
-        "final_loss": round(result["final_loss"], 4),
+        "final_loss": round(result["final_loss"], 4),  # ours: the last step's; TRL: its last interval's mean
+        "mean_loss": round(result["mean_loss"], 4),  # over every step of the run, the same statistic on both sides
     }
     print("RESULT " + json.dumps(record), flush=True)
 
@@ -274,8 +287,8 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "trl_peak_memory_mib": med["trl"]["peak_memory_mib"],
                     "ours_rss_growth_mb": med["ours"]["rss_growth_mb"],
                     "trl_rss_growth_mb": med["trl"]["rss_growth_mb"],
-                    "ours_final_loss": med["ours"]["final_loss"],
-                    "trl_final_loss": med["trl"]["final_loss"],
+                    "ours_mean_loss": med["ours"]["mean_loss"],
+                    "trl_mean_loss": med["trl"]["mean_loss"],
                 }
             )
     live_trl = [r for r in records if r["impl"] == "trl" and r["ref"] == "live"]

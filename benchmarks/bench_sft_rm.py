@@ -82,6 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_side_arguments(p)
     p.add_argument("--ours-two-rows", action="store_true", help="RM: score chosen and rejected as two rows each")
     p.add_argument("--ours-padded", action="store_true", help="SFT: padded batches (data.padding_free false)")
+    p.add_argument(
+        "--profile", action="store_true", help="torch.profiler over each timed window: the top ops of each side"
+    )
     p.add_argument("--workdir", default=None, help="where models, data and run directories go (default: a temp dir)")
     # worker mode (one trial), used by the orchestrator
     p.add_argument("--worker", choices=("ours", "trl"), help=argparse.SUPPRESS)
@@ -135,17 +138,44 @@ def example_tokens(example: dict[str, Any], stage: str, *, share_prompt: bool = 
 
 
 class StepClock:
-    """Wall-clock and process CPU time at the end of each optimizer step, and the thread count in use."""
+    """Wall-clock and process CPU time at the end of each optimizer step, and the thread count in use; with
+    `profile=(start, end)`, torch.profiler records the steps after `start` up to `end` (`top_ops`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, profile: tuple[int, int] | None = None) -> None:
         self.at: dict[int, tuple[float, float]] = {}
         self.threads = 0
+        self.profile = profile
+        self.profiler: Any = None
 
     def tick(self, step: int) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the step's kernels have run, not only been queued
+        if self.profile and step == self.profile[1] and self.profiler is not None:
+            self.profiler.__exit__(None, None, None)
         self.at[step] = (time.perf_counter(), time.process_time())
         self.threads = torch.get_num_threads()
+        if self.profile and step == self.profile[0]:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.__enter__()
+
+    def top_ops(self, n: int = 15) -> list[dict[str, Any]]:
+        """The `n` ops with the most self time (CUDA's where there is a GPU, else CPU's), per profiled step."""
+        if self.profiler is None or self.profile is None:
+            return []
+        steps = self.profile[1] - self.profile[0]
+        events = self.profiler.key_averages()
+        cuda = torch.cuda.is_available()
+
+        def self_us(e: Any) -> float:
+            return float(e.self_device_time_total if cuda else e.self_cpu_time_total)
+
+        return [
+            {"op": e.key, "self_ms_per_step": self_us(e) / 1000 / steps, "calls_per_step": e.count / steps}
+            for e in sorted(events, key=self_us, reverse=True)[:n]
+        ]
 
     def window(self, start: int, end: int) -> dict[str, float]:
         """Seconds from the end of step `start` to the end of step `end`: wall clock and CPU (all threads)."""
@@ -184,7 +214,7 @@ def worker_ours(args: argparse.Namespace, setup: Setup, stage: str, run_dir: Pat
     else:
         overrides["data.padding_free"] = not args.ours_padded
     cfg = load_config(module.Config, None, [f"--{k}={v}" for k, v in overrides.items()])
-    clock = StepClock()
+    clock = StepClock((args.log_every, args.steps) if args.profile else None)
     train_step = Engine.train_step
     step_sums: list[list[tuple[torch.Tensor, Any]]] = []  # per step, (loss_sum, units) of each micro-batch
 
@@ -212,6 +242,7 @@ def worker_ours(args: argparse.Namespace, setup: Setup, stage: str, run_dir: Pat
     auto = AutoModelForCausalLM if stage == "sft" else AutoModelForSequenceClassification
     return {
         **clock.window(args.log_every, args.steps),
+        "profile": clock.top_ops(),
         "losses": {m["step"]: m["train/loss"] for m in metrics if "train/loss" in m},
         "step_losses": [float(sum(x for x, _ in s) / sum(float(u) for _, u in s)) for s in step_sums],
         "matmul_params": matmul_params(auto.from_pretrained(run_dir / "final")),
@@ -276,12 +307,13 @@ def worker_trl(args: argparse.Namespace, setup: Setup, stage: str, run_dir: Path
             model=model, args=RewardConfig(**common), train_dataset=Dataset.from_list(rows), processing_class=tokenizer
         )
         tokens = [len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in trainer.train_dataset]
-    clock = StepClock()
+    clock = StepClock((args.log_every, args.steps) if args.profile else None)
     trainer.add_callback(StepCallback(clock))
     trainer.train()
     b = args.batch_size
     return {
         **clock.window(args.log_every, args.steps),
+        "profile": clock.top_ops(),
         "losses": {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h},
         "matmul_params": matmul_params(model),
         "tokens": [sum(tokens[s * b : (s + 1) * b]) for s in range(args.steps)],
@@ -320,7 +352,7 @@ def trial(args: argparse.Namespace, side: str, stage: str, files: dict[str, Path
         "context": args.context,
     } | extra
     cmd = [sys.executable, __file__, *(f"--{k}={v}" for k, v in values.items())]
-    flags = ("trl-gradient-checkpointing", "ours-two-rows", "ours-padded")
+    flags = ("trl-gradient-checkpointing", "ours-two-rows", "ours-padded", "profile")
     cmd += [f"--{flag}" for flag in flags if getattr(args, flag.replace("-", "_"))]
     result = run_worker(cmd, files["result"])
     result["losses"] = {int(k): v for k, v in result["losses"].items()}
@@ -418,6 +450,8 @@ def bench_stage(
                 "mean_loss": timed_mean_loss(r, args),
             }
         )
+        if r["profile"]:  # with --profile the windows include the profiler's own overhead
+            emit({"bench": stage, "side": side, "round": rnd, "top_ops": r["profile"]})
     timed_tokens = sum(plan[args.log_every :])
     ours_runs = shared if stage == "rm" and not args.ours_two_rows else plan
     computed = {"ours": sum(ours_runs[args.log_every :]), "trl": timed_tokens}

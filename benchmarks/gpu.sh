@@ -3,7 +3,8 @@
 # Nothing is downloaded there: the model is a random llama built from a transformers config (hidden 1024 x 24
 # layers, ~0.3B parameters in its layers), the data is the built-in sorting task, as it is (sequences of ~20-40
 # tokens) and with 448 filler tokens before every prompt (--context: sequences of ~470-490 tokens). On an H200 one
-# length takes ~5 minutes (process starts and model building weigh most): GPU_SH_CONTEXTS=448 runs one.
+# length takes ~5 minutes (process starts and model building weigh most): GPU_SH_CONTEXTS=448 runs one;
+# GPU_SH_PROFILE=1 adds each SFT side's top ops (torch.profiler, CUDA time) to the output.
 #
 #   bash benchmarks/gpu.sh download   # here, with pip's network: the wheels the GPU image lacks, into .whl/
 #   bash benchmarks/gpu.sh            # there (device tool, carry .whl): install .whl/ into /tmp/site and run
@@ -52,6 +53,8 @@ else
 fi
 impls=ours,trl
 $PY -c 'import trl' 2>/dev/null || impls=ours
+profile=()
+[ -n "${GPU_SH_PROFILE:-}" ] && profile=(--profile)  # torch.profiler's top ops of each SFT side (slower windows)
 
 # Each benchmark on its own: one that fails is reported and the others still run; the exit status says if any did.
 failed=()
@@ -61,7 +64,10 @@ bench() {
 }
 for context in "${contexts[@]}"; do
     common=(--precision bf16 --impls "$impls" --context "$context" "${size[@]}")
-    bench $PY benchmarks/bench_sft_rm.py --stage sft "${common[@]}" "${sft[@]}"
+    bench $PY benchmarks/bench_sft_rm.py --stage sft "${common[@]}" "${sft[@]}" "${profile[@]}"
+    # our SFT on padded batches: on an H200 our padding-free SFT was 0.61x-0.73x TRL's (benchmarks/README.md)
+    bench $PY benchmarks/bench_sft_rm.py --stage sft "${common[@]}" "${sft[@]}" --ours-padded --check-steps 0 \
+        "${profile[@]}"
     bench $PY benchmarks/bench_dpo.py --device "$device" "${common[@]}" "${dpo[@]}"
     bench $PY benchmarks/bench_grpo.py --device "$device" "${common[@]}" "${grpo[@]}"
 done
