@@ -13,6 +13,7 @@ from transformers import AutoModelForSequenceClassification
 
 from rlhf.config import DataConfig, ModelConfig, load_config
 from rlhf.data import collate_pairs, load_records, pad_sequences, tokenize_records
+from rlhf.models import padding_free
 from rlhf.models.loading import load_scalar_model, load_tokenizer
 from rlhf.tasks.sorting import write_task_files
 from rlhf.trainers import reward
@@ -114,7 +115,8 @@ def test_shared_prompt_rows_give_the_two_row_scores_and_gradients(
     tiny_dirs: dict[str, str], task: dict, style: str
 ) -> None:
     """One row [prompt | chosen | rejected] with the tree mask and restarted positions scores each response as
-    its own row does, and the loss has the same gradient; the rows are shorter than the two-row layout."""
+    its own row does, and the loss has the same gradient; the rows are shorter than the two-row layout. The
+    same rows back to back (padding-free, the tree mask inside each attention block) too, with no pads."""
     torch.manual_seed(0)
     model = load_scalar_model(ModelConfig(path=tiny_dirs[style])).eval()  # gpt2 has dropout: no random masks
     scorer = reward.SequenceScorer(model)
@@ -122,21 +124,24 @@ def test_shared_prompt_rows_give_the_two_row_scores_and_gradients(
     pad_id = load_tokenizer(tiny_dirs[style]).pad_token_id
     loss_fn = reward.make_loss_fn(use_margin=True, center_coef=0.1)
     results = []
-    for share in (False, True):
-        batch = reward.make_collate(share)(exs, pad_id)
+    for share, flat in ((False, False), (True, False), (True, True)):
+        batch = reward.make_collate(share, flat)(exs, pad_id)
         model.zero_grad()
         chosen, rejected = reward.pair_rewards(scorer, batch)
         loss, _, _ = loss_fn(scorer, batch)
         loss.backward()
         grads = torch.cat([p.grad.flatten() for p in model.parameters()])
         results.append((chosen.detach(), rejected.detach(), loss.detach(), grads, batch["input_ids"].numel()))
-    (c2, r2, l2, g2, n2), (c1, r1, l1, g1, n1) = results
-    torch.testing.assert_close(c1, c2, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(r1, r2, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-5)
+    (c2, r2, l2, g2, n2), *shared = results
+    for c1, r1, l1, g1, _ in shared:
+        torch.testing.assert_close(c1, c2, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(r1, r2, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-5)
+    (_, _, _, _, n1), (_, _, _, _, n_flat) = shared
     assert n1 < 0.8 * n2
-    assert reward.supports_shared_prompt(model)
+    assert n_flat == sum(len(ex["prompt_ids"]) + len(ex["chosen_ids"]) + len(ex["rejected_ids"]) for ex in exs) < n1
+    assert reward.supports_shared_prompt(model) and padding_free.enabled(model)
 
 
 def test_shared_prompt_mask_by_hand() -> None:
@@ -157,6 +162,21 @@ def test_shared_prompt_mask_by_hand() -> None:
         [1, 1, 1, 1, 0, 0],
         [1, 1, 0, 0, 1, 0],
         [0, 0, 0, 0, 0, 1],
+    ]
+    flat = reward.collate_shared_prompt_flat([ex, longer], pad_id=0)  # the same rows back to back, no pad
+    assert flat["input_ids"][0].tolist() == [5, 6, 7, 8, 9, 5, 7, 8, 9, 4, 3]
+    assert flat["position_ids"][0].tolist() == [0, 1, 2, 3, 2, 0, 1, 2, 3, 1, 2]
+    assert flat["score_index"].tolist() == [[3, 4], [5 + 3, 5 + 5]]
+    (block,) = flat["flat_layout"].blocks  # one attention block, the longer pair first, the other padded to 6
+    assert block.gather.tolist() == [5, 6, 7, 8, 9, 10, 0, 1, 2, 3, 4, 0]
+    assert block.mask[1, 0].int().tolist() == sees
+    assert block.mask[0, 0].int().tolist() == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0],
+        [1, 0, 0, 0, 1, 0],
+        [1, 0, 0, 0, 1, 1],
     ]
 
 

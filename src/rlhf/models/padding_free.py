@@ -20,7 +20,7 @@ returns False for others (remote code, eager, flash-attention), and callers keep
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,11 +43,14 @@ class Block:
 
     gather: (rows * length,) flat index of each block position; pads point at token 0 (never attended, see
     the module docstring).
+    mask: None for causal attention; else (rows, 1, length, length) bool, True where a query position may see a
+    key position (`flat_layout`'s `mask`: sequences that are trees, such as a reward model's shared prompt).
     """
 
     gather: Tensor
     rows: int
     length: int
+    mask: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -67,12 +70,22 @@ class FlatLayout:
         return self.blocks[0].length
 
     def to(self, device: torch.device | str) -> FlatLayout:
-        blocks = tuple(Block(b.gather.to(device), b.rows, b.length) for b in self.blocks)
+        blocks = tuple(
+            Block(b.gather.to(device), b.rows, b.length, None if b.mask is None else b.mask.to(device))
+            for b in self.blocks
+        )
         return FlatLayout(blocks, self.scatter.to(device))
 
 
-def flat_layout(lengths: Sequence[int]) -> FlatLayout:
+MaskFn = Callable[[Tensor, int], Tensor]
+"""(sequence indices (rows,), block length L) -> (rows, 1, L, L) bool: who sees whom inside each sequence."""
+
+
+def flat_layout(lengths: Sequence[int], mask: MaskFn | None = None) -> FlatLayout:
     """The layout of sequences of these lengths (each >= 1), concatenated in order.
+
+    `mask`: attention inside each sequence other than causal, asked once per block for its sequences (a pad
+    position must see at least itself, or its softmax is over nothing); None: causal.
 
     Attention pads every sequence of a block to the block's longest, so one block for a batch with a few long
     sequences wastes most of its work on pads. Sequences sorted by length (longest first) are cut into the
@@ -93,7 +106,7 @@ def flat_layout(lengths: Sequence[int]) -> FlatLayout:
         real = (j[None] < n[seqs, None]).flatten()  # (rows * L,)
         gather = torch.where(real, (starts[seqs, None] + j[None]).flatten(), 0)
         scatter[gather[real]] = offset + real.nonzero().squeeze(1)
-        blocks.append(Block(gather, len(seqs), length))
+        blocks.append(Block(gather, len(seqs), length, None if mask is None else mask(seqs, length)))
         offset += len(seqs) * length
     return FlatLayout(tuple(blocks), scatter)
 
@@ -193,7 +206,10 @@ def attention(
     outs = []
     for block in layout.blocks:
         q, k, v = (blocked(x, block) for x in (query, key, value))
-        out, _ = _sdpa(module, q, k, v, None, is_causal=True, **kwargs)  # (rows, length, H, d)
+        if block.mask is None:
+            out, _ = _sdpa(module, q, k, v, None, is_causal=True, **kwargs)  # (rows, length, H, d)
+        else:
+            out, _ = _sdpa(module, q, k, v, block.mask, is_causal=False, **kwargs)
         outs.append(out.reshape(block.rows * block.length, *out.shape[2:]))
     out = (outs[0] if len(outs) == 1 else torch.cat(outs)).index_select(0, layout.scatter)  # (T, H, d)
     return out[None], None
