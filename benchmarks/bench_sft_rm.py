@@ -81,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak-seconds", type=float, default=1.0, help="length of each burst of the matmul peak")
     add_side_arguments(p)
     p.add_argument("--ours-two-rows", action="store_true", help="RM: score chosen and rejected as two rows each")
-    p.add_argument("--ours-padded", action="store_true", help="SFT: padded batches (data.padding_free false)")
+    p.add_argument("--ours-padded", action="store_true", help="padded batches (data.padding_free false)")
     p.add_argument(
         "--profile", action="store_true", help="torch.profiler over each timed window: the top ops of each side"
     )
@@ -211,8 +211,7 @@ def worker_ours(args: argparse.Namespace, setup: Setup, stage: str, run_dir: Pat
     }
     if stage == "rm":
         overrides["share_prompt"] = not args.ours_two_rows
-    else:
-        overrides["data.padding_free"] = not args.ours_padded
+    overrides["data.padding_free"] = not args.ours_padded
     cfg = load_config(module.Config, None, [f"--{k}={v}" for k, v in overrides.items()])
     clock = StepClock((args.log_every, args.steps) if args.profile else None)
     train_step = Engine.train_step

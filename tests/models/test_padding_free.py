@@ -86,6 +86,32 @@ def test_flat_forward_and_gradients_equal_the_padded_batch(
 
 
 @pytest.mark.parametrize("style", ["llama", "gpt2"])
+def test_a_filler_rounds_the_row_up_and_changes_no_real_logit(tiny_dirs: dict[str, str], style: str) -> None:
+    """15 real tokens with round_to 12: a 9-token filler sequence ends the row (T = 24), attends to itself alone,
+    and the 15 real positions get the logits they get without it."""
+    model = _models(tiny_dirs, style)
+    assert padding_free.enable(model)
+    lengths = [len(s) for s in SEQS]
+    ids = [t for s in SEQS for t in s]
+    assert padding_free.filler_length(len(ids), 12) == 9 and padding_free.filler_length(24, 12) == 0
+    plain = model(input_ids=torch.tensor(ids)[None], **flat_inputs(lengths)).logits[0]
+    filled_inputs = flat_inputs(lengths, round_to=12)
+    assert filled_inputs["position_ids"].tolist() == [[*flat_position_ids(lengths)[0].tolist(), *range(9)]]
+    filled = model(input_ids=torch.tensor(ids + [3] * 9)[None], **filled_inputs).logits[0]
+    assert filled.shape[0] == 24
+    torch.testing.assert_close(filled[:15], plain, atol=1e-6, rtol=1e-5)
+
+
+def test_rows_are_filled_only_for_half_precision_matmuls_on_the_cpu() -> None:
+    model = _gqa_llama()
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert padding_free.row_multiple(model, cpu, "bf16") == padding_free.ROW_MULTIPLE == 16
+    assert padding_free.row_multiple(model, cpu, "no") == 1
+    assert padding_free.row_multiple(model.to(torch.bfloat16), cpu, "no") == 16
+    assert padding_free.row_multiple(model, cuda, "bf16") == 1
+
+
+@pytest.mark.parametrize("style", ["llama", "gpt2"])
 def test_flat_forward_builds_no_attention_mask(
     tiny_dirs: dict[str, str], style: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -124,8 +124,8 @@ def test_shared_prompt_rows_give_the_two_row_scores_and_gradients(
     pad_id = load_tokenizer(tiny_dirs[style]).pad_token_id
     loss_fn = reward.make_loss_fn(use_margin=True, center_coef=0.1)
     results = []
-    for share, flat in ((False, False), (True, False), (True, True)):
-        batch = reward.make_collate(share, flat)(exs, pad_id)
+    for share, flat, round_to in ((False, False, 1), (True, False, 1), (True, True, 1), (True, True, 16)):
+        batch = reward.make_collate(share, flat, round_to)(exs, pad_id)
         model.zero_grad()
         chosen, rejected = reward.pair_rewards(scorer, batch)
         loss, _, _ = loss_fn(scorer, batch)
@@ -138,9 +138,10 @@ def test_shared_prompt_rows_give_the_two_row_scores_and_gradients(
         torch.testing.assert_close(r1, r2, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-5)
-    (_, _, _, _, n1), (_, _, _, _, n_flat) = shared
+    (_, _, _, _, n1), (_, _, _, _, n_flat), (_, _, _, _, n_filled) = shared
     assert n1 < 0.8 * n2
     assert n_flat == sum(len(ex["prompt_ids"]) + len(ex["chosen_ids"]) + len(ex["rejected_ids"]) for ex in exs) < n1
+    assert n_filled % 16 == 0 and 0 <= n_filled - n_flat < 16
     assert reward.supports_shared_prompt(model) and padding_free.enabled(model)
 
 

@@ -109,6 +109,10 @@ def test_logits_only_where_labels_are_gives_the_full_loss(
     nll_full, mask_full = sft_loss(full[:, :-1], padded["labels"][:, 1:])
     assert nll.shape[0] == mask_full.sum().item() == sum(len(e["input_ids"]) - e["prompt_len"] for e in exs)
     torch.testing.assert_close(nll.sum(), nll_full.sum())
+    if flat:  # a row filled up to a multiple of 16 (half precision on the CPU) gives the same NLL
+        filled = sft.make_batch(exs, pad_id, flat=True, round_to=16)
+        assert filled["input_ids"].shape[1] % 16 == 0 and filled["input_ids"].shape[1] - len(batch["targets"]) > 0
+        torch.testing.assert_close(sft.token_nll(model, filled), nll, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize(("style", "kind"), [("llama", "chat"), ("gpt2", "chat"), ("gpt2", "text")])

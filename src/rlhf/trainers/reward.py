@@ -24,6 +24,7 @@ pairs logs accuracy, mean margin and expected calibration error and writes the r
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Sequence
@@ -177,11 +178,12 @@ def collate_shared_prompt(examples: Sequence[dict[str, Any]], pad_id: int) -> di
     return batch
 
 
-def collate_shared_prompt_flat(examples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+def collate_shared_prompt_flat(examples: Sequence[dict[str, Any]], pad_id: int, round_to: int = 1) -> dict[str, Any]:
     """`collate_shared_prompt`'s rows without padding: every [prompt | chosen | rejected] back to back in one row
     `input_ids` (1, T), with the same `position_ids` (1, T), an all-ones `attention_mask` (1, T), the
     `flat_layout` whose blocks carry each pair's tree mask (`padding_free.flat_layout`), and `score_index` (B, 2)
-    as flat indices. The linear layers then run on real tokens only; attention pads within its blocks."""
+    as flat indices. The linear layers then run on real tokens only; attention pads within its blocks.
+    `round_to`: the row ends with a filler of pad ids up to a multiple of it (`padding_free.row_multiple`)."""
     lengths = [(len(ex["prompt_ids"]), len(ex["chosen_ids"]), len(ex["rejected_ids"])) for ex in examples]
     spans = torch.tensor(lengths)  # (B, 3): P, C, R
 
@@ -193,11 +195,15 @@ def collate_shared_prompt_flat(examples: Sequence[dict[str, Any]], pad_id: int) 
     columns = torch.tensor([_score_columns(ex, pad_id) for ex in examples])  # (B, 2) within each pair's row
     ids = [t for ex in examples for t in (*ex["prompt_ids"], *ex["chosen_ids"], *ex["rejected_ids"])]
     positions = [i for lp, lc, lr in lengths for i in (*range(lp + lc), *range(lp, lp + lr))]
+    filler = padding_free.filler_length(len(ids), round_to)
+    if filler:  # a prompt-only "pair" at the end (causal: `_tree_mask`), whose scores nobody reads
+        spans = torch.cat([spans, torch.tensor([[filler, 0, 0]])])  # `tree_mask` reads this one
+        ids, positions = ids + [pad_id] * filler, positions + list(range(filler))
     batch = {
         "input_ids": torch.tensor(ids)[None],  # (1, T)
         "position_ids": torch.tensor(positions)[None],  # (1, T)
         "attention_mask": torch.ones(1, len(ids), dtype=torch.long),  # says nothing: see `padding_free.flat_inputs`
-        padding_free.LAYOUT_KWARG: padding_free.flat_layout(sizes.tolist(), tree_mask),
+        padding_free.LAYOUT_KWARG: padding_free.flat_layout(spans.sum(1).tolist(), tree_mask),
         "score_index": starts[:, None] + columns,  # (B, 2)
     }
     margins = [ex.get("margin") for ex in examples]
@@ -227,12 +233,12 @@ def _score_columns(example: dict[str, Any], pad_id: int) -> tuple[int, int]:
     return c, r if r < len(prompt) else r + len(chosen)  # a rejected column past the prompt follows the chosen
 
 
-def make_collate(share_prompt: bool, flat: bool = False) -> Any:
+def make_collate(share_prompt: bool, flat: bool = False, round_to: int = 1) -> Any:
     """The batch layout: one row per pair (`collate_shared_prompt`; with `flat`, those rows back to back:
-    `collate_shared_prompt_flat`) or two (`collate_pairs`)."""
-    if share_prompt:
-        return collate_shared_prompt_flat if flat else collate_shared_prompt
-    return collate_pairs
+    `collate_shared_prompt_flat`, filled up to a multiple of `round_to`) or two (`collate_pairs`)."""
+    if share_prompt and flat:
+        return functools.partial(collate_shared_prompt_flat, round_to=round_to)
+    return collate_shared_prompt if share_prompt else collate_pairs
 
 
 def pair_rewards(model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
@@ -359,8 +365,9 @@ def train(cfg: Config) -> Path:
     if cfg.share_prompt and not share_prompt:
         logger.warning("share_prompt: the attention implementation takes no 4-D mask; scoring two rows per pair")
     flat = share_prompt and cfg.data.padding_free and padding_free.enabled(scalar_model)
-    collate = make_collate(share_prompt, flat)
     engine = make_engine(SequenceScorer(scalar_model), cfg, total, data_report=splits.report)
+    round_to = padding_free.row_multiple(scalar_model, engine.device, cfg.train.mixed_precision) if flat else 1
+    collate = make_collate(share_prompt, flat, round_to)
     with engine:
         order = DataOrder(len(splits.train), cfg.train.batch_size, seed=cfg.seed)
         engine.register_state("data_order", order)

@@ -76,7 +76,9 @@ class Config:
 # ---------------------------------------------------------------------------------------------- batches
 
 
-def make_batch(examples: Sequence[dict[str, Any]], pad_id: int, *, flat: bool = False) -> dict[str, Any]:
+def make_batch(
+    examples: Sequence[dict[str, Any]], pad_id: int, *, flat: bool = False, round_to: int = 1
+) -> dict[str, Any]:
     """One micro-batch, with where the loss is worked out here on the CPU so the step needs no host sync.
 
     Padded (default): `collate_sft` plus `logits_to_keep` (int): position p predicts token p + 1, so only the
@@ -88,10 +90,11 @@ def make_batch(examples: Sequence[dict[str, Any]], pad_id: int, *, flat: bool = 
     `flat` (padding-free, see `rlhf.models.padding_free`): every example (for packed rows, every example inside
     them) back to back in one row: `input_ids` (1, T), `padding_free.flat_inputs`, and `logits_to_keep`
     (N,) the positions whose next token (in the same example) carries a label, so the LM head sees only those;
-    `targets` (N,) as above, in the same order.
+    `targets` (N,) as above, in the same order. `round_to`: the row ends with pad ids up to a multiple of it
+    (`padding_free.row_multiple`: half-precision matmuls on the CPU); no loss reads them.
     """
     if flat:
-        return _flat_batch(examples)
+        return _flat_batch(examples, pad_id, round_to)
     batch: dict[str, Any] = collate_sft(examples, pad_id)
     length = batch["input_ids"].shape[1]
     predicted = (batch["labels"][:, 1:] != IGNORE_INDEX).any(0)  # (L-1,) positions whose prediction counts
@@ -104,14 +107,15 @@ def make_batch(examples: Sequence[dict[str, Any]], pad_id: int, *, flat: bool = 
     return batch
 
 
-def _flat_batch(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def _flat_batch(examples: Sequence[dict[str, Any]], pad_id: int, round_to: int) -> dict[str, Any]:
     lengths = [n for ex in examples for n in ex.get("seq_lens", [len(ex["input_ids"])])]
     next_label = torch.tensor([t for ex in examples for t in ex["labels"]]).roll(-1)  # (T,) label of t + 1
     next_label[torch.tensor(lengths).cumsum(0) - 1] = IGNORE_INDEX  # an example's last token predicts nothing
     positions = (next_label != IGNORE_INDEX).nonzero().squeeze(1)  # (N,)
+    ids = [t for ex in examples for t in ex["input_ids"]]
     return {
-        "input_ids": torch.tensor([t for ex in examples for t in ex["input_ids"]])[None],  # (1, T)
-        **flat_inputs(lengths),  # position_ids, attention_mask (1, T) and the layout
+        "input_ids": torch.tensor(ids + [pad_id] * padding_free.filler_length(len(ids), round_to))[None],  # (1, T)
+        **flat_inputs(lengths, round_to),  # position_ids, attention_mask (1, T) and the layout
         "logits_to_keep": positions,
         "targets": next_label[positions],  # (N,)
     }
@@ -205,6 +209,7 @@ def train(cfg: Config) -> Path:
     if cfg.data.padding_free and not flat:
         logger.info("padding-free batches need a transformers model on sdpa attention: using padded batches")
     engine = make_engine(model, cfg, total, data_report=splits.report)
+    round_to = padding_free.row_multiple(model, engine.device, cfg.train.mixed_precision) if flat else 1
     with engine:
         order = DataOrder(len(examples), cfg.train.batch_size, seed=cfg.seed)
         engine.register_state("data_order", order)
@@ -214,7 +219,7 @@ def train(cfg: Config) -> Path:
             if engine.should_stop():
                 engine.interrupt()
             micro_batches = [
-                to_device(make_batch([examples[i] for i in idx], pad_id, flat=flat), engine.device)
+                to_device(make_batch([examples[i] for i in idx], pad_id, flat=flat, round_to=round_to), engine.device)
                 for idx in engine.local_indices(order.next_batch())
             ]
             metrics = engine.train_step(micro_batches, loss_fn) or {}
