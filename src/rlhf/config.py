@@ -133,7 +133,8 @@ class DataConfig:
     packing: bool = False
     """Pack several examples into one sequence (SFT only)."""
     padding_free: bool = True
-    """SFT: run each micro-batch as one row of its examples back to back, attention kept within each example,
+    """SFT and the reward model's shared-prompt rows: run each micro-batch as one row of its examples back to
+    back, attention kept within each example,
     so no compute goes to padding; the loss is that of padded batches. Needs a `transformers` model on sdpa
     attention (others use padded batches)."""
 
