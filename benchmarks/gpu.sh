@@ -4,7 +4,9 @@
 # layers, ~0.3B parameters in its layers), the data is the built-in sorting task, as it is (sequences of ~20-40
 # tokens) and with 448 filler tokens before every prompt (--context: sequences of ~470-490 tokens). On an H200 one
 # length takes ~5 minutes (process starts and model building weigh most): GPU_SH_CONTEXTS=448 runs one;
-# GPU_SH_PROFILE=1 adds each SFT side's top ops (torch.profiler, CUDA time) to the output.
+# GPU_SH_PROFILE=1 adds each SFT side's top ops (torch.profiler, CUDA time) to the output. It starts with
+# `rlhf demo --quick` on the GPU: the CPU suite cannot see a tensor left on the wrong device (one crashed PPO and
+# GRPO on their first GPU iteration until f913d01).
 #
 #   bash benchmarks/gpu.sh download   # here, with pip's network: the wheels the GPU image lacks, into .whl/
 #   bash benchmarks/gpu.sh            # there (device tool, carry .whl): install .whl/ into /tmp/site and run
@@ -62,6 +64,9 @@ bench() {
     echo "== $*" >&2
     "$@" || failed+=("$*")
 }
+if [ -z "${GPU_SH_TINY:-}" ]; then  # every stage, the evaluation and the report on CUDA first (18 s on an H200)
+    bench $PY -m rlhf demo --quick --out "$(mktemp -d)/demo"
+fi
 for context in "${contexts[@]}"; do
     common=(--precision bf16 --impls "$impls" --context "$context" "${size[@]}")
     bench $PY benchmarks/bench_sft_rm.py --stage sft "${common[@]}" "${sft[@]}" "${profile[@]}"
