@@ -94,7 +94,11 @@ def collate_pairs(examples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, 
     """
     chosen = [(ex["prompt_ids"], ex["chosen_ids"]) for ex in examples]
     rejected = [(ex["prompt_ids"], ex["rejected_ids"]) for ex in examples]
-    batch = _prompt_response_batch(chosen + rejected, pad_id)
+    return add_margins(_prompt_response_batch(chosen + rejected, pad_id), examples)
+
+
+def add_margins(batch: dict[str, Any], examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """`batch` with `margin`, a float (B,) tensor of the pairs' margins (0.0 where missing), when any has one."""
     margins = [ex.get("margin") for ex in examples]
     if any(m is not None for m in margins):
         batch["margin"] = torch.tensor([0.0 if m is None else float(m) for m in margins])  # (B,)
