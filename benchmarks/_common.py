@@ -12,13 +12,14 @@ shared machine hits both alike. The orchestrating process prints one JSON object
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -183,6 +184,40 @@ def matmul_params(model: torch.nn.Module) -> int:
     embedding = model.get_input_embeddings()
     skip = {id(p) for p in embedding.parameters()} if embedding is not None else set()
     return sum(p.numel() for p in model.parameters() if id(p) not in skip)
+
+
+@contextlib.contextmanager
+def traced_train_steps(after_step: Callable[[Any], None] | None = None) -> Iterator[list[float]]:
+    """Our `Engine.train_step`, patched for the block: it records every step's loss (the sum of its micro-batches'
+    loss sums over the sum of their units, one process) and calls `after_step(engine)` after each step. The
+    yielded list holds the step losses once the block has exited: they are read then, so the timed loop gets no
+    extra host sync."""
+    from rlhf.runtime.engine import Engine
+
+    train_step = Engine.train_step
+    steps: list[list[tuple[torch.Tensor, Any]]] = []  # per step, (loss_sum, units) of each micro-batch
+
+    def traced_step(engine: Engine, micro_batches: Any, loss_fn: Any) -> Any:
+        sums: list[tuple[torch.Tensor, Any]] = []
+
+        def traced(model: Any, mb: Any) -> Any:
+            loss_sum, units, metrics = loss_fn(model, mb)
+            sums.append((loss_sum.detach(), units))
+            return loss_sum, units, metrics
+
+        out = train_step(engine, micro_batches, traced)
+        if after_step is not None:
+            after_step(engine)
+        steps.append(sums)
+        return out
+
+    losses: list[float] = []
+    Engine.train_step = traced_step  # type: ignore[method-assign]
+    try:
+        yield losses
+    finally:
+        Engine.train_step = train_step  # type: ignore[method-assign]
+        losses.extend(float(sum(x for x, _ in s) / sum(float(u) for _, u in s)) for s in steps)
 
 
 @dataclass

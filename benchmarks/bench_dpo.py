@@ -48,6 +48,7 @@ from _common import (  # noqa: E402
     machine,
     mixed_precision,
     peak_memory_mib,
+    traced_train_steps,
     write_data,
 )
 
@@ -116,16 +117,7 @@ def run_ours(model: str, data: str, out: str, epochs: int, cache: bool, precisio
     from rlhf.runtime.engine import Engine
 
     marks: dict[str, float] = {}
-    resume, save_final, train_step = Engine.resume, Engine.save_final, Engine.train_step
-    step_sums: list[tuple[Any, Any]] = []  # (loss_sum, units) of every micro-batch: the mean loss of the run
-
-    def traced_step(self: Engine, micro_batches: Any, loss_fn: Any) -> Any:
-        def traced(model: Any, mb: Any) -> Any:
-            loss_sum, units, metrics = loss_fn(model, mb)
-            step_sums.append((loss_sum.detach(), units))  # read after the run: no host sync in the loop
-            return loss_sum, units, metrics
-
-        return train_step(self, micro_batches, traced)
+    resume, save_final = Engine.resume, Engine.save_final
 
     def timed_resume(self: Engine) -> bool:
         marks["begin"] = time.process_time()
@@ -136,17 +128,17 @@ def run_ours(model: str, data: str, out: str, epochs: int, cache: bool, precisio
         return save_final(self, *a, **kw)
 
     Engine.resume, Engine.save_final = timed_resume, timed_save_final  # type: ignore[method-assign]
-    Engine.train_step = traced_step  # type: ignore[method-assign]
     cfg = load_config(
         dpo.Config, None, [f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in overrides.items()]
     )
-    run_dir = dpo.train(cfg)
+    with traced_train_steps() as step_losses:
+        run_dir = dpo.train(cfg)
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     perf = [json.loads(line) for line in (run_dir / "perf.jsonl").read_text().splitlines()]
     return {
         "steps": lines[-1]["step"],
         "final_loss": lines[-1]["train/loss"],
-        "mean_loss": sum(float(x) / float(n) for x, n in step_sums) / len(step_sums),  # one micro-batch a step
+        "mean_loss": sum(step_losses) / len(step_losses),
         "loop_s": perf[-1]["perf/elapsed_s"],
         "loop_cpu_s": marks["end"] - marks["begin"],
     }

@@ -53,6 +53,7 @@ from _common import (  # noqa: E402 - the script's own folder first
     peak_memory_mib,
     run_worker,
     set_threads,
+    traced_train_steps,
 )
 
 STAGE_DATA = {"sft": "sft", "rm": "preference"}
@@ -185,7 +186,6 @@ class StepClock:
 
 def worker_ours(args: argparse.Namespace, setup: Setup, stage: str, run_dir: Path) -> dict[str, Any]:
     from rlhf.config import load_config
-    from rlhf.runtime.engine import Engine
     from rlhf.trainers import reward, sft
 
     module = sft if stage == "sft" else reward
@@ -214,27 +214,9 @@ def worker_ours(args: argparse.Namespace, setup: Setup, stage: str, run_dir: Pat
     overrides["data.padding_free"] = not args.ours_padded
     cfg = load_config(module.Config, None, [f"--{k}={v}" for k, v in overrides.items()])
     clock = StepClock((args.log_every, args.steps) if args.profile else None)
-    train_step = Engine.train_step
-    step_sums: list[list[tuple[torch.Tensor, Any]]] = []  # per step, (loss_sum, units) of each micro-batch
-
-    def timed_step(engine: Engine, micro_batches: Any, loss_fn: Any) -> Any:
-        sums: list[tuple[torch.Tensor, Any]] = []
-
-        def traced(model: Any, mb: Any) -> Any:
-            loss_sum, units, metrics = loss_fn(model, mb)
-            sums.append((loss_sum.detach(), units))  # read after the run: no extra host sync in the window
-            return loss_sum, units, metrics
-
-        out = train_step(engine, micro_batches, traced)
-        clock.tick(engine.step)  # after the optimizer step, before logging: where TRL's on_step_end fires
-        step_sums.append(sums)
-        return out
-
-    Engine.train_step = timed_step  # type: ignore[method-assign]
-    try:
+    # after the optimizer step, before logging: where TRL's on_step_end fires
+    with traced_train_steps(lambda engine: clock.tick(engine.step)) as step_losses:
         module.train(cfg)
-    finally:
-        Engine.train_step = train_step  # type: ignore[method-assign]
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -243,7 +225,7 @@ def worker_ours(args: argparse.Namespace, setup: Setup, stage: str, run_dir: Pat
         **clock.window(args.log_every, args.steps),
         "profile": clock.top_ops(),
         "losses": {m["step"]: m["train/loss"] for m in metrics if "train/loss" in m},
-        "step_losses": [float(sum(x for x, _ in s) / sum(float(u) for _, u in s)) for s in step_sums],
+        "step_losses": step_losses,
         "matmul_params": matmul_params(auto.from_pretrained(run_dir / "final")),
         "tokens": None,  # ours is the reference the plan was computed with
     }
