@@ -133,10 +133,9 @@ class DataConfig:
     packing: bool = False
     """Pack several examples into one sequence (SFT only)."""
     padding_free: bool = True
-    """SFT and the reward model's shared-prompt rows: run each micro-batch as one row of its examples back to
-    back, attention kept within each example,
-    so no compute goes to padding; the loss is that of padded batches. Needs a `transformers` model on sdpa
-    attention (others use padded batches)."""
+    """SFT, the reward model and DPO (with their shared prompt): run each micro-batch as one row of its
+    examples back to back, attention kept within each example, so no compute goes to padding; the loss is that
+    of padded batches. Needs a `transformers` model on sdpa attention (others use padded batches)."""
 
     def validate(self) -> None:
         check(0 <= self.eval_fraction < 1, "eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")

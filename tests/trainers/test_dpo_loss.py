@@ -4,8 +4,8 @@ The trainer's loss for a batch (one concatenated, padded forward over [chosen; r
 first response column on) is compared with `rlhf.losses.preference` applied to `plain_logps`: one unpadded row
 at a time, a full forward, log_softmax + gather written in the test. Both tiny families are used: llama (own
 pad token) and gpt2 (pad == eos, so padding must be found by length, not by id), and both batch layouts: the
-prompt encoded once for both responses (a KV cache, `share_prompt`, the default) and full [chosen; rejected]
-rows.
+prompt encoded once for both responses (a KV cache, `share_prompt`), full [chosen; rejected] rows, and each
+pair as one padding-free tree sequence (`collate_flat`, what training runs by default).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from _dpo_helpers import (
 
 from rlhf.config import ConfigError
 from rlhf.losses.preference import dpo_loss, orpo_odds_ratio_loss, simpo_loss
+from rlhf.models import padding_free
 from rlhf.models.reference import Reference
 from rlhf.runtime.data_order import DataOrder
 from rlhf.tasks.tiny import make_tiny_checkpoint
@@ -88,27 +89,46 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("style", "values"), CASES, ids=[f"{s}-{'-'.join(map(str, v.values()))}" for s, v in CASES])
-def test_batch_loss_equals_the_math_core_on_plain_log_probs(style: str, values: dict, setup: dict) -> None:
+FLAT_CASES = [
+    ("llama", {"loss_type": "sigmoid"}),
+    ("gpt2", {"loss_type": "sigmoid", "beta": 0.3}),
+    ("gpt2", {"loss_type": "ipo", "ipo_average": True}),
+    ("llama", {"loss_type": "simpo", "simpo_gamma": 0.5}),
+    ("gpt2", {"loss_type": "orpo", "orpo_lambda": 0.5}),
+]
+LAYOUTS = [(*c, False) for c in CASES] + [(*c, True) for c in FLAT_CASES]
+
+
+@pytest.mark.parametrize(
+    ("style", "values", "flat"),
+    LAYOUTS,
+    ids=[f"{s}-{'-'.join(map(str, v.values()))}{'-flat' if f else ''}" for s, v, f in LAYOUTS],
+)
+def test_batch_loss_equals_the_math_core_on_plain_log_probs(style: str, values: dict, flat: bool, setup: dict) -> None:
     s = setup[style]
     cfg = make_config(dpo, **values)
     policy, ref = load_model(s["policy"]), load_model(s["ref"])
+    plain_policy, plain_ref = load_model(s["policy"]), load_model(s["ref"])  # the independent computation's
     exs = s["train"]
     idx = list(range(B))
     scale = B / sum(len(exs[i]["chosen_ids"]) for i in idx)
     reference = None if cfg.reference_free else Reference(model=ref)
-    collate = dpo.pair_collator(cfg, s["tok"].pad_token_id)
+    if flat:
+        assert padding_free.enable(policy) and padding_free.enable(ref)
+    collate = dpo.pair_collator(cfg, s["tok"].pad_token_id, flat)
     batch = dpo.make_batch(
         exs, idx, split="train", collate=collate, device=torch.device("cpu"), reference=reference, sft_scale=scale
     )
-    if cfg.share_prompt:  # each prompt once (B rows), both responses after it (2B rows)
+    if flat:  # every pair as one tree sequence, back to back in one row
+        assert batch["input_ids"].shape[0] == 1 and batch["response_tokens"].shape[0] == 2 * B
+    elif cfg.share_prompt:  # each prompt once (B rows), both responses after it (2B rows)
         assert batch["prompt_ids"].shape[0] == B and batch["response_ids"].shape[0] == 2 * B
     else:  # 2B full rows, logits only from the first response column on
         assert batch["input_ids"].shape[0] == 2 * B and batch["response_start"] > 1
     loss_sum, units, got = dpo.loss_fn(cfg, policy, batch)
 
-    pol = pair_logps(policy, [exs[i] for i in idx])
-    ref_logps = None if cfg.reference_free else pair_logps(ref, [exs[i] for i in idx])
+    pol = pair_logps(plain_policy, [exs[i] for i in idx])
+    ref_logps = None if cfg.reference_free else pair_logps(plain_ref, [exs[i] for i in idx])
     want, want_metrics = expected_losses(cfg, pol, ref_logps)
     assert units == B
     torch.testing.assert_close(loss_sum.double() / B, want.mean(), rtol=1e-5, atol=1e-5)

@@ -97,6 +97,24 @@ def collate_pairs(examples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, 
     return add_margins(_prompt_response_batch(chosen + rejected, pad_id), examples)
 
 
+def tree_rows(
+    examples: Sequence[dict[str, Any]], response_keys: Sequence[str]
+) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+    """Each example as one sequence [prompt | response 1 | ... | response k]: per example its lengths
+    [P, R_1, ..., R_k], its token ids, and its positions (0..P-1, then P..P+R_j-1 for every response j: each
+    response starts where the prompt ends, as in a row of its own). Attention over such a row needs a tree mask
+    (`rlhf.models.padding_free.tree_mask`): no response sees another."""
+    spans, rows, positions = [], [], []
+    for ex in examples:
+        prompt, responses = ex["prompt_ids"], [ex[key] for key in response_keys]
+        spans.append([len(prompt), *(len(r) for r in responses)])
+        rows.append([*prompt, *(t for r in responses for t in r)])
+        positions.append(
+            [*range(len(prompt)), *(i for r in responses for i in range(len(prompt), len(prompt) + len(r)))]
+        )
+    return spans, rows, positions
+
+
 def add_margins(batch: dict[str, Any], examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """`batch` with `margin`, a float (B,) tensor of the pairs' margins (0.0 where missing), when any has one."""
     margins = [ex.get("margin") for ex in examples]

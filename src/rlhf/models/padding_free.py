@@ -130,6 +130,20 @@ def _cuts(sorted_lengths: list[int]) -> list[tuple[int, int]]:
     return ranges[::-1]
 
 
+def tree_mask(spans: Tensor, width: int) -> Tensor:
+    """(B, 1, L, L) bool for sequences [trunk | branch 1 | ... | branch k] of `spans` (B, 1 + k) lengths, right
+    padded to L: query q sees key j <= q when j is in the trunk or in q's own branch (each branch continues the
+    trunk as if the others were not there: a prompt with its responses); a pad position sees only itself."""
+    ends = spans.cumsum(1)  # (B, 1 + k)
+    pos = torch.arange(width)  # (L,)
+    part = (pos[None, :, None] >= ends[:, None, :]).sum(-1)  # (B, L): 0 trunk, then the branches; 1 + k pads
+    real = pos[None] < ends[:, -1:]  # (B, L)
+    same = (part[:, None, :] == 0) | (part[:, None, :] == part[:, :, None])  # (B, L, L): key in trunk or own branch
+    causal = pos[None, :] <= pos[:, None]  # (L, L)
+    sees = causal & same & real[:, :, None]
+    return (sees | (~real[:, :, None] & torch.eye(width, dtype=torch.bool)))[:, None]
+
+
 def flat_position_ids(lengths: Sequence[int]) -> Tensor:
     """(1, T) positions restarting at 0 for every sequence."""
     return torch.cat([torch.arange(n) for n in lengths])[None]
@@ -172,6 +186,36 @@ def flat_inputs(lengths: Sequence[int], round_to: int = 1) -> dict[str, Any]:
         "position_ids": flat_position_ids(lengths),
         "attention_mask": torch.ones(1, sum(lengths), dtype=torch.long),
         LAYOUT_KWARG: flat_layout(lengths),
+    }
+
+
+def flat_tree_inputs(
+    spans: Sequence[Sequence[int]],
+    rows: Sequence[Sequence[int]],
+    positions: Sequence[Sequence[int]],
+    pad_id: int,
+    round_to: int = 1,
+) -> dict[str, Any]:
+    """The keyword arguments of the flat forward of tree sequences [trunk | branch 1 | ... | branch k]
+    (`rlhf.data.collate.tree_rows`: their `spans` lengths, token ids and positions): `input_ids`, `position_ids`,
+    an all-ones `attention_mask` (all (1, T)) and the layout, whose blocks carry each sequence's `tree_mask`
+    (plain causal attention where no sequence has more than one branch). With `round_to` > 1 the row ends with a
+    trunk-only filler of pad ids up to a multiple of it, which no loss reads (`filler_length`)."""
+    spans_t = torch.tensor(spans)  # (B, 1 + k)
+    ids, flat_positions = [t for r in rows for t in r], [i for r in positions for i in r]
+    filler = filler_length(len(ids), round_to)
+    if filler:
+        spans_t = torch.cat([spans_t, torch.tensor([[filler] + [0] * (spans_t.shape[1] - 1)])])
+        ids, flat_positions = ids + [pad_id] * filler, flat_positions + list(range(filler))
+
+    def tree(seqs: Tensor, width: int) -> Tensor:  # (rows, 1, L, L)
+        return tree_mask(spans_t[seqs], width)
+
+    return {
+        "input_ids": torch.tensor(ids)[None],  # (1, T)
+        "position_ids": torch.tensor(flat_positions)[None],  # (1, T)
+        "attention_mask": torch.ones(1, len(ids), dtype=torch.long),  # says nothing: see `flat_inputs`
+        LAYOUT_KWARG: flat_layout(spans_t.sum(1).tolist(), tree if spans_t.shape[1] > 2 else None),
     }
 
 

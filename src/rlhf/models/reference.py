@@ -184,7 +184,8 @@ class Reference:
 
     def logps(self, batch: dict[str, Any], split: str, idx: Sequence[int], rows_per_example: int) -> Tensor:
         """From the cache when there is one, else scored now: (len(idx), rows_per_example)."""
-        cached = self.lookup(split, idx, batch["response_mask"].device)
+        device = next(v.device for v in batch.values() if isinstance(v, Tensor))
+        cached = self.lookup(split, idx, device)
         return cached if cached is not None else self.score(batch, rows_per_example)
 
 

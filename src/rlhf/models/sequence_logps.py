@@ -5,19 +5,24 @@ pass over a right-padded prompt+response batch. For pairs, `rlhf.data.collate_re
 rejected out as 2B rows of one batch, so both responses go through the model together. Positions that are prompt
 in every row never reach the LM head (`logits_to_keep`), which for short answers to long prompts is most of the
 vocabulary projection and log-softmax saved. With a shared prompt, the prompt runs once and its KV cache serves
-every response (`shared_prompt_logits`).
+every response (`shared_prompt_logits`). Padding-free (`collate_flat`, for models on our attention): every
+example as one sequence [prompt | response 1 | ... | response k] under a tree mask, the sequences back to back
+in one row, and only the positions that predict a response token through the LM head: no pads, no cache.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from rlhf.data.collate import tree_rows
 from rlhf.losses.logprobs import token_logprobs
 from rlhf.losses.reduce import masked_sum
+from rlhf.models import padding_free
 from rlhf.models.forward import causal_lm_logprobs, position_ids_from_mask
 
 
@@ -38,7 +43,7 @@ class ResponseLogps:
 def response_logps(model: nn.Module, batch: dict[str, Any]) -> ResponseLogps:
     """Summed and averaged log-probs of the response tokens of a batch, in row order.
 
-    Two batch layouts (see `collate_responses`):
+    Three batch layouts (see `collate_responses` and `collate_flat`):
       * shared prompt (`prompt_ids` present): each prompt once, left padded (B, P); its k responses right
         padded (k*B, R) as k blocks of B rows. One forward over the prompts fills a KV cache, which is
         repeated k times; one forward over all k*B responses continues from it. Gradients flow through the
@@ -47,7 +52,11 @@ def response_logps(model: nn.Module, batch: dict[str, Any]) -> ResponseLogps:
       * concatenated (`input_ids`): every prompt+response row right padded (N, L), one forward; with
         `response_start`, the first column holding a response token in any row, only the logits from that
         column on are computed. Token t is scored by the logits at t - 1.
+      * flat (`predict_at`, from `collate_flat`): one padding-free forward over tree sequences; the LM head runs
+        on the `predict_at` positions only, and each log-prob is summed into its row (`token_rows`).
     """
+    if "predict_at" in batch:
+        return _flat_response_logps(model, batch)
     if "prompt_ids" in batch:
         logits = shared_prompt_logits(model, batch)  # (k*B, R, V): position t predicts response token t
         logprobs = token_logprobs(logits, batch["response_ids"])
@@ -93,3 +102,58 @@ def shared_prompt_logits(model: nn.Module, batch: dict[str, Any]) -> Tensor:
         use_cache=True,
     )
     return torch.cat([out.logits[rows, -1:], out2.logits[:, :-1]], dim=1)  # (k*B, R, V)
+
+
+FLAT_KEYS = ("input_ids", "position_ids", "attention_mask", padding_free.LAYOUT_KWARG)
+
+
+def collate_flat(
+    examples: Sequence[dict[str, Any]], pad_id: int, response_keys: Sequence[str], round_to: int = 1
+) -> dict[str, Any]:
+    """`collate_responses`' rows without padding and with each prompt once: example i as one sequence
+    [prompt | response 1 | ... | response k] (`tree_rows`: every response continues the prompt, none sees
+    another), the sequences back to back in one row (`padding_free.flat_tree_inputs`, filled up to a multiple of
+    `round_to`).
+
+    Response j of example i is row j*B + i, as in `collate_responses`. For each response token, in row order:
+    `predict_at` (N,), the flat position whose logits score it (the prompt's last position for a response's
+    first token, else the token before it; a first token after an empty prompt is not scored), `targets` (N,)
+    the token, `token_rows` (N,) its row; `response_tokens` (k*B,) float, each row's response length.
+    """
+    spans, rows, positions = tree_rows(examples, response_keys)
+    n = len(examples)
+    predict_at, targets, token_rows = [], [], []
+    start = 0
+    for i, (ex, span) in enumerate(zip(examples, spans, strict=True)):
+        prompt_end = start + span[0]  # flat index after the prompt
+        offset = prompt_end
+        for j, key in enumerate(response_keys):
+            response = ex[key]
+            at = [prompt_end - 1, *range(offset, offset + len(response) - 1)][: len(response)]
+            first = 0 if span[0] > 0 else 1  # no position predicts a first token without a prompt
+            predict_at += at[first:]
+            targets += response[first:]
+            token_rows += [j * n + i] * (len(response) - first)
+            offset += len(response)
+        start += sum(span)
+    return {
+        **padding_free.flat_tree_inputs(spans, rows, positions, pad_id, round_to),
+        "predict_at": torch.tensor(predict_at, dtype=torch.long),  # (N,)
+        "targets": torch.tensor(targets, dtype=torch.long),  # (N,)
+        "token_rows": torch.tensor(token_rows, dtype=torch.long),  # (N,)
+        "response_tokens": torch.tensor([float(len(ex[key])) for key in response_keys for ex in examples]),
+    }
+
+
+def _flat_response_logps(model: nn.Module, batch: dict[str, Any]) -> ResponseLogps:
+    """`response_logps` of a `collate_flat` batch: log-probs at the `predict_at` positions, summed per row."""
+    if not padding_free.enabled(model):
+        raise ValueError(
+            f"{type(model).__name__} is not on padding-free attention, so it cannot score a padding-free batch; "
+            "set data.padding_free: false"
+        )
+    out = model(**{k: batch[k] for k in FLAT_KEYS}, logits_to_keep=batch["predict_at"], use_cache=False)
+    logprobs = token_logprobs(out.logits, batch["targets"][None])[0].float()  # (N,)
+    tokens = batch["response_tokens"]  # (k*B,)
+    total = torch.zeros_like(tokens).index_add(0, batch["token_rows"], logprobs)  # (k*B,)
+    return ResponseLogps(total, total / tokens.clamp(min=1.0), tokens)

@@ -6,9 +6,11 @@ Each step: the global batch of pairs is split into micro-batches; a micro-batch'
 responses go through the policy together, as 2B rows of ONE forward, giving the summed and the
 length-averaged response log-probs; the loss is the math-core function of `loss_type`
 (`rlhf.losses.preference`), per pair; the engine averages it over the global batch. With `share_prompt`
-(the default) the B prompts are encoded once, in a forward of their own whose KV cache both responses
-continue from, instead of twice inside full [chosen; rejected] rows (`rlhf.data.collate_pairs`' layout, still
-used with gradient checkpointing): for short answers to long prompts that is most of the compute saved.
+(the default) the B prompts are encoded once instead of twice inside full [chosen; rejected] rows: for short
+answers to long prompts that is most of the compute saved. With `data.padding_free` (the default, for models
+on our attention) each pair is one tree sequence [prompt | chosen | rejected], the pairs back to back in one row
+with no padding (`rlhf.models.sequence_logps.collate_flat`); else the prompts run in a forward of their own whose
+KV cache both responses continue from (padded; with gradient checkpointing, which keeps no cache, full rows).
 
 The reference (DPO family only; SimPO and ORPO are reference-free and never load one) is a frozen copy of
 the initial policy, or `ref.path`, or with LoRA the base model under the adapters. `precompute_ref` scores
@@ -42,9 +44,10 @@ from rlhf.config import (
 )
 from rlhf.data import collate_responses, to_device
 from rlhf.losses.preference import PREFERENCE_LOSSES, dpo_loss, orpo_odds_ratio_loss, simpo_loss
+from rlhf.models import padding_free
 from rlhf.models.loading import apply_lora, disable_dropout, frozen_copy, load_causal_lm, load_tokenizer
 from rlhf.models.reference import ExampleLayout, Reference, cached_reference_tables, reference_cache_key
-from rlhf.models.sequence_logps import ResponseLogps, response_logps
+from rlhf.models.sequence_logps import ResponseLogps, collate_flat, response_logps
 from rlhf.runtime.data_order import DataOrder
 from rlhf.runtime.engine import Engine
 from rlhf.runtime.finish import save_final
@@ -78,8 +81,9 @@ class Config:
     precompute_ref: bool = False
     """Score the data with the reference once before training and cache it in run_dir/ref_logps/ (safetensors)."""
     share_prompt: bool = True
-    """Run each prompt through the model once for both responses (a KV cache), not twice; off with
-    gradient checkpointing, which cannot keep a cache."""
+    """Run each prompt through the model once for both responses, not twice: padding-free, one tree sequence
+    [prompt | chosen | rejected] per pair (`data.padding_free`); else a KV cache, off with gradient
+    checkpointing, which cannot keep one."""
     score_batch_size: int = 0
     """Examples per no-grad forward when precomputing reference log-probs and evaluating; 0: 4 x micro_batch_size."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -209,8 +213,12 @@ def loss_fn(cfg: Config, model: nn.Module, batch: dict[str, Any]) -> tuple[Tenso
 # ---------------------------------------------------------------------------------------------- batches
 
 
-def pair_collator(cfg: Config, pad_id: int) -> Collate:
-    """Examples -> a batch of [chosen; rejected] rows (2B), with the prompt shared or repeated (`share_prompt`)."""
+def pair_collator(cfg: Config, pad_id: int, flat: bool = False, round_to: int = 1) -> Collate:
+    """Examples -> a batch of [chosen; rejected] rows (2B): with `flat` (padding-free, needs `share_prompt`) each
+    pair as one tree sequence [prompt | chosen | rejected] (`collate_flat`, filled up to a multiple of
+    `round_to`); else padded, the prompt shared through a KV cache or repeated (`share_prompt`)."""
+    if flat:
+        return partial(collate_flat, pad_id=pad_id, response_keys=RESPONSES, round_to=round_to)
     share = cfg.share_prompt and not cfg.model.gradient_checkpointing
     return partial(collate_responses, pad_id=pad_id, response_keys=RESPONSES, share_prompt=share)
 
@@ -335,7 +343,14 @@ def train(cfg: Config) -> Path:
     policy, ref_model = load_models(cfg)
     engine = make_engine(policy, cfg, total, data_report=data.report)
     with engine:
-        collate, device = pair_collator(cfg, tokenizer.pad_token_id), engine.device
+        device = engine.device
+        flat = (
+            cfg.share_prompt
+            and cfg.data.padding_free
+            and all(padding_free.enabled(m) for m in (policy, ref_model) if m is not None)
+        )
+        round_to = padding_free.row_multiple(policy, device, cfg.train.mixed_precision) if flat else 1
+        collate = pair_collator(cfg, tokenizer.pad_token_id, flat, round_to)
         splits = {"train": data.train, **({"eval": data.eval} if data.eval else {})}
         reference = setup_reference(cfg, engine, ref_model, splits, collate)
         order = DataOrder(len(data.train), cfg.train.batch_size, seed=cfg.seed)

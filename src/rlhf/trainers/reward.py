@@ -47,7 +47,7 @@ from rlhf.config import (
     check,
 )
 from rlhf.data import collate_pairs, pad_sequences, to_device
-from rlhf.data.collate import add_margins
+from rlhf.data.collate import add_margins, tree_rows
 from rlhf.errors import UserError
 from rlhf.evaluation.calibration import preference_calibration
 from rlhf.losses.reward import bradley_terry_loss, reward_centering_penalty
@@ -63,6 +63,7 @@ from rlhf.runtime.setup import count_steps, eval_due, load_splits, make_engine, 
 logger = logging.getLogger(__name__)
 
 CALIBRATION_BINS = 10
+PAIR = ("chosen_ids", "rejected_ids")
 
 
 @dataclass
@@ -164,11 +165,11 @@ def collate_shared_prompt(examples: Sequence[dict[str, Any]], pad_id: int) -> di
     reads prompt + response alone (its rightmost non-pad token: the last one, P+C-1 and n-1, unless it is a
     pad id, as EOS is when pad == eos). `margin` as in `collate_pairs`.
     """
-    lengths, rows, positions = _tree_rows(examples)
+    lengths, rows, positions = tree_rows(examples, PAIR)
     batch = {
         "input_ids": pad_sequences(rows, pad_id),  # (B, L)
         "position_ids": pad_sequences(positions, 0),  # (B, L)
-        "attention_mask": _tree_mask(torch.tensor(lengths), max(len(r) for r in rows)),  # (B, 1, L, L)
+        "attention_mask": padding_free.tree_mask(torch.tensor(lengths), max(len(r) for r in rows)),  # (B, 1, L, L)
         "score_index": torch.tensor([_score_columns(ex, pad_id) for ex in examples]),  # (B, 2)
     }
     return add_margins(batch, examples)
@@ -180,49 +181,15 @@ def collate_shared_prompt_flat(examples: Sequence[dict[str, Any]], pad_id: int, 
     `flat_layout` whose blocks carry each pair's tree mask (`padding_free.flat_layout`), and `score_index` (B, 2)
     as flat indices. The linear layers then run on real tokens only; attention pads within its blocks.
     `round_to`: the row ends with a filler of pad ids up to a multiple of it (`padding_free.row_multiple`)."""
-    lengths, rows, row_positions = _tree_rows(examples)
-    spans = torch.tensor(lengths)  # (B, 3): P, C, R
-
-    def tree_mask(seqs: Tensor, width: int) -> Tensor:  # (rows, 1, L, L), as in `collate_shared_prompt`
-        return _tree_mask(spans[seqs], width)
-
-    sizes = spans.sum(1)  # (B,)
+    lengths, rows, positions = tree_rows(examples, PAIR)
+    sizes = torch.tensor(lengths).sum(1)  # (B,)
     starts = torch.cumsum(sizes, 0) - sizes
     columns = torch.tensor([_score_columns(ex, pad_id) for ex in examples])  # (B, 2) within each pair's row
-    ids, positions = [t for r in rows for t in r], [i for r in row_positions for i in r]
-    filler = padding_free.filler_length(len(ids), round_to)
-    if filler:  # a prompt-only "pair" at the end (causal: `_tree_mask`), whose scores nobody reads
-        spans = torch.cat([spans, torch.tensor([[filler, 0, 0]])])  # `tree_mask` reads this one
-        ids, positions = ids + [pad_id] * filler, positions + list(range(filler))
     batch = {
-        "input_ids": torch.tensor(ids)[None],  # (1, T)
-        "position_ids": torch.tensor(positions)[None],  # (1, T)
-        "attention_mask": torch.ones(1, len(ids), dtype=torch.long),  # says nothing: see `padding_free.flat_inputs`
-        padding_free.LAYOUT_KWARG: padding_free.flat_layout(spans.sum(1).tolist(), tree_mask),
+        **padding_free.flat_tree_inputs(lengths, rows, positions, pad_id, round_to),
         "score_index": starts[:, None] + columns,  # (B, 2)
     }
     return add_margins(batch, examples)
-
-
-def _tree_rows(
-    examples: Sequence[dict[str, Any]],
-) -> tuple[list[tuple[int, int, int]], list[list[int]], list[list[int]]]:
-    """Per pair: its lengths (P, C, R), its row [prompt | chosen | rejected] and the row's positions (0..P+C-1,
-    then P..P+R-1: the rejected response starts where the prompt ends)."""
-    lengths = [(len(ex["prompt_ids"]), len(ex["chosen_ids"]), len(ex["rejected_ids"])) for ex in examples]
-    rows = [[*ex["prompt_ids"], *ex["chosen_ids"], *ex["rejected_ids"]] for ex in examples]
-    positions = [[*range(lp + lc), *range(lp, lp + lr)] for lp, lc, lr in lengths]
-    return lengths, rows, positions
-
-
-def _tree_mask(spans: Tensor, width: int) -> Tensor:
-    """(B, 1, L, L) bool for rows [prompt | chosen | rejected] of `spans` (B, 3) lengths, right padded to L:
-    query q sees key k when k <= q, except rejected tokens do not see chosen ones; a pad column sees itself."""
-    p, c, n = spans[:, 0, None, None], (spans[:, 0] + spans[:, 1])[:, None, None], spans.sum(1)[:, None, None]
-    q, k = torch.arange(width)[:, None], torch.arange(width)[None, :]  # (L, 1), (1, L)
-    rejected_query = (q >= c) & (q < n)  # (B, L, 1)
-    sees = (k <= q) & (q < n) & ~(rejected_query & (k >= p) & (k < c))  # (B, L, L)
-    return (sees | ((q >= n) & (k == q)))[:, None]
 
 
 def _score_columns(example: dict[str, Any], pad_id: int) -> tuple[int, int]:
