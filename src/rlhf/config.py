@@ -133,7 +133,7 @@ class DataConfig:
     packing: bool = False
     """Pack several examples into one sequence (SFT only)."""
     padding_free: bool = True
-    """SFT, the reward model and DPO (with their shared prompt): run each micro-batch as one row of its
+    """SFT, the reward model, DPO (with its shared prompt) and KTO: run each micro-batch as one row of its
     examples back to back, attention kept within each example, so no compute goes to padding; the loss is that
     of padded batches. Needs a `transformers` model on sdpa attention (others use padded batches)."""
 

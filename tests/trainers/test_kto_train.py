@@ -65,8 +65,12 @@ def test_kto_learns_the_held_out_preference(tiny_dirs: dict[str, str], data: dic
     assert last["eval/rewards/margin"] > 0
 
 
-def test_first_step_loss_is_the_math_core_with_the_mismatched_kl(tmp_path: Path, data: dict[str, Path]) -> None:
-    """Step 1 (a global batch of 8 in two micro-batches): loss, z and per-class rewards from plain log-probs.
+@pytest.mark.parametrize("padding_free", [True, False], ids=["flat", "padded"])
+def test_first_step_loss_is_the_math_core_with_the_mismatched_kl(
+    tmp_path: Path, data: dict[str, Path], padding_free: bool
+) -> None:
+    """Step 1 (a global batch of 8 in two micro-batches): loss, z and per-class rewards from plain log-probs, with
+    the examples back to back in one padding-free row and in padded rows.
 
     z = mean over the batch of log pi - log pi_ref of prompt k with completion k+1 (cyclic), clamped at 0.
     """
@@ -82,7 +86,14 @@ def test_first_step_loss_is_the_math_core_with_the_mismatched_kl(tmp_path: Path,
         tmp_path / "run",
         dirs[0],
         data,
-        **{"ref.path": dirs[1], "train.batch_size": 8, "train.micro_batch_size": 4, "train.max_steps": 1, "seed": 3},
+        **{
+            "ref.path": dirs[1],
+            "data.padding_free": padding_free,
+            "train.batch_size": 8,
+            "train.micro_batch_size": 4,
+            "train.max_steps": 1,
+            "seed": 3,
+        },
     )
     first = metrics(kto.train(cfg))[0]
 

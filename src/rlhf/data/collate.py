@@ -11,12 +11,15 @@ response token. The log-prob of token t comes from the logits at t - 1, so a tra
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from rlhf.data.tokenize import IGNORE_INDEX
+
+Collate = Callable[[Sequence[dict[str, Any]]], dict[str, Any]]
+"""Tokenized examples -> one batch (a trainer's collate function with its settings bound)."""
 
 
 def pad_sequences(

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from rlhf.data.collate import to_device
+from rlhf.data.collate import Collate, to_device
 from rlhf.models.sequence_logps import response_logps
 
 logger = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ def load_cache(path: Path) -> dict[str, Tensor] | None:
 def score_examples(
     model: nn.Module,
     examples: Sequence[dict[str, Any]],
-    collate: Callable[[Sequence[dict[str, Any]]], dict[str, Any]],
+    collate: Collate,
     *,
     batch_size: int,
     device: torch.device,
@@ -195,7 +195,7 @@ class ExampleLayout:
 
     kind: str  # "preference" or "unpaired"
     id_keys: tuple[str, ...]  # token-id fields hashed into the cache key
-    collate: Callable[[Sequence[dict[str, Any]]], dict[str, Any]]
+    collate: Collate
     rows_per_example: int  # 2 for [chosen; rejected], 1 for a completion
 
 

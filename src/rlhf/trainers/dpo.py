@@ -43,6 +43,7 @@ from rlhf.config import (
     check,
 )
 from rlhf.data import collate_responses, to_device
+from rlhf.data.collate import Collate
 from rlhf.losses.preference import PREFERENCE_LOSSES, dpo_loss, orpo_odds_ratio_loss, simpo_loss
 from rlhf.models import padding_free
 from rlhf.models.loading import apply_lora, disable_dropout, frozen_copy, load_causal_lm, load_tokenizer
@@ -53,7 +54,6 @@ from rlhf.runtime.engine import Engine
 from rlhf.runtime.finish import save_final
 from rlhf.runtime.setup import count_steps, eval_due, load_splits, make_engine, seed_everything
 
-Collate = Callable[[Sequence[dict[str, Any]]], dict[str, Any]]
 RESPONSES = ("chosen_ids", "rejected_ids")
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo")
 REFERENCE_FREE = ("simpo", "orpo")

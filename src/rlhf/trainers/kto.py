@@ -13,7 +13,8 @@ how the batch is split.
 The reference is a frozen copy of the initial policy, or `ref.path`, or with LoRA the base model under the
 adapters. `precompute_ref` caches the reference log-probs of the matched examples (`ref_logps/`); those of
 the mismatched pairs depend on the batch, so the reference model stays loaded to score them. Dropout is off
-in the policy and the reference.
+in the policy and the reference. With `data.padding_free` (models on our attention), a micro-batch's examples run
+back to back in one row with no pads (`rlhf.models.sequence_logps.collate_flat`), as DPO's pairs do.
 """
 
 from __future__ import annotations
@@ -38,10 +39,12 @@ from rlhf.config import (
     check,
 )
 from rlhf.data import collate_responses, to_device
+from rlhf.data.collate import Collate
 from rlhf.losses.preference import kto_loss
+from rlhf.models import padding_free
 from rlhf.models.loading import apply_lora, disable_dropout, frozen_copy, load_causal_lm, load_tokenizer
 from rlhf.models.reference import ExampleLayout, Reference, cached_reference_tables, reference_cache_key
-from rlhf.models.sequence_logps import response_logps
+from rlhf.models.sequence_logps import collate_flat, response_logps
 from rlhf.runtime.data_order import DataOrder
 from rlhf.runtime.engine import Engine
 from rlhf.runtime.finish import save_final
@@ -99,12 +102,14 @@ class Config:
 # ---------------------------------------------------------------------------------------------- batches
 
 
-def collate(examples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]:
-    """prompt+completion rows, right padded, as `rlhf.data.collate_unpaired` lays them out, plus `label` (B,) bool.
-
-    One response per prompt, so sharing the prompt pass would save nothing: the rows are scored in full.
-    """
-    batch = collate_responses(examples, pad_id, ("completion_ids",), share_prompt=False)
+def collate(examples: Sequence[dict[str, Any]], pad_id: int, flat: bool = False, round_to: int = 1) -> dict[str, Any]:
+    """prompt+completion rows plus `label` (B,) bool: right padded (one response per prompt, so sharing the prompt
+    pass would save nothing: the rows are scored in full), or with `flat` back to back in one padding-free row
+    (`collate_flat`, filled up to a multiple of `round_to`)."""
+    if flat:
+        batch = collate_flat(examples, pad_id, ("completion_ids",), round_to)
+    else:
+        batch = collate_responses(examples, pad_id, ("completion_ids",), share_prompt=False)
     batch["label"] = torch.tensor([bool(ex["label"]) for ex in examples], dtype=torch.bool)  # (B,)
     return batch
 
@@ -129,7 +134,7 @@ def kl_logratio_sum(
     """Sum over the KL pairs of log pi(y|x) - log pi_ref(y|x), scored in no-grad batches. A float64 scalar."""
     total = torch.zeros((), dtype=torch.float64, device=kw["device"])
     for s in range(0, len(kl_examples), batch_size):
-        batch = to_device(collate(kl_examples[s : s + batch_size], kw["pad_id"]), kw["device"])
+        batch = to_device(kw["collate"](kl_examples[s : s + batch_size]), kw["device"])
         with kw["autocast"]():
             policy = response_logps(model, batch).sum  # (b,)
         total += (policy.double() - reference.score(batch, 1)[:, 0].double()).sum()
@@ -227,7 +232,7 @@ def evaluate(
     """Loss and metrics over the held-out examples, under `eval/`; z from mismatched pairs within each eval batch.
 
     eval/rewards/accuracy is `pairwise_accuracy` of the implied reward against the labels.
-    `kw`: pad_id, device, autocast, max_length.
+    `kw`: collate, device, autocast, max_length.
     """
     if not examples:
         return {}
@@ -235,14 +240,14 @@ def evaluate(
     kl_sum = torch.zeros((), dtype=torch.float64, device=kw["device"])
     for s in range(0, len(examples), bs):
         chunk = examples[s : s + bs]
-        batch = to_device(collate(chunk, kw["pad_id"]), kw["device"])
+        batch = to_device(kw["collate"](chunk), kw["device"])
         with kw["autocast"]():
             policy.append(response_logps(model, batch).sum)
         refs.append(reference.logps(batch, "eval", range(s, s + len(chunk)), 1)[:, 0])
         labels.append(batch["label"])
         pairs = mismatched(chunk, kw["max_length"])
         kl_sum += kl_logratio_sum(
-            model, reference, pairs, bs, pad_id=kw["pad_id"], device=kw["device"], autocast=kw["autocast"]
+            model, reference, pairs, bs, collate=kw["collate"], device=kw["device"], autocast=kw["autocast"]
         )
     kl_ref = (kl_sum / len(examples)).float()
     pol, desirable = torch.cat(policy), torch.cat(labels)
@@ -258,7 +263,7 @@ def evaluate(
 
 
 def setup_reference(
-    cfg: Config, engine: Engine, ref_model: nn.Module | None, splits: dict[str, list[dict[str, Any]]], pad_id: int
+    cfg: Config, engine: Engine, ref_model: nn.Module | None, splits: dict[str, list[dict[str, Any]]], collate: Collate
 ) -> Reference:
     """The reference model (a frozen copy, `ref.path`, or the LoRA policy's base), plus cached tables if asked.
 
@@ -271,7 +276,7 @@ def setup_reference(
         reference = Reference(model=policy, adapter_host=policy, autocast=engine.accelerator.autocast)
     if not cfg.precompute_ref:
         return reference
-    layout = ExampleLayout("unpaired", ("prompt_ids", "completion_ids"), partial(collate, pad_id=pad_id), 1)
+    layout = ExampleLayout("unpaired", ("prompt_ids", "completion_ids"), collate, 1)
     key = reference_cache_key(cfg, splits, layout)
     tables = cached_reference_tables(engine, splits, layout, key, lambda: reference, batch_size=cfg.scoring_batch)
     return Reference(
@@ -305,14 +310,17 @@ def train(cfg: Config) -> Path:
     policy, ref_model = load_models(cfg)
     engine = make_engine(policy, cfg, total, data_report=data.report)
     with engine:
-        pad_id, device, autocast = tokenizer.pad_token_id, engine.device, engine.accelerator.autocast
+        device, autocast = engine.device, engine.accelerator.autocast
+        flat = cfg.data.padding_free and all(padding_free.enabled(m) for m in (policy, ref_model) if m is not None)
+        round_to = padding_free.row_multiple(policy, device, cfg.train.mixed_precision) if flat else 1
+        batch_of = partial(collate, pad_id=tokenizer.pad_token_id, flat=flat, round_to=round_to)
         splits = {"train": data.train, **({"eval": data.eval} if data.eval else {})}
-        reference = setup_reference(cfg, engine, ref_model, splits, pad_id)
+        reference = setup_reference(cfg, engine, ref_model, splits, batch_of)
         order = DataOrder(len(data.train), cfg.train.batch_size, seed=cfg.seed)
         engine.register_state("data_order", order)
         engine.resume()
         step_loss = partial(loss_fn, cfg)
-        score_kw = {"pad_id": pad_id, "device": device, "autocast": autocast, "max_length": cfg.data.max_length}
+        score_kw = {"collate": batch_of, "device": device, "autocast": autocast, "max_length": cfg.data.max_length}
         while engine.step < total:
             if engine.should_stop():
                 engine.interrupt()
@@ -322,7 +330,7 @@ def train(cfg: Config) -> Path:
             )
             mbs = []
             for local in engine.local_indices(idx):
-                batch = to_device(collate([data.train[i] for i in local], pad_id), device)
+                batch = to_device(batch_of([data.train[i] for i in local]), device)
                 batch["ref_logps"] = reference.logps(batch, "train", local, 1)  # (b, 1)
                 mbs.append(batch | {"kl_ref": kl_ref})
             metrics = engine.train_step(mbs, step_loss)
