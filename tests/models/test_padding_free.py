@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import itertools
+from typing import Any
 
 import pytest
 import torch
@@ -21,6 +23,7 @@ def test_layout_by_hand() -> None:
     assert [(b.rows, b.length) for b in layout.blocks] == [(2, 3)]
     assert layout.blocks[0].gather.tolist() == [2, 3, 4, 0, 1, 0]
     assert layout.scatter.tolist() == [3, 4, 0, 1, 2]
+    assert layout.starts.tolist() == [0, 2, 5] and layout.starts.dtype == torch.int32
     assert flat_position_ids([2, 3]).tolist() == [[0, 1, 0, 1, 2]]
     with pytest.raises(ValueError, match="at least one token"):
         flat_layout([2, 0])
@@ -83,6 +86,97 @@ def test_flat_forward_and_gradients_equal_the_padded_batch(
     got.square().mean().backward()
     for (name, p), q in zip(padded_model.named_parameters(), flat_model.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def _plain_varlen_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_q: torch.Tensor,
+    cu_k: torch.Tensor,
+    max_q: int,
+    max_k: int,
+    *,
+    scale: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """A stand-in for `torch.nn.attention.varlen.varlen_attn` (CUDA only): causal sdpa of each sequence alone,
+    (T, heads, d) in and out, sequence i at [cu_q[i], cu_q[i + 1])."""
+    assert window_size == (-1, 0) and torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32
+    spans = list(itertools.pairwise(cu_q.tolist()))
+    assert max_q == max_k == max(b - a for a, b in spans)
+    outs = [
+        F.scaled_dot_product_attention(
+            *(x[a:b].transpose(0, 1) for x in (q, k, v)), is_causal=True, scale=scale, enable_gqa=enable_gqa
+        ).transpose(0, 1)
+        for a, b in spans
+    ]
+    return torch.cat(outs)
+
+
+def _torch_2_10_varlen_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_q: torch.Tensor,
+    cu_k: torch.Tensor,
+    max_q: int,
+    max_k: int,
+    *,
+    is_causal: bool = False,
+) -> torch.Tensor:
+    """The stand-in with torch 2.10's signature: `is_causal`, the default scale, as many key as query heads."""
+    assert is_causal and k.shape[1] == q.shape[1]
+    return _plain_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, window_size=(-1, 0))
+
+
+@pytest.mark.parametrize("kernel", [_plain_varlen_attn, _torch_2_10_varlen_attn], ids=["torch-2.11", "torch-2.10"])
+@pytest.mark.parametrize("style", ["llama", "gpt2", "llama-gqa"])
+def test_the_varlen_route_gives_the_padded_batch(
+    tiny_dirs: dict[str, str], style: str, kernel: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CUDA route (one `varlen_attn` call per layer over the flat row), run on the CPU in fp32 with a plain
+    stand-in for the kernel: the offsets, head layout, scale and GQA heads it hands over give the padded batch's
+    logits and gradients, with both signatures of `varlen_attn`. The kernel itself is compared on a GPU (below)."""
+    import torch.nn.attention.varlen as varlen
+
+    monkeypatch.setattr(varlen, "varlen_attn", kernel)
+    monkeypatch.setattr(padding_free, "varlen_applies", lambda *args: True)
+    monkeypatch.setattr(padding_free, "_half_dtype", lambda value: torch.float32)
+    monkeypatch.setattr(padding_free, "_sdpa", None)  # the block route would fail
+    padded_model = _models(tiny_dirs, style)
+    for module in padded_model.modules():  # a scale other than the kernel's default 1 / sqrt(d)
+        if hasattr(module, "scaling"):
+            module.scaling = 1.5 * module.scaling
+    flat_model = copy.deepcopy(padded_model)
+    assert padding_free.enable(flat_model)
+    want = torch.cat(_padded_logits(padded_model))
+    flat_ids = torch.tensor([t for s in SEQS for t in s])[None]
+    got = flat_model(input_ids=flat_ids, **flat_inputs([len(s) for s in SEQS])).logits[0]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    want.square().mean().backward()
+    got.square().mean().backward()
+    for (name, p), q in zip(padded_model.named_parameters(), flat_model.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_varlen_flash_attention_on_the_gpu_gives_the_padded_batch(tiny_dirs: dict[str, str]) -> None:
+    """bf16 on CUDA: the flat forward through `varlen_attn` against the padded batch's sdpa (bf16 rounding)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], dtype=torch.bfloat16).cuda()
+    want = torch.cat(_padded_logits(model))
+    assert padding_free.enable(model)
+    inputs = {
+        k: v.cuda() if isinstance(v, torch.Tensor) else v.to("cuda")
+        for k, v in flat_inputs([len(s) for s in SEQS]).items()
+    }
+    q = torch.zeros(1, 4, 8, 16, dtype=torch.bfloat16, device="cuda")
+    if not padding_free.varlen_applies(q, q, inputs[padding_free.LAYOUT_KWARG], {}):
+        pytest.skip("this GPU or torch has no variable-length flash attention")
+    flat_ids = torch.tensor([t for s in SEQS for t in s], device="cuda")[None]
+    got = model(input_ids=flat_ids, **inputs).logits[0]
+    torch.testing.assert_close(got.float(), want.float(), atol=5e-2, rtol=5e-2)
 
 
 @pytest.mark.parametrize("style", ["llama", "gpt2"])

@@ -7,7 +7,9 @@ needs the sequences apart: our attention function gathers the flat queries, keys
 right-padded (rows, H, length, d) blocks of sequences of similar length (`flat_layout`), runs causal `sdpa`
 on each without a mask, and scatters the outputs back to the flat row. Right padding under a causal mask is
 exact: no real query ever sees a later (pad) position, and the pad outputs are dropped, so they get no
-gradient either. The result equals the padded forward up to float summation order.
+gradient either. The result equals the padded forward up to float summation order. On a CUDA GPU that has
+torch's variable-length flash attention (`torch.nn.attention.varlen`, sm80 and newer), half-precision causal
+layouts skip the blocks: one `varlen_attn` call per layer over the flat row, no gathers (`varlen_applies`).
 
 `enable(model)` registers the function under `ATTENTION` and switches the model to it; every model loaded
 through `rlhf.models.loading` is switched. Calls without a layout (generation, evaluation, any padded batch)
@@ -20,6 +22,8 @@ returns False for others (remote code, eager, flash-attention), and callers keep
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -59,10 +63,12 @@ class FlatLayout:
 
     blocks:  sequences grouped by length (`flat_layout`), longest first.
     scatter: (T,) index of each flat token's output in the blocks' outputs laid end to end.
+    starts:  (B + 1,) int32 offset of each sequence in the flat row, then T (`varlen_attn`'s cumulative lengths).
     """
 
     blocks: tuple[Block, ...]
     scatter: Tensor
+    starts: Tensor
 
     @property
     def length(self) -> int:
@@ -74,7 +80,7 @@ class FlatLayout:
             Block(b.gather.to(device), b.rows, b.length, None if b.mask is None else b.mask.to(device))
             for b in self.blocks
         )
-        return FlatLayout(blocks, self.scatter.to(device))
+        return FlatLayout(blocks, self.scatter.to(device), self.starts.to(device))
 
 
 MaskFn = Callable[[Tensor, int], Tensor]
@@ -108,7 +114,7 @@ def flat_layout(lengths: Sequence[int], mask: MaskFn | None = None) -> FlatLayou
         scatter[gather[real]] = offset + real.nonzero().squeeze(1)
         blocks.append(Block(gather, len(seqs), length, None if mask is None else mask(seqs, length)))
         offset += len(seqs) * length
-    return FlatLayout(tuple(blocks), scatter)
+    return FlatLayout(tuple(blocks), scatter, torch.cat([starts, n.sum()[None]]).to(torch.int32))
 
 
 def _cuts(sorted_lengths: list[int]) -> list[tuple[int, int]]:
@@ -244,6 +250,63 @@ def _sdpa(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask: Te
     return out.to(dtype), weights
 
 
+@functools.cache
+def _flash_varlen(device: torch.device) -> bool:
+    """Whether this CUDA device runs torch's variable-length flash attention (torch >= 2.10, sm80 and newer)."""
+    try:
+        import torch.nn.attention.varlen  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def varlen_applies(query: Tensor, value: Tensor, layout: FlatLayout, kwargs: dict[str, Any]) -> bool:
+    """Whether `attention` runs the layout as one variable-length flash-attention call: on a CUDA GPU that has it,
+    in half precision (autocast's or the inputs'), causal sequences (no tree masks), no attention dropout or
+    logit soft-capping, and a head size flash attention takes (a multiple of 8, at most 256)."""
+    if query.device.type != "cuda" or any(b.mask is not None for b in layout.blocks):
+        return False
+    if kwargs.get("dropout", 0.0) or kwargs.get("softcap") is not None:
+        return False
+    head = query.shape[-1]
+    return _half_dtype(value) is not None and head % 8 == 0 and head <= 256 and _flash_varlen(query.device)
+
+
+def _half_dtype(value: Tensor) -> torch.dtype | None:
+    """The half precision attention runs in on the value's device (autocast's, else the value's own), or None."""
+    device = value.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else value.dtype
+    return dtype if dtype in (torch.bfloat16, torch.float16) else None
+
+
+@functools.cache
+def _parameters(fn: Callable[..., Any]) -> frozenset[str]:
+    return frozenset(inspect.signature(fn).parameters)
+
+
+def _varlen(query: Tensor, key: Tensor, value: Tensor, layout: FlatLayout, scaling: float | None) -> Tensor:
+    """Causal attention of every sequence of the flat row in one `varlen_attn` call: (1, H, T, d) inputs (key and
+    value may have fewer heads) -> (1, T, H, d) in the half precision of `_half_dtype`. torch 2.10's `varlen_attn`
+    takes `is_causal` and neither `scale` nor `enable_gqa`: the scale is then folded into the queries and the key
+    and value heads are repeated for their query groups."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    dtype = _half_dtype(value)
+    q, k, v = (x[0].transpose(0, 1).to(dtype).contiguous() for x in (query, key, value))  # (T, heads, d)
+    params = _parameters(varlen_attn)
+    kw: dict[str, Any] = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if "scale" in params:
+        kw["scale"] = scaling
+    elif scaling is not None:
+        q = q * (scaling * q.shape[-1] ** 0.5)  # the kernel's own scale is 1 / sqrt(d)
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        else:
+            k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
+    return varlen_attn(q, k, v, layout.starts, layout.starts, layout.length, layout.length, **kw)[None]
+
+
 def attention(
     module: nn.Module,
     query: Tensor,
@@ -265,6 +328,8 @@ def attention(
     if window is not None and layout.length > window:
         raise ValueError(f"padding-free attention has no sliding window: a sequence of {layout.length} > {window}")
     kwargs.pop("is_causal", None)
+    if varlen_applies(query, value, layout, kwargs):
+        return _varlen(query, key, value, layout, kwargs.get("scaling")), None
 
     def blocked(x: Tensor, block: Block) -> Tensor:  # (1, H, T, d) -> (rows, H, length, d)
         x = x[0].transpose(0, 1).index_select(0, block.gather)  # (rows * length, H, d)
