@@ -152,3 +152,28 @@ def test_a_layout_for_a_model_that_cannot_run_padding_free_is_ignored(tiny_dirs)
     want = causal_lm_logprobs(model, ids, mask, response_len=3)
     got = causal_lm_logprobs(model, ids, mask, response_len=3, flat=Unpadded.of(mask))
     torch.testing.assert_close(got, want)
+
+
+def test_flat_rows_are_filled_where_matmuls_run_in_bf16_on_the_cpu(tiny_dirs, monkeypatch):
+    """15 attended tokens: one flat row of 15 in fp32; under bf16 autocast, or with bf16 weights, of 16 (a filler
+    of 1 token: `padding_free.ROW_MULTIPLE`), which changes no real token's log-prob or score."""
+    ids, mask = _rollout_like_batch()
+    policy = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"])
+    rm = load_scalar_model(ModelConfig(path=tiny_dirs["llama"], dtype="bfloat16"), trainable=False)
+    assert padding_free.enable(policy) and padding_free.enable(rm)
+    flat = Unpadded.of(mask)
+    assert flat.kwargs(ids, policy)["input_ids"].shape == (1, 15)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        filled = flat.kwargs(ids, policy)
+        assert filled["input_ids"].shape == (1, 16) and filled["position_ids"][0, -1] == 0
+        logprobs = causal_lm_logprobs(policy, ids, mask, response_len=3, flat=flat).logprobs
+    assert flat.kwargs(ids, rm)["input_ids"].shape == (1, 16)
+    scores = token_scores(rm, ids, mask, flat=flat)
+    monkeypatch.setattr(padding_free, "ROW_MULTIPLE", 1)  # the same passes on the unfilled row
+    unfilled = Unpadded.of(mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert unfilled.kwargs(ids, policy)["input_ids"].shape == (1, 15)
+        want_logprobs = causal_lm_logprobs(policy, ids, mask, response_len=3, flat=unfilled).logprobs
+    want_scores = token_scores(rm, ids, mask, flat=unfilled)
+    torch.testing.assert_close(logprobs, want_logprobs, atol=0, rtol=0)
+    torch.testing.assert_close(scores, want_scores, atol=0, rtol=0)

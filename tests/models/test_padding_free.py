@@ -197,12 +197,19 @@ def test_a_filler_rounds_the_row_up_and_changes_no_real_logit(tiny_dirs: dict[st
 
 
 def test_rows_are_filled_only_for_half_precision_matmuls_on_the_cpu() -> None:
-    model = _gqa_llama()
+    """Under autocast now, under the engine's autocast (marked on the model) or with bf16 weights; fp32 and fp16
+    autocast marks fill nothing on a GPU."""
+    model, plain = _gqa_llama(), _gqa_llama()
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert padding_free.row_multiple(model, cpu, "bf16") == padding_free.ROW_MULTIPLE == 16
-    assert padding_free.row_multiple(model, cpu, "no") == 1
-    assert padding_free.row_multiple(model.to(torch.bfloat16), cpu, "no") == 16
-    assert padding_free.row_multiple(model, cuda, "bf16") == 1
+    assert padding_free.row_multiple(model, cpu) == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert padding_free.row_multiple(model, cpu) == padding_free.ROW_MULTIPLE == 16
+    padding_free.mark_autocast(model, "no")
+    assert padding_free.row_multiple(model, cpu) == 1
+    padding_free.mark_autocast(model, "bf16")
+    assert padding_free.row_multiple(model, cpu) == 16 and padding_free.row_multiple(model, cuda) == 1
+    assert padding_free.row_multiple(model.model, cpu) == 16  # the transformers models inside are marked too
+    assert padding_free.row_multiple(plain.to(torch.bfloat16), cpu) == 16
 
 
 @pytest.mark.parametrize("style", ["llama", "gpt2"])

@@ -339,3 +339,24 @@ def test_a_launch_that_asks_for_sharding_is_refused_before_anything_starts(tmp_p
     monkeypatch.setenv(flag, "true")
     with pytest.raises(UserError, match=f"the launch asks for {name}, which rlhf does not support yet.*--multi_gpu"):
         make_engine(TokenModel(), tmp_path)
+
+
+def test_the_engine_notes_bf16_autocast_on_its_model(tmp_path: Path) -> None:
+    """`accelerate` enters autocast inside the prepared model's forward, after a padding-free layout was built for
+    it; the engine notes the precision on the model, so such layouts fill their rows on the CPU (`row_multiple`)."""
+    from accelerate.state import AcceleratorState
+
+    from rlhf.models import padding_free
+
+    cpu = torch.device("cpu")
+    AcceleratorState._reset_state(reset_partial_state=True)  # the process's accelerate state is fixed once made
+    try:
+        plain, mixed = TokenModel(), TokenModel()
+        make_engine(plain, tmp_path / "fp32")
+        assert padding_free.row_multiple(plain, cpu) == 1
+        AcceleratorState._reset_state(reset_partial_state=True)
+        engine = make_engine(mixed, tmp_path / "bf16", mixed_precision="bf16")
+        assert engine.accelerator.mixed_precision == "bf16"
+        assert padding_free.row_multiple(mixed, cpu) == padding_free.ROW_MULTIPLE
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)

@@ -83,6 +83,7 @@ def make_engine(model: torch.nn.Module, run_dir: Path, **kw: Any) -> Engine:
         batch_size=kw.pop("batch_size", 8),
         micro_batch_size=kw.pop("micro_batch_size", 8),
         max_consecutive_nonfinite=kw.pop("max_consecutive_nonfinite", 3),
+        mixed_precision=kw.pop("mixed_precision", "no"),
     )
     optim = OptimConfig(
         lr=kw.pop("lr", 1e-2), weight_decay=kw.pop("weight_decay", 0.1), max_grad_norm=kw.pop("max_grad_norm", 1.0)

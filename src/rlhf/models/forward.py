@@ -17,7 +17,7 @@ Building the layout reads the mask on the host, so build it where a sync costs n
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
@@ -37,28 +37,39 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
 class Unpadded:
     """Where a padded batch's attended tokens go when it runs as one flat row (`rlhf.models.padding_free`).
 
-    tokens: (N,) index, into the flattened (B * L) batch, of each attended token, in row order.
-    index:  (B, L) flat index of each attended position, -1 elsewhere.
+    tokens:  (N,) index, into the flattened (B * L) batch, of each attended token, in row order.
+    index:   (B, L) flat index of each attended position, -1 elsewhere.
+    lengths: each row's attended tokens.
     """
 
     tokens: Tensor
     index: Tensor
-    inputs: dict[str, Any]  # `padding_free.flat_inputs`: position ids, mask and layout of the flat forward
+    lengths: tuple[int, ...]
+    _inputs: dict[int, dict[str, Any]] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(cls, attention_mask: Tensor) -> Unpadded:
         """The layout of a (B, L) mask (read on the host: build it outside a step's hot path)."""
         real = attention_mask.bool()
-        lengths = real.sum(-1).tolist()
         tokens = real.flatten().nonzero().squeeze(1)
         index = torch.full(real.shape, -1, dtype=torch.long, device=real.device)
         index.view(-1)[tokens] = torch.arange(len(tokens), device=real.device)
-        inputs = {k: v.to(real.device) for k, v in padding_free.flat_inputs(lengths).items()}
-        return cls(tokens, index, inputs)
+        return cls(tokens, index, tuple(real.sum(-1).tolist()))
 
-    def kwargs(self, input_ids: Tensor) -> dict[str, Any]:
-        """Keyword arguments of the flat forward of `input_ids` (B, L)."""
-        return {"input_ids": input_ids.flatten()[self.tokens][None], **self.inputs, "use_cache": False}  # (1, N)
+    def kwargs(self, input_ids: Tensor, model: nn.Module) -> dict[str, Any]:
+        """Keyword arguments of `model`'s flat forward of `input_ids` (B, L): `input_ids` (1, T) with
+        `padding_free.flat_inputs`, T = N, or more where the model's matmuls run in half precision on the CPU right
+        (`padding_free.row_multiple`), the row then ending with a filler."""
+        round_to = padding_free.row_multiple(model, input_ids.device)
+        if round_to not in self._inputs:  # built once per batch and precision, from host-side lengths (no sync)
+            inputs = padding_free.flat_inputs(self.lengths, round_to)
+            self._inputs[round_to] = {k: v.to(input_ids.device) for k, v in inputs.items()}
+        inputs = self._inputs[round_to]
+        ids = input_ids.flatten()[self.tokens]  # (N,)
+        filler = inputs["position_ids"].shape[1] - ids.shape[0]
+        if filler:
+            ids = torch.cat([ids, ids.new_zeros(filler)])
+        return {"input_ids": ids[None], **inputs, "use_cache": False}  # (1, T)
 
 
 class TokenOutputs(NamedTuple):
@@ -97,7 +108,7 @@ def causal_lm_logprobs(
         positions = flat.index[:, -(width + 1) : -1]  # (B, W): flat index of the predicting positions, -1 on pads
         keep = positions >= 0
         rows = positions[keep]  # (N,)
-        out = model(**flat.kwargs(input_ids), logits_to_keep=rows, output_hidden_states=hidden)
+        out = model(**flat.kwargs(input_ids, model), logits_to_keep=rows, output_hidden_states=hidden)
         logits, targets = out.logits, labels[keep][None]  # (1, N, V), (1, N)
         last_hidden = out.hidden_states[-1][:, rows] if hidden else None  # (1, N, H)
     else:
@@ -140,8 +151,8 @@ def token_scores(
     `flat`: the batch's padding-free layout, used when the model can (see the module docstring)."""
     backbone, head = backbone_and_head(model)
     if flat is not None and padding_free.enabled(model):
-        scores = head(backbone(**flat.kwargs(input_ids)).last_hidden_state).squeeze(-1).float()  # (1, N)
-        return _padded(scores[0], flat.index >= 0)  # (B, L)
+        scores = head(backbone(**flat.kwargs(input_ids, model)).last_hidden_state).squeeze(-1).float()  # (1, T)
+        return _padded(scores[0, : flat.tokens.shape[0]], flat.index >= 0)  # (B, L): the filler dropped
     hidden = backbone(
         input_ids=input_ids,
         attention_mask=attention_mask,

@@ -163,10 +163,32 @@ length changes with every batch: a bf16 (T, 256) @ (256, 768) product took 463 u
 has no such cost, so there rows are not filled."""
 
 
-def row_multiple(model: nn.Module, device: torch.device, mixed_precision: str) -> int:
-    """`ROW_MULTIPLE` where the model's matmuls run in half precision on the CPU (autocast or half weights), else 1."""
-    half = mixed_precision in ("bf16", "fp16") or next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
-    return ROW_MULTIPLE if device.type == "cpu" and half else 1
+AUTOCAST_MARK = "rlhf_autocast"
+"""Attribute of a model (and of each `transformers` model inside it) that holds the precision the training engine's
+autocast runs its forward in ("bf16", "fp16"): `accelerate` enters autocast inside the prepared model's forward,
+after a caller has laid out its inputs, so the layout reads it here (`mark_autocast`, `row_multiple`)."""
+
+HALF = (torch.bfloat16, torch.float16)
+
+
+def mark_autocast(model: nn.Module, mixed_precision: str) -> None:
+    """Note on `model` and the `transformers` models inside it that their forward runs under autocast in
+    `mixed_precision` ("bf16" or "fp16"; anything else notes nothing)."""
+    if mixed_precision not in ("bf16", "fp16"):
+        return
+    for module in _base(model).modules():
+        if module is _base(model) or hasattr(module, "config"):
+            setattr(module, AUTOCAST_MARK, mixed_precision)
+
+
+def row_multiple(model: nn.Module, device: torch.device) -> int:
+    """`ROW_MULTIPLE` where the model's matmuls run in half precision on the CPU, else 1: under autocast now, under
+    the engine's autocast (`mark_autocast`) or with half-precision weights."""
+    if device.type != "cpu":
+        return 1
+    autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in HALF
+    marked = getattr(_base(model), AUTOCAST_MARK, None) is not None
+    return ROW_MULTIPLE if autocast or marked or next(model.parameters()).dtype in HALF else 1
 
 
 def filler_length(total: int, round_to: int) -> int:

@@ -349,7 +349,7 @@ def train(cfg: Config) -> Path:
             and cfg.data.padding_free
             and all(padding_free.enabled(m) for m in (policy, ref_model) if m is not None)
         )
-        round_to = padding_free.row_multiple(policy, device, cfg.train.mixed_precision) if flat else 1
+        round_to = padding_free.row_multiple(policy, device) if flat else 1
         collate = pair_collator(cfg, tokenizer.pad_token_id, flat, round_to)
         splits = {"train": data.train, **({"eval": data.eval} if data.eval else {})}
         reference = setup_reference(cfg, engine, ref_model, splits, collate)

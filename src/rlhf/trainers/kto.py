@@ -312,7 +312,7 @@ def train(cfg: Config) -> Path:
     with engine:
         device, autocast = engine.device, engine.accelerator.autocast
         flat = cfg.data.padding_free and all(padding_free.enabled(m) for m in (policy, ref_model) if m is not None)
-        round_to = padding_free.row_multiple(policy, device, cfg.train.mixed_precision) if flat else 1
+        round_to = padding_free.row_multiple(policy, device) if flat else 1
         batch_of = partial(collate, pad_id=tokenizer.pad_token_id, flat=flat, round_to=round_to)
         splits = {"train": data.train, **({"eval": data.eval} if data.eval else {})}
         reference = setup_reference(cfg, engine, ref_model, splits, batch_of)

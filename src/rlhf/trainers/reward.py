@@ -336,7 +336,7 @@ def train(cfg: Config) -> Path:
         logger.warning("share_prompt: the attention implementation takes no 4-D mask; scoring two rows per pair")
     flat = share_prompt and cfg.data.padding_free and padding_free.enabled(scalar_model)
     engine = make_engine(SequenceScorer(scalar_model), cfg, total, data_report=splits.report)
-    round_to = padding_free.row_multiple(scalar_model, engine.device, cfg.train.mixed_precision) if flat else 1
+    round_to = padding_free.row_multiple(scalar_model, engine.device) if flat else 1
     collate = make_collate(share_prompt, flat, round_to)
     with engine:
         order = DataOrder(len(splits.train), cfg.train.batch_size, seed=cfg.seed)

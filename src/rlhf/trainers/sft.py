@@ -209,7 +209,7 @@ def train(cfg: Config) -> Path:
     if cfg.data.padding_free and not flat:
         logger.info("padding-free batches need a transformers model on sdpa attention: using padded batches")
     engine = make_engine(model, cfg, total, data_report=splits.report)
-    round_to = padding_free.row_multiple(model, engine.device, cfg.train.mixed_precision) if flat else 1
+    round_to = padding_free.row_multiple(model, engine.device) if flat else 1
     with engine:
         order = DataOrder(len(examples), cfg.train.batch_size, seed=cfg.seed)
         engine.register_state("data_order", order)
