@@ -16,7 +16,8 @@ model; 4 PPO epochs, each ONE optimizer step over the whole batch in 4 micro-bat
 per_device_train_batch_size 16, gradient_accumulation_steps 4, num_mini_batches 1); rollout scoring passes over
 all 64 rows at once; fixed KL coefficient 0.05 (k1); clip 0.2, value clip 0.2, vf_coef 0.1 (both put the 1/2 of
 the squared error inside the value loss); gamma 1, lam 0.95, whitened advantages; AdamW lr 1e-5, linear decay;
-no gradient clipping (TRL's loop has none); fp32, no gradient checkpointing, dropout off, no sample generations,
+no gradient clipping (TRL's loop has none); fp32 (`--precision bf16`: ours `train.mixed_precision bf16`, TRL
+`bf16=True`), no gradient checkpointing, dropout off, no sample generations,
 no checkpoints, CPU, one torch thread per trial (`--threads`; on a shared 2-core machine two threads per process
 contend and make both sides several times slower and noisier).
 """
@@ -35,13 +36,15 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import add_context_argument, lengths, machine, write_data  # noqa: E402
+from _common import add_context_argument, lengths, machine, mixed_precision, write_data  # noqa: E402
 
 BATCH, MICRO, EPOCHS, NEW_TOKENS = 64, 16, 4, 32
 LR, KL_COEF, VF_COEF = 1e-5, 0.05, 0.1
 
 
-def run_ours(policy: str, rm: str, prompts: str, out: str, iterations: int, context: int) -> dict[str, Any]:
+def run_ours(
+    policy: str, rm: str, prompts: str, out: str, iterations: int, context: int, precision: str
+) -> dict[str, Any]:
     from rlhf.config import load_config
     from rlhf.trainers import ppo
 
@@ -66,6 +69,7 @@ def run_ours(policy: str, rm: str, prompts: str, out: str, iterations: int, cont
         "schedule.name": "linear",
         "train.batch_size": BATCH,
         "train.micro_batch_size": MICRO,
+        "train.mixed_precision": mixed_precision(precision),
         "logging.progress": "false",
         "checkpoint.resume": "never",
     }
@@ -81,7 +85,9 @@ def run_ours(policy: str, rm: str, prompts: str, out: str, iterations: int, cont
     }
 
 
-def run_trl(policy: str, rm: str, prompts: str, out: str, iterations: int, context: int) -> dict[str, Any]:
+def run_trl(
+    policy: str, rm: str, prompts: str, out: str, iterations: int, context: int, precision: str
+) -> dict[str, Any]:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from trl.experimental.ppo import PPOConfig, PPOTrainer
@@ -111,7 +117,7 @@ def run_trl(policy: str, rm: str, prompts: str, out: str, iterations: int, conte
         learning_rate=LR,
         lr_scheduler_type="linear",
         gradient_checkpointing=False,
-        bf16=False,
+        bf16=precision == "bf16",
         fp16=False,
         use_cpu=True,
         num_sample_generations=0,
@@ -144,7 +150,7 @@ def child(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         job = run_ours if args.impl == "ours" else run_trl
-        result = job(args.policy, args.rm, args.prompts, tmp + "/run", args.iterations, args.context)
+        result = job(args.policy, args.rm, args.prompts, tmp + "/run", args.iterations, args.context, args.precision)
         wall = time.perf_counter() - start
     record = {
         "impl": args.impl,
@@ -216,6 +222,7 @@ def main() -> None:
     p.add_argument("--sft-steps", type=int, default=100, help="supervised steps before PPO (0: a random policy)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of each trial (OMP_NUM_THREADS)")
     add_context_argument(p)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="both sides (bf16: mixed precision)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--impl", choices=("ours", "trl"), help=argparse.SUPPRESS)
     for name in ("--policy", "--rm", "--prompts"):
@@ -236,6 +243,7 @@ def main() -> None:
             for impl in ("ours", "trl"):
                 cmd = [sys.executable, __file__, "--child", "--impl", impl, "--iterations", str(args.iterations)]
                 cmd += ["--policy", policy, "--rm", rm, "--prompts", prompts, "--context", str(args.context)]
+                cmd += ["--precision", args.precision]
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
                 if proc.returncode != 0 or line is None:
