@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from rlhf.models import padding_free
+from rlhf.models import padding_free, precision
 from rlhf.models.padding_free import flat_inputs, flat_layout, flat_position_ids
 
 SEQS = [[5, 70, 71, 72, 2], [5, 80], [5, 90, 91, 92, 93, 94, 2], [5]]
@@ -204,9 +204,9 @@ def test_rows_are_filled_only_for_half_precision_matmuls_on_the_cpu() -> None:
     assert padding_free.row_multiple(model, cpu) == 1
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert padding_free.row_multiple(model, cpu) == padding_free.ROW_MULTIPLE == 16
-    padding_free.mark_autocast(model, "no")
+    precision.mark_autocast(model, "no")
     assert padding_free.row_multiple(model, cpu) == 1
-    padding_free.mark_autocast(model, "bf16")
+    precision.mark_autocast(model, "bf16")
     assert padding_free.row_multiple(model, cpu) == 16 and padding_free.row_multiple(model, cuda) == 1
     assert padding_free.row_multiple(model.model, cpu) == 16  # the transformers models inside are marked too
     assert padding_free.row_multiple(plain.to(torch.bfloat16), cpu) == 16

@@ -202,3 +202,40 @@ def test_a_rows_sample_depends_on_its_key_not_on_the_rows_beside_it(tiny_dirs, s
         width = part.shape[1]
         assert torch.equal(part, whole[rows, :width]) and torch.equal(part_mask, whole_mask[rows, :width])
         assert not whole_mask[rows, width:].any()
+
+
+def test_a_model_trained_in_bf16_generates_under_one_autocast(tiny_dirs):
+    """A model the engine trains in bf16 (`precision.mark_autocast`) generates under one bf16 autocast for the whole
+    call (its forward sees it on, with no wrapper of its own), and computes exactly the logits, and draws, of the
+    same model with autocast entered at every forward, as `accelerate` wraps a prepared model."""
+    from rlhf.models import precision
+
+    tok = AutoTokenizer.from_pretrained(tiny_dirs["llama"])
+    ids = {"eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    prompt_ids = torch.tensor([[0, 0, 1, 5, 70], [1, 5, 70, 71, 72]])
+    prompt_mask = (prompt_ids != 0).long()
+    sampling, keys = SamplingConfig(max_new_tokens=8), torch.tensor([11, 12])
+
+    def run(model):
+        """The drawn tokens, each forward's last logits, and the autocast dtype each forward saw (None: off)."""
+        logits, seen = [], []
+        model.model.register_forward_pre_hook(
+            lambda *_: seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        )
+        model.register_forward_hook(lambda m, args, out: logits.append(out.logits[:, -1].float()))
+        return HFGenerationBackend(model, **ids).generate(prompt_ids, prompt_mask, sampling, keys), logits, seen
+
+    wrapped = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"])
+    wrapped.forward = torch.autocast("cpu", torch.bfloat16)(wrapped.forward)  # keeps the signature, as accelerate's
+    assert decodes_itself(wrapped)
+    want, want_logits, _ = run(wrapped)
+
+    _, fp32_logits, fp32_seen = run(AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"]))
+    marked = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"])
+    precision.mark_autocast(marked, "bf16")
+    got, got_logits, seen = run(marked)
+    assert set(fp32_seen) == {None} and seen and set(seen) == {torch.bfloat16}
+    assert torch.equal(got, want) and len(got_logits) == len(want_logits)
+    for a, b, c in zip(got_logits, want_logits, fp32_logits, strict=False):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert not torch.equal(a, c)  # bf16 logits: the equality above says something

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from rlhf.losses.logprobs import token_logprobs
 from rlhf.losses.policy import entropy_from_logits
 from rlhf.models import padding_free
+from rlhf.models.unwrap import base_model
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
@@ -136,7 +137,7 @@ def _padded(x: Tensor, keep: Tensor) -> Tensor:
 
 def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """The transformer body and the scalar head of an `AutoModelForSequenceClassification` (or peft wrapper)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     head = getattr(base, "score", None)
     backbone = getattr(base, getattr(base, "base_model_prefix", ""), None)
     if head is None or backbone is None:
@@ -177,7 +178,7 @@ def score_index(input_ids: Tensor, attention_mask: Tensor, pad_token_id: int | N
 
 def pad_token_id(model: nn.Module) -> int | None:
     """The pad id a sequence-classification model pools by (its config's, as `transformers` reads it)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     config = getattr(base, "config", None)
     text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
     return getattr(text, "pad_token_id", None)

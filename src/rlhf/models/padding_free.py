@@ -31,6 +31,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from rlhf.models import precision
+from rlhf.models.unwrap import base_model
+
 ATTENTION = "rlhf_padding_free"
 LAYOUT_KWARG = "flat_layout"
 
@@ -163,32 +166,15 @@ length changes with every batch: a bf16 (T, 256) @ (256, 768) product took 463 u
 has no such cost, so there rows are not filled."""
 
 
-AUTOCAST_MARK = "rlhf_autocast"
-"""Attribute of a model (and of each `transformers` model inside it) that holds the precision the training engine's
-autocast runs its forward in ("bf16", "fp16"): `accelerate` enters autocast inside the prepared model's forward,
-after a caller has laid out its inputs, so the layout reads it here (`mark_autocast`, `row_multiple`)."""
-
-HALF = (torch.bfloat16, torch.float16)
-
-
-def mark_autocast(model: nn.Module, mixed_precision: str) -> None:
-    """Note on `model` and the `transformers` models inside it that their forward runs under autocast in
-    `mixed_precision` ("bf16" or "fp16"; anything else notes nothing)."""
-    if mixed_precision not in ("bf16", "fp16"):
-        return
-    for module in _base(model).modules():
-        if module is _base(model) or hasattr(module, "config"):
-            setattr(module, AUTOCAST_MARK, mixed_precision)
-
-
 def row_multiple(model: nn.Module, device: torch.device) -> int:
     """`ROW_MULTIPLE` where the model's matmuls run in half precision on the CPU, else 1: under autocast now, under
-    the engine's autocast (`mark_autocast`) or with half-precision weights."""
+    the engine's autocast (`precision.mark_autocast`) or with half-precision weights."""
     if device.type != "cpu":
         return 1
-    autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in HALF
-    marked = getattr(_base(model), AUTOCAST_MARK, None) is not None
-    return ROW_MULTIPLE if autocast or marked or next(model.parameters()).dtype in HALF else 1
+    half = (torch.bfloat16, torch.float16)
+    autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in half
+    marked = precision.autocast_dtype(model) is not None
+    return ROW_MULTIPLE if autocast or marked or next(model.parameters()).dtype in half else 1
 
 
 def filler_length(total: int, round_to: int) -> int:
@@ -369,15 +355,9 @@ def attention(
     return out[None], None
 
 
-def _base(model: nn.Module) -> nn.Module:
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        model = model.module
-    return model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
-
-
 def enabled(model: nn.Module) -> bool:
     """Whether `enable(model)` switched the model to padding-free attention."""
-    return getattr(getattr(_base(model), "config", None), "_attn_implementation", None) == ATTENTION
+    return getattr(getattr(base_model(model), "config", None), "_attn_implementation", None) == ATTENTION
 
 
 def enable(model: nn.Module) -> bool:
@@ -385,7 +365,7 @@ def enable(model: nn.Module) -> bool:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    base = _base(model)
+    base = base_model(model)
     config = getattr(base, "config", None)
     if config is None or not type(base).__module__.startswith("transformers."):
         return False

@@ -28,6 +28,9 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from rlhf.models.precision import generation_autocast
+from rlhf.models.unwrap import base_model
+
 
 @dataclass
 class SamplingConfig:
@@ -169,7 +172,7 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
 def decodes_itself(model: nn.Module) -> bool:
     """Whether `decode` can drive the model: a `transformers` causal LM (peft-wrapped or not) whose forward
     takes a `cache` and `logits_to_keep`."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     if not type(base).__module__.startswith("transformers.") or getattr(base.config, "is_encoder_decoder", False):
         return False
     params = inspect.signature(base.forward).parameters
@@ -248,16 +251,21 @@ class HFGenerationBackend:
         self.model.eval()
         ids = {"eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id}
         try:
-            if decodes_itself(self.model):
-                n = sampling.max_new_tokens
-                processors = sampler(sampling, keys, rows_as_ids=True)
-                return decode(self.model, prompt_ids, prompt_mask, max_new_tokens=n, logits_processor=processors, **ids)
-            # the draw is `sampler`'s last processor, so generate runs in greedy mode
-            config = GenerationConfig(do_sample=False, max_new_tokens=sampling.max_new_tokens, use_cache=True, **ids)
-            out = generate_as_configured(
-                self.model, prompt_ids, prompt_mask, config, sampler(sampling, keys, rows_as_ids=False)
-            )
-            return out[:, prompt_ids.shape[1] :]
+            with generation_autocast(self.model, prompt_ids.device):  # weights cast once, not at every token
+                if decodes_itself(self.model):
+                    n = sampling.max_new_tokens
+                    processors = sampler(sampling, keys, rows_as_ids=True)
+                    return decode(
+                        self.model, prompt_ids, prompt_mask, max_new_tokens=n, logits_processor=processors, **ids
+                    )
+                # the draw is `sampler`'s last processor, so generate runs in greedy mode
+                config = GenerationConfig(
+                    do_sample=False, max_new_tokens=sampling.max_new_tokens, use_cache=True, **ids
+                )
+                out = generate_as_configured(
+                    self.model, prompt_ids, prompt_mask, config, sampler(sampling, keys, rows_as_ids=False)
+                )
+                return out[:, prompt_ids.shape[1] :]
         finally:
             self.model.train(was_training)
 

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from rlhf.config import CheckpointConfig, LoggingConfig, OptimConfig, ScheduleConfig, TrainConfig
 from rlhf.errors import EXIT_INTERRUPTED, UserError
-from rlhf.models import padding_free
+from rlhf.models import precision
 from rlhf.runtime import checkpoint as ckpt
 from rlhf.runtime.run_dir import RunLog, StopSignals, flatten, write_config
 
@@ -181,7 +181,7 @@ class Engine:
             fused=self.device.type in ("cpu", "cuda"),
         )
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        padding_free.mark_autocast(model, train.mixed_precision)
+        precision.mark_autocast(model, train.mixed_precision)
         # Not prepared on purpose: accelerate's scheduler wrapper steps once per process per call.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer.optimizer, lambda s: lr_factor(s, schedule, self.schedule_total)
