@@ -115,20 +115,11 @@ def _plain_varlen_attn(
     return torch.cat(outs)
 
 
-def _torch_2_10_varlen_attn(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_q: torch.Tensor,
-    cu_k: torch.Tensor,
-    max_q: int,
-    max_k: int,
-    *,
-    is_causal: bool = False,
-) -> torch.Tensor:
+def _torch_2_10_varlen_attn(*args: Any, is_causal: bool = False) -> torch.Tensor:
     """The stand-in with torch 2.10's signature: `is_causal`, the default scale, as many key as query heads."""
+    q, k = args[:2]
     assert is_causal and k.shape[1] == q.shape[1]
-    return _plain_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, window_size=(-1, 0))
+    return _plain_varlen_attn(*args, window_size=(-1, 0))
 
 
 @pytest.mark.parametrize("kernel", [_plain_varlen_attn, _torch_2_10_varlen_attn], ids=["torch-2.11", "torch-2.10"])
