@@ -134,7 +134,7 @@ def test_the_varlen_route_gives_the_padded_batch(
 
     monkeypatch.setattr(varlen, "varlen_attn", kernel)
     monkeypatch.setattr(padding_free, "varlen_applies", lambda *args: True)
-    monkeypatch.setattr(padding_free, "_half_dtype", lambda value: torch.float32)
+    monkeypatch.setattr(padding_free, "_attention_dtype", lambda value: torch.float32)
     monkeypatch.setattr(padding_free, "_sdpa", None)  # the block route would fail
     padded_model = _models(tiny_dirs, style)
     for module in padded_model.modules():  # a scale other than the kernel's default 1 / sqrt(d)

@@ -59,8 +59,8 @@ class Unpadded:
 
     def kwargs(self, input_ids: Tensor, model: nn.Module) -> dict[str, Any]:
         """Keyword arguments of `model`'s flat forward of `input_ids` (B, L): `input_ids` (1, T) with
-        `padding_free.flat_inputs`, T = N, or more where the model's matmuls run in half precision on the CPU right
-        (`padding_free.row_multiple`), the row then ending with a filler."""
+        `padding_free.flat_inputs`; T = N, or the next multiple of 16 where the model's matmuls run in half
+        precision on the CPU (`padding_free.row_multiple`), the row then ending with a filler."""
         round_to = padding_free.row_multiple(model, input_ids.device)
         if round_to not in self._inputs:  # built once per batch and precision, from host-side lengths (no sync)
             inputs = padding_free.flat_inputs(self.lengths, round_to)

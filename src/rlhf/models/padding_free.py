@@ -158,6 +158,8 @@ def flat_position_ids(lengths: Sequence[int]) -> Tensor:
     return torch.cat([torch.arange(n) for n in lengths])[None]
 
 
+HALF = (torch.bfloat16, torch.float16)
+
 ROW_MULTIPLE = 16
 """Where half-precision matmuls run on the CPU, flat rows are filled up to a multiple of this many tokens
 (`row_multiple`, `filler_length`). oneDNN builds a kernel for every new row count it meets and a flat row's
@@ -171,10 +173,9 @@ def row_multiple(model: nn.Module, device: torch.device) -> int:
     the engine's autocast (`precision.mark_autocast`) or with half-precision weights."""
     if device.type != "cpu":
         return 1
-    half = (torch.bfloat16, torch.float16)
-    autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in half
+    autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in HALF
     marked = precision.autocast_dtype(model) is not None
-    return ROW_MULTIPLE if autocast or marked or next(model.parameters()).dtype in half else 1
+    return ROW_MULTIPLE if autocast or marked or next(model.parameters()).dtype in HALF else 1
 
 
 def filler_length(total: int, round_to: int) -> int:
@@ -245,11 +246,9 @@ def _sdpa(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask: Te
     """`transformers`' sdpa attention, in fp32 for short half-precision attention on the CPU (`UPCAST_BELOW`)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    cpu = query.device.type == "cpu"
-    # the precision sdpa would run in: autocast's (which casts sdpa's inputs down) or the inputs' own
-    dtype = torch.get_autocast_dtype("cpu") if cpu and torch.is_autocast_enabled("cpu") else value.dtype
+    dtype = _attention_dtype(value)
     short = max(query.shape[-2], key.shape[-2]) < UPCAST_BELOW
-    if not (cpu and short and dtype in (torch.bfloat16, torch.float16)):
+    if not (query.device.type == "cpu" and short and dtype in HALF):
         return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
     if mask is not None and mask.is_floating_point():
         mask = mask.float()
@@ -277,14 +276,14 @@ def varlen_applies(query: Tensor, value: Tensor, layout: FlatLayout, kwargs: dic
     if kwargs.get("dropout", 0.0) or kwargs.get("softcap") is not None:
         return False
     head = query.shape[-1]
-    return _half_dtype(value) is not None and head % 8 == 0 and head <= 256 and _flash_varlen(query.device)
+    return _attention_dtype(value) in HALF and head % 8 == 0 and head <= 256 and _flash_varlen(query.device)
 
 
-def _half_dtype(value: Tensor) -> torch.dtype | None:
-    """The half precision attention runs in on the value's device (autocast's, else the value's own), or None."""
+def _attention_dtype(value: Tensor) -> torch.dtype:
+    """The precision attention runs in: autocast's on the value's device (it casts sdpa's inputs down), else the
+    value's own."""
     device = value.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else value.dtype
-    return dtype if dtype in (torch.bfloat16, torch.float16) else None
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else value.dtype
 
 
 @functools.cache
@@ -294,12 +293,12 @@ def _parameters(fn: Callable[..., Any]) -> frozenset[str]:
 
 def _varlen(query: Tensor, key: Tensor, value: Tensor, layout: FlatLayout, scaling: float | None) -> Tensor:
     """Causal attention of every sequence of the flat row in one `varlen_attn` call: (1, H, T, d) inputs (key and
-    value may have fewer heads) -> (1, T, H, d) in the half precision of `_half_dtype`. torch 2.10's `varlen_attn`
+    value may have fewer heads) -> (1, T, H, d) in the half precision of `_attention_dtype`. torch 2.10's `varlen_attn`
     takes `is_causal` and neither `scale` nor `enable_gqa`: the scale is then folded into the queries and the key
     and value heads are repeated for their query groups."""
     from torch.nn.attention.varlen import varlen_attn
 
-    dtype = _half_dtype(value)
+    dtype = _attention_dtype(value)
     q, k, v = (x[0].transpose(0, 1).to(dtype).contiguous() for x in (query, key, value))  # (T, heads, d)
     params = _parameters(varlen_attn)
     kw: dict[str, Any] = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
