@@ -152,6 +152,36 @@ def test_the_varlen_route_gives_the_padded_batch(
         torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-4, msg=name)
 
 
+def test_a_varlen_kernel_that_raises_sends_the_device_back_to_the_blocks(
+    tiny_dirs: dict[str, str], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A `varlen_attn` that raises (a torch build or GPU without the kernel) costs a warning, not the run: that
+    forward and every later one on the device run the sdpa blocks, and give the padded batch's logits."""
+    import torch.nn.attention.varlen as varlen
+
+    calls = []
+
+    def broken(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(1)
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(varlen, "varlen_attn", broken)
+    monkeypatch.setattr(padding_free, "_VARLEN_FAILED", set())
+    # as on a GPU that has the kernel, until it fails there
+    monkeypatch.setattr(
+        padding_free, "varlen_applies", lambda query, *_: query.device not in padding_free._VARLEN_FAILED
+    )
+    model = _models(tiny_dirs, "llama")
+    want = torch.cat(_padded_logits(model))
+    assert padding_free.enable(model)
+    flat_ids = torch.tensor([t for s in SEQS for t in s])[None]
+    with caplog.at_level("WARNING", logger="rlhf.models.padding_free"):
+        for _ in range(2):
+            got = model(input_ids=flat_ids, **flat_inputs([len(s) for s in SEQS])).logits[0]
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert calls == [1] and "varlen flash attention failed" in caplog.text
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_varlen_flash_attention_on_the_gpu_gives_the_padded_batch(tiny_dirs: dict[str, str]) -> None:
     """bf16 on CUDA: the flat forward through `varlen_attn` against the padded batch's sdpa (bf16 rounding)."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,8 @@ from torch import Tensor, nn
 
 from rlhf.models import precision
 from rlhf.models.unwrap import base_model
+
+logger = logging.getLogger(__name__)
 
 ATTENTION = "rlhf_padding_free"
 LAYOUT_KWARG = "flat_layout"
@@ -257,6 +260,10 @@ def _sdpa(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask: Te
     return out.to(dtype), weights
 
 
+_VARLEN_FAILED: set[torch.device] = set()
+"""Devices where a `varlen_attn` call raised: their layouts go back to the blocks (`attention` warns once)."""
+
+
 @functools.cache
 def _flash_varlen(device: torch.device) -> bool:
     """Whether this CUDA device runs torch's variable-length flash attention (torch >= 2.10, sm80 and newer)."""
@@ -271,7 +278,7 @@ def varlen_applies(query: Tensor, value: Tensor, layout: FlatLayout, kwargs: dic
     """Whether `attention` runs the layout as one variable-length flash-attention call: on a CUDA GPU that has it,
     in half precision (autocast's or the inputs'), causal sequences (no tree masks), no attention dropout or
     logit soft-capping, and a head size flash attention takes (a multiple of 8, at most 256)."""
-    if query.device.type != "cuda" or any(b.mask is not None for b in layout.blocks):
+    if query.device.type != "cuda" or query.device in _VARLEN_FAILED or any(b.mask is not None for b in layout.blocks):
         return False
     if kwargs.get("dropout", 0.0) or kwargs.get("softcap") is not None:
         return False
@@ -336,7 +343,13 @@ def attention(
         raise ValueError(f"padding-free attention has no sliding window: a sequence of {layout.length} > {window}")
     kwargs.pop("is_causal", None)
     if varlen_applies(query, value, layout, kwargs):
-        return _varlen(query, key, value, layout, kwargs.get("scaling")), None
+        try:
+            return _varlen(query, key, value, layout, kwargs.get("scaling")), None
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, NotImplementedError) as exc:  # a build or GPU without the kernel it needs
+            _VARLEN_FAILED.add(query.device)
+            logger.warning("varlen flash attention failed on %s (%s); using sdpa blocks instead", query.device, exc)
 
     def blocked(x: Tensor, block: Block) -> Tensor:  # (1, H, T, d) -> (rows, H, length, d)
         x = x[0].transpose(0, 1).index_select(0, block.gather)  # (rows * length, H, d)
