@@ -249,7 +249,10 @@ class LoggingConfig:
 @dataclass
 class CheckpointConfig:
     every: int = 0
-    """Write a resumable checkpoint every N optimizer steps (0: none during training)."""
+    """Write a resumable checkpoint every N optimizer steps (0: none by step count)."""
+    every_minutes: float = 30.0
+    """Also write one when this many minutes have passed since the last (or since the start), so that a killed
+    run loses at most that much work (0: off). The main process's clock decides, for all processes."""
     keep_last: int = 2
     """Resumable checkpoints kept; older ones are deleted once a newer one is complete."""
     resume: str = "auto"
@@ -260,6 +263,7 @@ class CheckpointConfig:
 
     def validate(self) -> None:
         check(self.every >= 0, "every", f"must be >= 0, got {self.every}")
+        check(self.every_minutes >= 0, "every_minutes", f"must be >= 0, got {self.every_minutes}")
         check(self.keep_last >= 1, "keep_last", f"must be >= 1, got {self.keep_last}")
         check(
             self.resume in ("auto", "never") or Path(self.resume).exists(),

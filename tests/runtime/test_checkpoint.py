@@ -145,6 +145,26 @@ def test_keep_last_deletes_old_checkpoints_only_after_the_new_one_is_complete(tm
         assert [s for s in _states(tmp_path) if s.startswith("step-")] == ["step-4", "step-6"]
 
 
+def test_checkpoints_by_elapsed_minutes(tmp_path: Path, monkeypatch) -> None:
+    """checkpoint.every_minutes: a checkpoint at the first step that ends once that much time passed since the last
+    one (or the start), whatever the step count; none before. The clock is the engine's (time.monotonic)."""
+    clock = [1000.0]
+    monkeypatch.setattr("rlhf.runtime.engine.time.monotonic", lambda: clock[0])
+    batches = token_batches(6)
+    with make_engine(TokenModel(), tmp_path, ckpt_every_minutes=2.0, keep_last=5) as engine:
+        _train(engine, batches[:2])  # 0 s passed
+        assert not (tmp_path / "checkpoints").exists()
+        clock[0] += 119.0
+        _train(engine, batches[2:3])  # step 3: 119 s
+        assert not (tmp_path / "checkpoints").exists()
+        clock[0] += 1.0
+        _train(engine, batches[3:5])  # step 4 at 120 s: due; step 5: 0 s since it
+        assert _states(tmp_path) == ["step-4"]
+        clock[0] += 120.0
+        _train(engine, batches[5:6])
+        assert _states(tmp_path) == ["step-4", "step-6"]
+
+
 def test_a_nonfinite_weight_is_never_checkpointed(tmp_path: Path) -> None:
     with make_engine(TokenModel(), tmp_path) as engine:
         with torch.no_grad():

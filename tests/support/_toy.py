@@ -95,7 +95,10 @@ def make_engine(model: torch.nn.Module, run_dir: Path, **kw: Any) -> Engine:
     )
     logging = LoggingConfig(every=kw.pop("log_every", 1), progress=False)
     checkpoint = CheckpointConfig(
-        every=kw.pop("ckpt_every", 0), keep_last=kw.pop("keep_last", 2), resume=kw.pop("resume", "auto")
+        every=kw.pop("ckpt_every", 0),
+        every_minutes=kw.pop("ckpt_every_minutes", 0.0),
+        keep_last=kw.pop("keep_last", 2),
+        resume=kw.pop("resume", "auto"),
     )
     return Engine(
         model,

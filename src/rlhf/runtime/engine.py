@@ -24,6 +24,7 @@ import contextlib
 import logging
 import math
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -194,6 +195,8 @@ class Engine:
         self._per_rank: set[str] = set()
         self._started = False
         self._last_saved_step = -1
+        self._last_saved_at = time.monotonic()  # for checkpoint.every_minutes (read on the main process)
+        self._save_due = False  # the main process found every_minutes passed (agreed at the last train_step)
         self._signals = StopSignals(announce=self.is_main)  # this process got SIGTERM/SIGINT
         self._stop_global = False  # any process did (agreed at the last train_step)
         tracker_log = self.accelerator.log if logging.trackers else None
@@ -304,9 +307,12 @@ class Engine:
                     v = torch.as_tensor(v, device=self.device).detach().to(self._acc_dtype)
                     metric_sums[k] = metric_sums[k] + v if k in metric_sums else v
 
-        # [loss_sum, units, stop]: one all-reduce gives the normaliser and a stop decision all ranks share.
-        stop_local = torch.tensor(float(self._signals.requested), dtype=self._acc_dtype, device=self.device)
-        stats = torch.stack([loss_sum_local, units_local, stop_local])
+        # [loss_sum, units, stop, save due]: one all-reduce gives the normaliser, and a stop decision and a
+        # time-based checkpoint decision that all ranks share.
+        flags_local = torch.tensor(
+            [float(self._signals.requested), float(self._minutes_passed())], dtype=self._acc_dtype, device=self.device
+        )
+        stats = torch.cat([torch.stack([loss_sum_local, units_local]), flags_local])
         if self.world_size > 1:
             stats = self.accelerator.reduce(stats, reduction="sum")
         units = torch.where(stats[1] > 0, stats[1], torch.ones_like(stats[1]))
@@ -323,8 +329,8 @@ class Engine:
             mult = scale * torch.clamp(self.optim_cfg.max_grad_norm / (grad_norm + 1e-6), max=1.0)
         if grads:
             torch._foreach_mul_(grads, mult.to(grads[0].device))
-        flags = torch.stack([torch.isfinite(loss), torch.isfinite(grad_norm), stats[2] > 0])
-        loss_ok, grad_ok, stop_any = flags.tolist()  # the step's one host sync
+        flags = torch.stack([torch.isfinite(loss), torch.isfinite(grad_norm), stats[2] > 0, stats[3] > 0])
+        loss_ok, grad_ok, stop_any, save_due = flags.tolist()  # the step's one host sync
 
         lr = self.optimizer.optimizer.param_groups[0]["lr"]  # what this step applies (the schedule set it)
         if loss_ok and grad_ok:
@@ -334,6 +340,7 @@ class Engine:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self._stop_global = bool(stop_any)
+        self._save_due = self._save_due or bool(save_due)
         self._runlog.advance(self.step)
         if not (loss_ok and grad_ok):
             self._skipped(loss_ok, f"loss {loss.item()}, gradient norm {grad_norm.item()}")
@@ -419,10 +426,23 @@ class Engine:
 
     # ------------------------------------------------------------------ checkpoints
 
+    def _minutes_passed(self) -> bool:
+        """On the main process: checkpoint.every_minutes (> 0) have passed since the last checkpoint or the start."""
+        minutes = self.checkpoint_cfg.every_minutes
+        return self.is_main and minutes > 0 and time.monotonic() - self._last_saved_at >= 60 * minutes
+
+    def checkpoint_due(self, step_before: int | None = None) -> bool:
+        """Whether a checkpoint is due now: the steps since `step_before` (default: the step before this one)
+        reached a multiple of checkpoint.every, or checkpoint.every_minutes passed (agreed by all processes at a
+        train_step). The same answer on every process."""
+        if self.step == self._last_saved_step:
+            return False
+        every, before = self.checkpoint_cfg.every, self.step - 1 if step_before is None else step_before
+        return (every > 0 and self.step // every > before // every) or self._save_due
+
     def maybe_save_checkpoint(self) -> None:
-        """Save when checkpoint.every > 0 divides the step (call after each train_step)."""
-        every = self.checkpoint_cfg.every
-        if every > 0 and self.step % every == 0 and self.step != self._last_saved_step:
+        """Save when a checkpoint is due (`checkpoint_due`; call after each train_step)."""
+        if self.checkpoint_due():
             self.save_checkpoint()
 
     def save_checkpoint(self) -> Path | None:
@@ -459,7 +479,7 @@ class Engine:
                 config=self._config,
             )
         self.accelerator.wait_for_everyone()
-        self._last_saved_step = self.step
+        self._last_saved_step, self._last_saved_at, self._save_due = self.step, time.monotonic(), False
         return final
 
     def resume(self) -> bool:

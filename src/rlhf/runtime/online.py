@@ -133,9 +133,9 @@ def global_mean(engine: Engine, stats: dict[str, Tensor]) -> dict[str, float]:
 
 
 def checkpoint_if_due(engine: Engine, step_before: int) -> None:
-    """Checkpoint at the end of an iteration whose steps reached a multiple of `checkpoint.every`."""
-    every = engine.checkpoint_cfg.every
-    if every > 0 and engine.step // every > step_before // every:
+    """Checkpoint at the end of an iteration whose steps reached a multiple of `checkpoint.every`, or when
+    `checkpoint.every_minutes` passed during it (`Engine.checkpoint_due`)."""
+    if engine.checkpoint_due(step_before):
         engine.save_checkpoint()
 
 

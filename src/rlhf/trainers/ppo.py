@@ -19,9 +19,9 @@ Bookkeeping: `train.batch_size` is the minibatch (responses per optimizer step);
 rollout.batch_size / train.batch_size` steps (fewer when `target_approx_kl` stops it early). One metrics line per
 iteration, at its last step. Checkpoints and SIGTERM stops happen only between iterations (a rollout is never
 saved): `checkpoint.every` counts optimizer steps, and the checkpoint is written at the end of the iteration that
-reaches a multiple of it. The prompt order (which also counts the iterations), the KL coefficient and every RNG
-stream (generation samples from torch's global RNG) are in the checkpoint, so a resumed run equals an uninterrupted
-one bit for bit.
+reaches a multiple of it (or in which `checkpoint.every_minutes` passed). The prompt order (which also counts the
+iterations), the KL coefficient and every RNG stream (generation samples from torch's global RNG) are in the
+checkpoint, so a resumed run equals an uninterrupted one bit for bit.
 """
 
 from __future__ import annotations
