@@ -97,3 +97,23 @@ def test_a_stop_rule_ends_the_run_early_with_a_final_model(tiny_dirs, tmp_path, 
                                                "--reward.function=rlhf.tasks.sorting:gold_reward", "--eval.every=1",
                                                f"--output_dir={tmp_path / 'x'}"])  # fmt: skip
         grpo.train(cfg)
+
+
+def test_an_iteration_in_which_the_minutes_passed_ends_with_a_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    """`checkpoint_if_due` after an iteration of two steps: none while checkpoint.every_minutes have not passed;
+    after an iteration during which they did, a checkpoint at its last step (not at the step where they passed)."""
+    from _toy import TokenModel, make_engine, split, token_batches, token_loss
+
+    from rlhf.runtime.online import checkpoint_if_due
+
+    clock = [0.0]
+    monkeypatch.setattr("rlhf.runtime.engine.time.monotonic", lambda: clock[0])
+    batches = iter(token_batches(4))
+    with make_engine(TokenModel(), tmp_path, ckpt_every_minutes=1.0) as engine:
+        for minutes in (0.5, 0.6):  # 0.5 minutes into the first iteration, 1.1 into the second
+            before = engine.step
+            clock[0] += 60 * minutes
+            for _ in range(2):
+                engine.train_step(split(next(batches), 4), token_loss)
+            checkpoint_if_due(engine, before)
+        assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-4"]
