@@ -21,8 +21,9 @@ def test_layout_by_hand() -> None:
     """Lengths 2 and 3: one block, longest first: rows [t2 t3 t4] [t0 t1 pad], pads at token 0."""
     layout = flat_layout([2, 3])
     assert [(b.rows, b.length) for b in layout.blocks] == [(2, 3)]
-    assert layout.blocks[0].gather.tolist() == [2, 3, 4, 0, 1, 0]
+    assert layout.gather.tolist() == [2, 3, 4, 0, 1, 0]
     assert layout.scatter.tolist() == [3, 4, 0, 1, 2]
+    assert layout.pads.tolist() == [5]
     assert layout.starts.tolist() == [0, 2, 5] and layout.starts.dtype == torch.int32
     assert flat_position_ids([2, 3]).tolist() == [[0, 1, 0, 1, 2]]
     with pytest.raises(ValueError, match="at least one token"):
@@ -34,9 +35,9 @@ def test_a_long_sequence_gets_its_own_block() -> None:
     alone plus a 4 x 1 block costs 128 + 256.25 + 128 + 4.0625 = 516.3."""
     layout = flat_layout([1, 100, 1, 1, 1])
     assert [(b.rows, b.length) for b in layout.blocks] == [(1, 100), (4, 1)]
-    assert layout.blocks[0].gather.tolist() == list(range(1, 101))
-    assert layout.blocks[1].gather.tolist() == [0, 101, 102, 103]
+    assert layout.gather.tolist() == [*range(1, 101), 0, 101, 102, 103]  # the blocks end to end, no pads
     assert layout.scatter.tolist() == [100, *range(100), 101, 102, 103]
+    assert layout.pads.tolist() == []
 
 
 def _gqa_llama() -> LlamaForCausalLM:

@@ -169,7 +169,7 @@ def test_shared_prompt_mask_by_hand() -> None:
     assert flat["position_ids"][0].tolist() == [0, 1, 2, 3, 2, 0, 1, 2, 3, 1, 2]
     assert flat["score_index"].tolist() == [[3, 4], [5 + 3, 5 + 5]]
     (block,) = flat["flat_layout"].blocks  # one attention block, the longer pair first, the other padded to 6
-    assert block.gather.tolist() == [5, 6, 7, 8, 9, 10, 0, 1, 2, 3, 4, 0]
+    assert flat["flat_layout"].gather.tolist() == [5, 6, 7, 8, 9, 10, 0, 1, 2, 3, 4, 0]
     assert block.mask[1, 0].int().tolist() == sees
     assert block.mask[0, 0].int().tolist() == [
         [1, 0, 0, 0, 0, 0],
