@@ -292,21 +292,21 @@ def test_eager_models_keep_padded_batches(tiny_dirs: dict[str, str]) -> None:
     assert model.config._attn_implementation == "eager"
 
 
-@pytest.mark.parametrize("length", [24, padding_free.UPCAST_BELOW])
-def test_short_half_precision_attention_on_the_cpu_runs_in_fp32(length: int) -> None:
-    """Under bf16 autocast (fp32 q/k after rotary, bf16 v), attention over fewer than UPCAST_BELOW positions is
-    fp32 sdpa on the inputs as they come, cast to bf16; at UPCAST_BELOW and beyond it is sdpa as autocast runs
-    it, on inputs rounded to bf16. Both carry gradients to q, k and v."""
+@pytest.mark.parametrize(("length", "head"), [(24, 16), (1023, 16), (1024, 16), (63, 256), (64, 256)])
+def test_short_half_precision_attention_on_the_cpu_runs_in_fp32(length: int, head: int) -> None:
+    """Under bf16 autocast (fp32 q/k after rotary, bf16 v), attention whose length x head size is below
+    UPCAST_BELOW (16384) is fp32 sdpa on the inputs as they come, cast to bf16; from there on it is sdpa as
+    autocast runs it, on inputs rounded to bf16. Both carry gradients to q, k and v."""
     g = torch.Generator().manual_seed(0)
-    q, k = (torch.randn(3, 4, length, 16, generator=g, requires_grad=True) for _ in range(2))
-    v = torch.randn(3, 4, length, 16, generator=g).bfloat16().requires_grad_()
+    q, k = (torch.randn(1, 2, length, head, generator=g, requires_grad=True) for _ in range(2))
+    v = torch.randn(1, 2, length, head, generator=g).bfloat16().requires_grad_()
     module = torch.nn.Module()
     module.is_causal = True
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, _ = padding_free._sdpa(module, q, k, v, None)
     out.float().sum().backward()
     assert out.dtype == torch.bfloat16 and all(x.grad is not None for x in (q, k, v))
-    if length < padding_free.UPCAST_BELOW:
+    if length * head < 16384:
         want = F.scaled_dot_product_attention(*(x.detach().float() for x in (q, k, v)), is_causal=True).bfloat16()
     else:
         want = F.scaled_dot_product_attention(*(x.detach().bfloat16() for x in (q, k, v)), is_causal=True)

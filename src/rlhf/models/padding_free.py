@@ -244,12 +244,21 @@ def flat_tree_inputs(
     }
 
 
-UPCAST_BELOW = 128
-"""On the CPU, torch's half-precision (flash) attention kernel has a large fixed cost: forward + backward of
-causal attention over 32 sequences x 4 heads x 24 tokens x 64 took 5.8 ms in bf16 against 1.2 ms in fp32
-(2 threads, Intel Xeon with AMX), 4.6 vs 1.6 ms at 12 x 64 tokens, 4.8 vs 2.5 ms at 6 x 128; from ~200 tokens
-on bf16 wins. So below this many query or key positions, bf16/fp16 attention on the CPU runs in fp32 (q, k, v
-cast up, the output cast back: 2.3, 1.7 and 2.7 ms in those cases)."""
+UPCAST_BELOW = 16384
+"""On the CPU, torch's half-precision (flash) attention kernel costs about the same per query position whatever
+the length up to 512 (it works on fixed key blocks), while fp32 attention grows with length x head size. So
+half-precision attention on the CPU runs in fp32 (q, k, v cast up, the output cast back) where the longer of the
+query and key lengths times the head size is below this. Forward + backward of causal attention over ~2048
+positions x 4 heads, bf16 time / fp32 time (2 threads, Intel Xeon with AMX):
+
+    head size   length 32   64     128    256    512
+    16          6.84        5.59   4.47   1.92   1.51
+    64          3.74        2.77   1.68   0.89   0.70
+    128         2.00        1.39   1.01   0.60   0.53
+    256         1.02        0.75   0.72   0.46   0.42
+
+(`length < 128` whatever the head size, the rule before, ran hidden 1024 / 4 heads at ~125 tokens in fp32 at
+1.4x the bf16 time, and hidden 256 / 4 heads at ~130 tokens in bf16 at 1.7x the fp32 time.)"""
 
 
 def _sdpa(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, **kwargs: Any) -> Any:
@@ -257,7 +266,7 @@ def _sdpa(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask: Te
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     dtype = _attention_dtype(value)
-    short = max(query.shape[-2], key.shape[-2]) < UPCAST_BELOW
+    short = max(query.shape[-2], key.shape[-2]) * query.shape[-1] < UPCAST_BELOW
     if not (query.device.type == "cpu" and short and dtype in HALF):
         return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
     if mask is not None and mask.is_floating_point():
