@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from rlhf.config import CheckpointConfig, LoggingConfig, OptimConfig, ScheduleConfig, TrainConfig
 from rlhf.errors import EXIT_INTERRUPTED, UserError
 from rlhf.models import precision
+from rlhf.runtime import allocator
 from rlhf.runtime import checkpoint as ckpt
 from rlhf.runtime.run_dir import RunLog, StopSignals, flatten, write_config
 
@@ -171,6 +172,8 @@ class Engine:
         )
         self.world_size, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         self.is_main, self.device = self.accelerator.is_main_process, self.accelerator.device
+        if self.device.type == "cpu":
+            allocator.keep_freed_memory()
         set_seed(seed)
         # fused: one kernel over all parameters; measured 3-4x faster than the default per-tensor loop on CPU
         # (0.49 -> 0.11 ms at 0.1M parameters, 2.57 -> 0.79 ms at 2.7M).
