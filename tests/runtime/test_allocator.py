@@ -16,7 +16,7 @@ glibc = pytest.mark.skipif(not allocator._glibc(), reason="glibc's malloc only")
 # A bf16 product repeated as a training step repeats it: its output (8 MiB) is made while the last one is alive,
 # and the library's scratch space comes and goes with each call. The minor page faults of each call.
 REPEATED_PRODUCTS = """
-import json, resource, sys, torch
+import json, resource, torch
 from rlhf.runtime import allocator
 kept = allocator.keep_freed_memory()
 torch.manual_seed(0)

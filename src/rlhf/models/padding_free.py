@@ -367,7 +367,7 @@ def attention(
             _VARLEN_FAILED.add(query.device)
             logger.warning("varlen flash attention failed on %s (%s); using sdpa blocks instead", query.device, exc)
 
-    rows = (x.squeeze(0).transpose(0, 1) for x in (query, key, value))  # (T, H, d) views; `x[0]`'s gradient fills
+    rows = (x.squeeze(0).transpose(0, 1) for x in (query, key, value))  # (T, H, d) views (x[0]'s gradient zero-fills)
     outs = []
     for block, q, k, v in zip(layout.blocks, *(_IntoBlocks.apply(x, layout) for x in rows), strict=True):
         q, k, v = (x.view(block.rows, block.length, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))

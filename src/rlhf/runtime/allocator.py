@@ -8,8 +8,7 @@ took 7.2 ms in two calls of every three and 3.3 ms in the third, and 3.1-3.4 ms 
 was kept (2 threads, Intel Xeon with AMX). `keep_freed_memory` sets glibc's two thresholds so that blocks up to
 32 MiB (the most it allows) come from the heap and the heap is never trimmed below 2 GiB of free top: the
 process keeps what its largest step needed, as a training process does anyway at its peak. The same knobs are
-glibc's environment variables (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`, `GLIBC_TUNABLES`); a process
-started with any of them keeps its own settings.
+glibc's environment variables (`ENV`); a process started with any of them set keeps its own settings.
 """
 
 from __future__ import annotations
