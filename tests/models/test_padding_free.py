@@ -292,6 +292,14 @@ def test_eager_models_keep_padded_batches(tiny_dirs: dict[str, str]) -> None:
     assert model.config._attn_implementation == "eager"
 
 
+def test_models_run_padding_free_only_when_every_one_given_is_switched(tiny_dirs: dict[str, str]) -> None:
+    eager = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], attn_implementation="eager")
+    flat = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"])
+    assert padding_free.enable(flat)
+    assert padding_free.enabled(flat) and padding_free.enabled(flat, None)  # None: a model the caller lacks
+    assert not padding_free.enabled(flat, eager) and not padding_free.enabled(eager, None)
+
+
 @pytest.mark.parametrize(("length", "head"), [(24, 16), (1023, 16), (1024, 16), (63, 256), (64, 256)])
 def test_short_half_precision_attention_on_the_cpu_runs_in_fp32(length: int, head: int) -> None:
     """Under bf16 autocast (fp32 q/k after rotary, bf16 v), attention whose length x head size is below

@@ -168,8 +168,6 @@ def flat_position_ids(lengths: Sequence[int]) -> Tensor:
     return torch.cat([torch.arange(n) for n in lengths])[None]
 
 
-HALF = (torch.bfloat16, torch.float16)
-
 ROW_MULTIPLE = 16
 """Where half-precision matmuls run on the CPU, flat rows are filled up to a multiple of this many tokens
 (`row_multiple`, `filler_length`). oneDNN builds a kernel for every new row count it meets and a flat row's
@@ -183,9 +181,9 @@ def row_multiple(model: nn.Module, device: torch.device) -> int:
     the engine's autocast (`precision.mark_autocast`) or with half-precision weights."""
     if device.type != "cpu":
         return 1
-    autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in HALF
+    autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in precision.HALF
     marked = precision.autocast_dtype(model) is not None
-    return ROW_MULTIPLE if autocast or marked or next(model.parameters()).dtype in HALF else 1
+    return ROW_MULTIPLE if autocast or marked or next(model.parameters()).dtype in precision.HALF else 1
 
 
 def filler_length(total: int, round_to: int) -> int:
@@ -267,7 +265,7 @@ def _sdpa(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask: Te
 
     dtype = _attention_dtype(value)
     short = max(query.shape[-2], key.shape[-2]) * query.shape[-1] < UPCAST_BELOW
-    if not (query.device.type == "cpu" and short and dtype in HALF):
+    if not (query.device.type == "cpu" and short and dtype in precision.HALF):
         return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
     if mask is not None and mask.is_floating_point():
         mask = mask.float()
@@ -299,7 +297,7 @@ def varlen_applies(query: Tensor, value: Tensor, layout: FlatLayout, kwargs: dic
     if kwargs.get("dropout", 0.0) or kwargs.get("softcap") is not None:
         return False
     head = query.shape[-1]
-    return _attention_dtype(value) in HALF and head % 8 == 0 and head <= 256 and _flash_varlen(query.device)
+    return _attention_dtype(value) in precision.HALF and head % 8 == 0 and head <= 256 and _flash_varlen(query.device)
 
 
 def _attention_dtype(value: Tensor) -> torch.dtype:
@@ -417,9 +415,14 @@ class _OutOfBlocks(torch.autograd.Function):
         return None, *grad.split(layout.sizes)
 
 
-def enabled(model: nn.Module) -> bool:
-    """Whether `enable(model)` switched the model to padding-free attention."""
-    return getattr(getattr(base_model(model), "config", None), "_attn_implementation", None) == ATTENTION
+def enabled(*models: nn.Module | None) -> bool:
+    """Whether `enable` switched every one of these models to padding-free attention (a None is skipped: a model
+    the caller does not have, such as a cached reference)."""
+    return all(
+        getattr(getattr(base_model(m), "config", None), "_attn_implementation", None) == ATTENTION
+        for m in models
+        if m is not None
+    )
 
 
 def enable(model: nn.Module) -> bool:

@@ -22,6 +22,8 @@ MARK = "rlhf_autocast"
 """Attribute of a model, and of each `transformers` model inside it, holding "bf16" or "fp16"."""
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+HALF = tuple(DTYPES.values())
+"""The half-precision dtypes."""
 
 
 def mark_autocast(model: nn.Module, mixed_precision: str) -> None:

@@ -109,7 +109,7 @@ class PolicyWithValue(nn.Module):
     @property
     def padding_free(self) -> bool:
         """Whether the policy and the critic (if separate) both run padding-free batches (`padding_free.enable`)."""
-        return padding_free.enabled(self.policy) and (self.critic is None or padding_free.enabled(self.critic))
+        return padding_free.enabled(self.policy, self.critic)
 
 
 @dataclass

@@ -311,7 +311,7 @@ def train(cfg: Config) -> Path:
     engine = make_engine(policy, cfg, total, data_report=data.report)
     with engine:
         device, autocast = engine.device, engine.accelerator.autocast
-        flat = cfg.data.padding_free and all(padding_free.enabled(m) for m in (policy, ref_model) if m is not None)
+        flat = cfg.data.padding_free and padding_free.enabled(policy, ref_model)
         round_to = padding_free.row_multiple(policy, device) if flat else 1
         batch_of = partial(collate, pad_id=tokenizer.pad_token_id, flat=flat, round_to=round_to)
         splits = {"train": data.train, **({"eval": data.eval} if data.eval else {})}
