@@ -119,3 +119,29 @@ def test_reward_model_rows_per_pass_default_to_the_rollouts(tiny_dirs, reward_ro
     cfg.validate()
     (source,) = load_reward_models(cfg, DataConfig(), forward_batch_size=8)
     assert source.batch_size == want
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_reward_ids_of_a_group_are_each_rows_own_tokenization(tiny_dirs, chat):
+    """Rows sharing a prompt (a GRPO group, interleaved with another) get the ids `tokenize_sft` gives each
+    (prompt, completion) row alone, truncation of a long prompt included."""
+    from transformers import AutoTokenizer
+
+    from rlhf.config import DataConfig
+    from rlhf.data.formats import SFTRecord
+    from rlhf.data.tokenize import tokenize_sft
+    from rlhf.rollout.rewards import reward_input_ids
+
+    tok = AutoTokenizer.from_pretrained(tiny_dirs["gpt2"])
+    cfg = DataConfig(max_prompt_length=12, max_length=40)
+    texts = ["sort: cab", "sort: hgfed " * 6]
+    prompts = [[{"role": "user", "content": t}] for t in texts] if chat else texts
+    rows = [0, 1, 0, 0, 1]
+    completions = ["abc", "defgh", "a b c and more", "", "x"]
+    got = reward_input_ids([prompts[r] for r in rows], completions, tok, cfg)
+    for r, c, ids in zip(rows, completions, got, strict=True):
+        response = [{"role": "assistant", "content": c}] if chat else c
+        want = tokenize_sft(SFTRecord(prompt=prompts[r], completion=response), tok, cfg, whole_turns=True)
+        assert ids == want["input_ids"]
+    with pytest.raises(ValueError, match="2 prompts but 1 completions"):
+        reward_input_ids(prompts, ["abc"], tok, cfg)

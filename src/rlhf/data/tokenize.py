@@ -247,6 +247,20 @@ def tokenize_sft(
     return {"input_ids": ids, "labels": labels, "prompt_len": prompt_len, **flags}
 
 
+def tokenize_responses(
+    prompt: Text,
+    responses: list[Text],
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: DataConfig,
+    *,
+    whole_turns: bool = False,
+) -> tuple[list[int], list[list[int]]]:
+    """The prompt's ids and each response's, as `tokenize_sft` gives them for (prompt, response) one at a time
+    (`input_ids` = prompt ids + response ids), the prompt rendered and encoded once for all of them."""
+    prompt_ids, response_ids, _ = _prompt_and_responses(prompt, responses, tokenizer, cfg, whole_turns)
+    return prompt_ids, response_ids
+
+
 def tokenize_preference(
     record: PreferenceRecord, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, *, whole_turns: bool = False
 ) -> dict[str, Any]:

@@ -130,17 +130,31 @@ class FunctionReward:
         return checked_scores(raw, len(completions), self.name)
 
 
-def reward_input_ids(prompt: Prompt, completion: str, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> list[int]:
-    """Token ids of (prompt, completion) exactly as reward-model training tokenizes a (prompt, chosen) pair:
+def reward_input_ids(
+    prompts: Sequence[Prompt], completions: Sequence[str], tokenizer: PreTrainedTokenizerBase, cfg: DataConfig
+) -> list[list[int]]:
+    """Token ids of each (prompt, completion) exactly as reward-model training tokenizes a (prompt, chosen) pair:
     for message-list prompts the whole conversation as the chat template writes it (the completion becomes one
     assistant turn; `apply_chat_template(..., tokenize=True)`'s tokens), the BOS rule and truncation of
-    `rlhf.data.tokenize`."""
-    from rlhf.data.formats import SFTRecord
-    from rlhf.data.tokenize import tokenize_sft
+    `rlhf.data.tokenize`. Rows with equal prompts (a group's) have the prompt rendered and encoded once."""
+    from rlhf.data.tokenize import tokenize_responses
 
-    response: Prompt = [{"role": "assistant", "content": completion}] if isinstance(prompt, list) else completion
-    record = SFTRecord(prompt=prompt, completion=response)
-    return list(tokenize_sft(record, tokenizer, cfg, whole_turns=True)["input_ids"])
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+    rows_of: dict[str, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        rows_of.setdefault(repr(prompt), []).append(i)
+    ids: list[list[int]] = [[] for _ in prompts]
+    for rows in rows_of.values():
+        prompt = prompts[rows[0]]
+        responses: list[Prompt] = [
+            [{"role": "assistant", "content": completions[i]}] if isinstance(prompt, list) else completions[i]
+            for i in rows
+        ]
+        prompt_ids, response_ids = tokenize_responses(prompt, responses, tokenizer, cfg, whole_turns=True)
+        for i, response in zip(rows, response_ids, strict=True):
+            ids[i] = prompt_ids + response
+    return ids
 
 
 class RewardModelReward:
@@ -167,7 +181,7 @@ class RewardModelReward:
 
         device = next(self.model.parameters()).device
         pad_id = self.tokenizer.pad_token_id
-        ids = [reward_input_ids(p, c, self.tokenizer, self.data) for p, c in zip(prompts, completions, strict=True)]
+        ids = reward_input_ids(prompts, completions, self.tokenizer, self.data)
         out = []
         for start in range(0, len(ids), self.batch_size):
             chunk = ids[start : start + self.batch_size]
