@@ -215,7 +215,9 @@ def decode(
     mask, position = prompt_mask, positions[:, -1]
     width = 0
     for t in range(max_new_tokens):
-        scores = processors(alive[:, None], out.logits[:, -1].float())  # (b, V); the warpers never read the ids
+        scores = out.logits[:, -1].float()  # (b, V)
+        for process in processors:  # not the list's own call, which inspects each one's signature at every step
+            scores = process(alive[:, None], scores)  # the warpers never read the ids
         step = scores.argmax(-1)  # (b,)
         tokens[alive, t], width = step, t + 1
         going = (step != eos_token_id).nonzero().squeeze(1)
