@@ -37,6 +37,7 @@ from rlhf.data.tokenize import (
     tokenize_preference,
     tokenize_prompt,
     tokenize_records,
+    tokenize_responses,
     tokenize_sft,
     tokenize_unpaired,
 )
@@ -86,6 +87,7 @@ __all__ = [
     "tokenize_preference",
     "tokenize_prompt",
     "tokenize_records",
+    "tokenize_responses",
     "tokenize_sft",
     "tokenize_unpaired",
     *_COLLATE,
