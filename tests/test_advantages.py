@@ -157,6 +157,25 @@ def test_group_advantages_properties(case: tuple[int, list[float]]) -> None:
     torch.testing.assert_close(scaled.std(dim=1), std / (std + 1e-6))
 
 
+@settings(max_examples=80, deadline=None)
+@given(
+    st.floats(min_value=-100, max_value=100, allow_nan=False, width=32),
+    st.integers(min_value=2, max_value=32),
+    st.integers(min_value=1, max_value=3),
+)
+def test_equal_float32_scores_carry_no_signal(value: float, k: int, groups: int) -> None:
+    """Scores that are all equal give exactly 0 from every normaliser, in float32 as the trainers call them: a
+    one-ulp error in their mean, divided by the ~1e-8 std it makes, would be a +-0.1-0.9 advantage that only
+    the order of the float sums decides (found with scores of -0.6 and -2.7)."""
+    scores = torch.full((groups * k,), value, dtype=torch.float32)
+    assert group_advantages(scores, k).abs().max().item() == 0.0
+    assert rloo_advantages(scores, k).abs().max().item() == 0.0
+    eos, lengths = torch.ones(groups * k, dtype=torch.bool), torch.zeros(groups * k)
+    assert shape_scores(scores, eos, lengths, normalize=True).abs().max().item() == 0.0
+    rewards = torch.zeros(groups * k, 5).index_fill_(1, torch.tensor([4]), value)
+    assert batch_normalized_advantages(rewards, torch.ones(groups * k, 5)).abs().max().item() == 0.0
+
+
 @settings(max_examples=60, deadline=None)
 @given(scores_strategy)
 def test_rloo_equals_loop(case: tuple[int, list[float]]) -> None:

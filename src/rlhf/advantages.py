@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhf.losses.reduce import SumOver, masked_whiten, upcast
+from rlhf.losses.reduce import SumOver, masked_whiten, upcast, wide_dtype
 
 
 def gae(
@@ -63,7 +63,8 @@ def _groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
         raise ValueError(f"scores must be 1-D (N,), got shape {tuple(scores.shape)}")
     if group_size < 1 or scores.numel() % group_size != 0:
         raise ValueError(f"group_size {group_size} must be >= 1 and divide the number of scores {scores.numel()}")
-    return upcast(scores).reshape(-1, group_size)  # (groups, group_size)
+    wide = upcast(scores)
+    return wide.to(wide_dtype(wide.device)).reshape(-1, group_size)  # (groups, group_size), summed exactly
 
 
 def group_advantages(scores: torch.Tensor, group_size: int, *, scale: bool = True, eps: float = 1e-6) -> torch.Tensor:
@@ -74,7 +75,9 @@ def group_advantages(scores: torch.Tensor, group_size: int, *, scale: bool = Tru
 
     std_g is the unbiased (n - 1) estimate within the group (0 for a group of one). GRPO: Shao et al. 2024,
     "DeepSeekMath", Sec. 4.1.2 (outcome supervision); dropping the std: Liu et al. 2025, "Understanding
-    R1-Zero-Like Training: A Critical Perspective" (Dr. GRPO). A group whose scores are all equal gets 0.
+    R1-Zero-Like Training: A Critical Perspective" (Dr. GRPO). A group whose scores are all equal gets exactly 0
+    (the group statistics are taken in `wide_dtype`: in float32 the mean of eight scores of -2.7 was one ulp
+    off, and dividing by the resulting std gave +-0.19).
 
     Shapes: scores (N,), N = groups * group_size, contiguous groups. Returns (N,), one advantage per
     completion (broadcast over its tokens as (N, 1)).
@@ -84,7 +87,7 @@ def group_advantages(scores: torch.Tensor, group_size: int, *, scale: bool = Tru
     if scale:
         var = centered.square().sum(dim=1, keepdim=True) / max(group_size - 1, 1)
         centered = centered / (var.sqrt() + eps)
-    return centered.reshape(-1)
+    return centered.reshape(-1).to(upcast(scores).dtype)
 
 
 def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -100,7 +103,7 @@ def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
         raise ValueError(f"rloo needs group_size >= 2 (the baseline is the mean of the others), got {group_size}")
     grouped = _groups(scores, group_size)
     others_mean = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
-    return (grouped - others_mean).reshape(-1)
+    return (grouped - others_mean).reshape(-1).to(upcast(scores).dtype)
 
 
 def batch_normalized_advantages(

@@ -39,6 +39,11 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def wide_dtype(device: torch.device) -> torch.dtype:
+    """float64, or float32 on MPS (which has no float64): the dtype that sums over many values accumulate in."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def _masked(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`x` (upcast) with masked-out entries set to 0, and the mask as a 0/1 tensor of the same dtype."""
     x = upcast(x)
@@ -77,18 +82,23 @@ def masked_moments(
         var = sum(m * (x - mu)^2) / max(n - 1, 1)    if unbiased (Bessel's correction)
         var = sum(m * (x - mu)^2) / max(n, 1)        otherwise
 
-    With one valid position the variance is 0, with none both are 0 (not NaN).
+    With one valid position the variance is 0, with none both are 0 (not NaN). Both are summed in `wide_dtype`
+    and returned in `x`'s (upcast) dtype, so that equal values have exactly their own mean and a variance of
+    exactly 0: summed in float32, the mean of eight scores of -0.6 was one ulp off, and whitening by the
+    resulting ~6e-8 std turned the equal scores into +-0.8 (the sign set by the order of the sums).
     """
     xm, m = _masked(x, mask)
-    total, n = xm.sum(), m.sum()
+    wide = wide_dtype(xm.device)
+    xw, mw = xm.to(wide), m.to(wide)
+    total, n = xw.sum(), mw.sum()
     if sum_over is not None:
         total, n = sum_over(torch.stack([total, n])).unbind()
     mean = total / n.clamp(min=1)
-    sq = (((xm - mean) * m) ** 2).sum()  # (x - mu)^2 on valid positions, 0 elsewhere
+    sq = (((xw - mean) * mw) ** 2).sum()  # (x - mu)^2 on valid positions, 0 elsewhere
     if sum_over is not None:
         sq = sum_over(sq)
     den = (n - 1).clamp(min=1) if unbiased else n.clamp(min=1)
-    return mean, sq / den
+    return mean.to(xm.dtype), (sq / den).to(xm.dtype)
 
 
 def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:

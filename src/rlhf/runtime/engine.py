@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from rlhf.config import CheckpointConfig, LoggingConfig, OptimConfig, ScheduleConfig, TrainConfig
 from rlhf.errors import EXIT_INTERRUPTED, UserError
+from rlhf.losses.reduce import wide_dtype
 from rlhf.models import precision
 from rlhf.runtime import allocator
 from rlhf.runtime import checkpoint as ckpt
@@ -191,7 +192,7 @@ class Engine:
             self.optimizer.optimizer, lambda s: lr_factor(s, schedule, self.schedule_total)
         )
         self._params = [p for p in self.model.parameters() if p.requires_grad]
-        self._acc_dtype = torch.float32 if self.device.type == "mps" else torch.float64
+        self._acc_dtype = wide_dtype(self.device)
         self.step = self.nonfinite_skips = self.consecutive_nonfinite = self.bad_skips = 0
         self._config = config_dict
         self._states: dict[str, Any] = {}
