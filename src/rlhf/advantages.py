@@ -63,8 +63,7 @@ def _groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
         raise ValueError(f"scores must be 1-D (N,), got shape {tuple(scores.shape)}")
     if group_size < 1 or scores.numel() % group_size != 0:
         raise ValueError(f"group_size {group_size} must be >= 1 and divide the number of scores {scores.numel()}")
-    wide = upcast(scores)
-    return wide.to(wide_dtype(wide.device)).reshape(-1, group_size)  # (groups, group_size), summed exactly
+    return scores.to(wide_dtype(scores.device)).reshape(-1, group_size)  # (groups, group_size), summed exactly
 
 
 def group_advantages(scores: torch.Tensor, group_size: int, *, scale: bool = True, eps: float = 1e-6) -> torch.Tensor:

@@ -50,8 +50,8 @@ def test_mean_gold_reward_rises(run: Path):
     print("mean gold reward per 128 episodes:", [round(c, 3) for c in curve])
     assert len(lines) == ITERATIONS and lines[-1]["ppo/episodes"] == BATCH * ITERATIONS
     # Iterations 8-19 against 0-3, a statistic over most of the run: over seeds 0-5 it was 0.081-0.110, and
-    # -0.014-0.010 for a policy that does not learn (lr 1e-9). The last 5 iterations against the first 5 (0.068-0.144
-    # over the same seeds) and the last 4 against the first 4 held 0.08 on some seeds only.
+    # -0.014-0.010 for a policy that does not learn (lr 1e-9, seeds 0-3). The last 5 iterations against the
+    # first 5 (0.068-0.144 over seeds 0-5) and the last 4 against the first 4 held 0.08 on some seeds only.
     assert sum(curve[2:]) / len(curve[2:]) > curve[0] + 0.05
 
 
