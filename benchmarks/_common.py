@@ -43,20 +43,26 @@ def emit(record: dict[str, Any]) -> None:
 
 
 def machine() -> dict[str, Any]:
-    """The CPU a figure was measured on: model name, cores, and the flags that decide matmul speed (AVX-512,
-    its BF16 extension, AMX tiles), read from /proc/cpuinfo (empty where there is none)."""
-    info: dict[str, Any] = {"cpu": "", "cores": os.cpu_count(), "flags": []}
+    """The CPU a figure was measured on: model name, family/model numbers (a VM's "AMD EPYC" alone does not tell
+    Zen 3 or 4, family 25, from Zen 5, family 26), cores, and the flags that decide matmul speed (AVX-512, its
+    BF16 extension, AMX tiles), read from /proc/cpuinfo (empty where there is none)."""
+    info: dict[str, Any] = {"cpu": "", "family_model": "", "cores": os.cpu_count(), "flags": []}
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return info
+    numbers: dict[str, str] = {}
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() == "model name" and not info["cpu"]:
+        key = key.strip()
+        if key == "model name" and not info["cpu"]:
             info["cpu"] = value.strip()
-        elif key.strip() == "flags" and not info["flags"]:
+        elif key in ("cpu family", "model") and key not in numbers:
+            numbers[key] = value.strip()
+        elif key == "flags" and not info["flags"]:
             wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8")
             info["flags"] = [f for f in value.split() if f in wanted]
+    info["family_model"] = "/".join(numbers[k] for k in ("cpu family", "model") if k in numbers)
     info["torch_threads"] = torch.get_num_threads()
     return info
 

@@ -1,4 +1,5 @@
-"""The benchmarks' longer sequences (`--context`): filler before every prompt, nothing else changed."""
+"""The benchmarks' shared helpers: the longer sequences (`--context`: filler before every prompt, nothing else
+changed) and the record of the machine a figure comes from."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from _common import lengths, write_data  # noqa: E402
+from _common import lengths, machine, write_data  # noqa: E402
 from rlhf.tasks.tiny import build_tokenizer  # noqa: E402
 
 
@@ -27,3 +28,22 @@ def test_context_puts_that_many_tokens_before_every_prompt_and_keeps_the_rest(tm
             ids = [tok.apply_chat_template(r["prompt"], tokenize=True)["input_ids"] for r in (b, a)]
             assert len(ids[1]) - len(ids[0]) == 41  # byte-level: one token per letter, and the space
     assert lengths(40) == (64 + 40, 32 + 40)
+
+
+def test_machine_names_the_cpu_family_and_model_numbers(monkeypatch):
+    """Two processors of a 2-core VM, as /proc/cpuinfo lists them: the first one's name, numbers and flags."""
+    cpuinfo = "".join(
+        f"processor\t: {i}\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+        f"model name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f avx512_bf16 sse\n\n"
+        for i in range(2)
+    )
+    real = Path.read_text
+    monkeypatch.setattr(
+        Path, "read_text", lambda self, *a, **k: cpuinfo if str(self) == "/proc/cpuinfo" else real(self, *a, **k)
+    )
+    info = machine()
+    assert (info["cpu"], info["family_model"], info["flags"]) == (
+        "AMD EPYC",
+        "26/2",
+        ["avx2", "avx512f", "avx512_bf16"],
+    )
