@@ -31,11 +31,14 @@ def test_context_puts_that_many_tokens_before_every_prompt_and_keeps_the_rest(tm
 
 
 def test_machine_names_the_cpu_family_and_model_numbers(monkeypatch):
-    """Two processors of a 2-core VM, as /proc/cpuinfo lists them: the first one's name, numbers and flags."""
+    """Two processors, as /proc/cpuinfo lists them: the first one's name, numbers and flags are the record (the
+    second differs in each, so a parser that kept the last would fail)."""
     cpuinfo = "".join(
-        f"processor\t: {i}\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
-        f"model name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f avx512_bf16 sse\n\n"
-        for i in range(2)
+        f"processor\t: {i}\nvendor_id\t: AuthenticAMD\ncpu family\t: {family}\nmodel\t\t: {model}\n"
+        f"model name\t: {name}\nflags\t\t: fpu {flags} sse\n\n"
+        for i, (family, model, name, flags) in enumerate(
+            [(26, 2, "AMD EPYC", "avx2 avx512f avx512_bf16"), (25, 17, "AMD EPYC 9B14", "avx2")]
+        )
     )
     real = Path.read_text
     monkeypatch.setattr(
