@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from rlhf.rollout.generation import (
     HFGenerationBackend,
@@ -19,6 +19,7 @@ from rlhf.rollout.generation import (
     key_hash,
     keyed_uniform,
     mask_after_eos,
+    reserved_cache,
     sampler,
     stream_keys,
 )
@@ -133,6 +134,27 @@ def test_decode_greedy_equals_generate_while_rows_leave_the_batch(tiny_dirs, sty
     _, lengths, _ = mask_after_eos(got, eos, 0)
     assert lengths.sum(-1).min() < lengths.sum(-1).max(), "the rows should stop at different steps"
     assert torch.equal(got, want[:, : got.shape[1]]) and (want[:, got.shape[1] :] == 0).all()
+
+
+@pytest.mark.parametrize("capacity", [12, 7])
+def test_the_reserved_cache_holds_what_the_dynamic_cache_holds(capacity):
+    """Two layers, a prefill of 5 positions, then one at a time, rows dropped twice: `reserved_cache` returns the
+    keys and values `DynamicCache` returns (all positions so far, rows in the kept order) at every update, within
+    the reserved room (12) and past it (7: it grows). Without a config its layers are made as updates reach them."""
+    gen = torch.Generator().manual_seed(0)
+    ours, theirs = reserved_cache(torch.nn.Linear(2, 2), capacity), DynamicCache()
+    rows, updates = 6, [5, 1, 1, 1, 1, 1, 1]
+    for i, n in enumerate(updates):
+        for layer in range(2):
+            k, v = torch.randn(rows, 2, n, 3, generator=gen), torch.randn(rows, 2, n, 4, generator=gen)
+            got, want = ours.update(k, v, layer), theirs.update(k, v, layer)
+            assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+        assert ours.get_seq_length() == sum(updates[: i + 1])
+        if i in (2, 4):
+            keep = torch.tensor([4, 0, 2]) if i == 2 else torch.tensor([1, 2])
+            ours.reorder_cache(keep), theirs.reorder_cache(keep)
+            rows = len(keep)
+    assert [type(layer).__name__ for layer in ours.layers] == ["_ReservedLayer"] * 2
 
 
 def test_decode_drives_transformers_models_with_a_cache_and_peft_wrappers(tiny_dirs):
