@@ -1,0 +1,156 @@
+"""Generation throughput: our rollout decoding against `model.generate` (what TRL's online trainers call).
+
+    /tmp/benchvenv/bin/python benchmarks/bench_generation.py [--hidden 256 --layers 4 --rows 64 --prompt 32
+        --new-tokens 256 --rounds 3 --threads 2]
+
+One tiny llama (rlhf.tasks.tiny, random weights) samples `--new-tokens` tokens (temperature 1, no top-k/top-p)
+for each of `--rows` random prompts of `--prompt` tokens (row i left-padded by i % 8), three ways, alternating
+ABBA round by round in one process after one warm-up call each:
+
+- `ours`: `rlhf.rollout.generation.decode` with our sampler, its KV cache reserving the rollout's length at
+  the prefill (`reserved_cache`), on our attention function (`padding_free.enable`, as every model our
+  trainers load);
+- `ours-concat`: the same with `transformers`' `DynamicCache`, which concatenates at every step (the lever
+  `reserved_cache` pulls, measured side by side);
+- `hf`: `model.generate(do_sample=True)` on `transformers`' own sdpa attention, as TRL calls it.
+
+By default no side stops early: EOS is never a stop token, so every side makes rows x new tokens. With
+`--stop-at-eos` a row ends at its first EOS, as in a rollout: ours drops it from the batch and the cache (the
+cache's rows are then copied, which `ours-concat` does too), `model.generate` keeps it to the end; the figure is
+then tokens up to and including each row's EOS per second. `ours` and `ours-concat` draw the same tokens (keyed
+sampling); `hf` draws others. One JSON line per trial, then each side's median new tokens/s and the ratios
+ours/hf and ours/ours-concat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import alternating, emit, machine, median, set_threads  # noqa: E402
+
+SIDES = ("ours", "ours-concat", "hf")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--rows", type=int, default=64, help="sequences generated at once")
+    p.add_argument("--prompt", type=int, default=32, help="prompt tokens per row (before the left pads)")
+    p.add_argument("--new-tokens", type=int, default=256, help="tokens sampled per row")
+    p.add_argument("--rounds", type=int, default=3, help="timed calls per side, alternating ABBA")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="the weights' dtype on all sides")
+    p.add_argument("--stop-at-eos", action="store_true", help="rows end at their first EOS (default: never)")
+    p.add_argument("--sides", default=",".join(SIDES), help="which sides to run")
+    return p.parse_args(argv)
+
+
+def generators(model: torch.nn.Module, n: int, eos: int) -> dict[str, Any]:
+    """side -> fn(prompt_ids, prompt_mask) -> (rows, n) new tokens."""
+    from transformers import DynamicCache, GenerationConfig
+
+    from rlhf.models import padding_free
+    from rlhf.rollout import generation
+
+    sampling = generation.SamplingConfig(max_new_tokens=n, temperature=1.0)
+
+    def ours(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        padding_free.enable(model)
+        keys = generation.stream_keys(0, 0, torch.arange(ids.shape[0]))  # the same draws on every call
+        processors = generation.sampler(sampling, keys)
+        return generation.decode(
+            model, ids, mask, max_new_tokens=n, eos_token_id=eos, pad_token_id=0, logits_processor=processors
+        )
+
+    def ours_concat(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        reserved = generation.reserved_cache
+        generation.reserved_cache = lambda model, capacity: DynamicCache(config=model.config)
+        try:
+            return ours(ids, mask)
+        finally:
+            generation.reserved_cache = reserved
+
+    config = GenerationConfig(
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=n,
+        eos_token_id=eos if eos >= 0 else None,
+        pad_token_id=0,
+    )
+
+    def hf(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        model.config._attn_implementation = "sdpa"
+        return model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1] :]
+
+    return {"ours": ours, "ours-concat": ours_concat, "hf": hf}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    set_threads(args.threads)
+    from rlhf.rollout.generation import mask_after_eos
+    from rlhf.tasks.tiny import build_model, build_tokenizer
+
+    tokenizer = build_tokenizer("llama")
+    model = build_model(
+        tokenizer,
+        "llama",
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_heads=args.heads,
+        max_positions=args.prompt + args.new_tokens,
+    ).eval()
+    model.to({"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision])
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, len(tokenizer), (args.rows, args.prompt), generator=gen)
+    mask = torch.ones_like(ids)
+    for i in range(args.rows):
+        ids[i, : i % 8], mask[i, : i % 8] = 0, 0
+    emit({"bench": "generation", "machine": machine(), "torch": torch.__version__, **vars(args)})
+
+    sides = [s for s in args.sides.split(",") if s]
+    eos = tokenizer.eos_token_id if args.stop_at_eos else -1  # -1: no token id, no row ever stops
+    fns = generators(model, args.new_tokens, eos)
+    with torch.no_grad():
+        for side in sides:
+            fns[side](ids, mask)  # warm-up
+        rates: dict[str, list[float]] = {side: [] for side in sides}
+        for r, side in alternating(args.rounds, sides):
+            start = time.perf_counter()
+            out = fns[side](ids, mask)
+            seconds = time.perf_counter() - start
+            tokens = mask_after_eos(out, eos, 0)[1].sum().item()
+            assert args.stop_at_eos or tokens == args.rows * args.new_tokens, f"{side} made {tuple(out.shape)}"
+            rates[side].append(tokens / seconds)
+            emit(
+                {
+                    "bench": "generation",
+                    "side": side,
+                    "round": r,
+                    "tokens": tokens,
+                    "seconds": seconds,
+                    "new_tokens_per_s": rates[side][-1],
+                }
+            )
+    summary = {side: median(v) for side, v in rates.items()}
+    emit({"bench": "generation", "summary": "new_tokens_per_s", **summary})
+    ratios = {
+        f"ours/{other}": summary["ours"] / summary[other] for other in sides if other != "ours" and "ours" in sides
+    }
+    emit({"bench": "generation", "ratio": ratios})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
