@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import alternating, emit, machine, median, set_threads  # noqa: E402
+from _common import PRECISIONS, alternating, emit, machine, median, set_threads  # noqa: E402
 
 SIDES = ("ours", "ours-concat", "hf")
 
@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=256, help="tokens sampled per row")
     p.add_argument("--rounds", type=int, default=3, help="timed calls per side, alternating ABBA")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="the weights' dtype on all sides")
+    p.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32", help="the weights' dtype on all sides")
     p.add_argument("--stop-at-eos", action="store_true", help="rows end at their first EOS (default: never)")
     p.add_argument("--sides", default=",".join(SIDES), help="which sides to run")
     return p.parse_args(argv)
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         num_heads=args.heads,
         max_positions=args.prompt + args.new_tokens,
     ).eval()
-    model.to({"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision])
+    model.to(PRECISIONS[args.precision])
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(5, len(tokenizer), (args.rows, args.prompt), generator=gen)
     mask = torch.ones_like(ids)

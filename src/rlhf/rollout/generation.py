@@ -211,7 +211,11 @@ class _ReservedLayer(DynamicLayer):
         self.key_buffer[:, :, self.length : end] = key_states
         self.value_buffer[:, :, self.length : end] = value_states
         self.length = end
-        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+        return self._filled()
+
+    def _filled(self) -> tuple[Tensor, Tensor]:
+        """`keys` and `values` as `DynamicLayer` has them: views of the buffers' filled positions."""
+        self.keys, self.values = self.key_buffer[:, :, : self.length], self.value_buffer[:, :, : self.length]
         return self.keys, self.values
 
     def _grown(self, buffer: Tensor) -> Tensor:
@@ -224,7 +228,7 @@ class _ReservedLayer(DynamicLayer):
 
     def reorder_cache(self, beam_idx: Tensor) -> None:
         self.key_buffer, self.value_buffer = (self._selected(x, beam_idx) for x in (self.key_buffer, self.value_buffer))
-        self.keys, self.values = self.key_buffer[:, :, : self.length], self.value_buffer[:, :, : self.length]
+        self._filled()
 
     def _selected(self, buffer: Tensor, rows: Tensor) -> Tensor:
         """The buffer's first len(rows) rows (rows only leave) holding these rows' filled positions; the room after
