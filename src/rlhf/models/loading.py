@@ -25,7 +25,7 @@ from transformers import (
 
 from rlhf.config import LoraConfig, ModelConfig
 from rlhf.errors import UserError
-from rlhf.models import padding_free
+from rlhf.models import cpu_linear, padding_free
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +105,10 @@ def apply_lora(model: PreTrainedModel, lora: LoraConfig, task_type: str = "CAUSA
 
 def _finish(model: PreTrainedModel, cfg: ModelConfig, trainable: bool) -> PreTrainedModel:
     """Frozen or trainable as asked; attention through `padding_free.attention` where the model allows (sdpa:
-    padding-free batches when a caller passes a layout, short half-precision attention on the CPU in fp32)."""
+    padding-free batches when a caller passes a layout, short half-precision attention on the CPU in fp32); fp32
+    linear layers on the CPU through oneDNN where it is the faster library (`cpu_linear`)."""
     padding_free.enable(model)
+    cpu_linear.enable(model)
     if trainable:
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()

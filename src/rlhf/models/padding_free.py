@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rlhf.models import precision
+from rlhf.models import cpu_linear, precision
 from rlhf.models.unwrap import base_model
 
 logger = logging.getLogger(__name__)
@@ -171,21 +171,24 @@ def flat_position_ids(lengths: Sequence[int]) -> Tensor:
 
 
 ROW_MULTIPLE = 16
-"""Where half-precision matmuls run on the CPU, flat rows are filled up to a multiple of this many tokens
-(`row_multiple`, `filler_length`). oneDNN builds a kernel for every new row count it meets and a flat row's
-length changes with every batch: a bf16 (T, 256) @ (256, 768) product took 463 us per call with T drawn from
-800-840 against 171 us with T a multiple of 16 in the same range (2 threads, Intel Xeon with AMX). fp32 (MKL)
-has no such cost, so there rows are not filled."""
+"""Where matmuls run in half precision or through oneDNN on the CPU, flat rows are filled up to a multiple of this
+many tokens (`row_multiple`, `filler_length`). oneDNN builds a kernel for every new row count it meets and a flat
+row's length changes with every batch: a bf16 (T, 256) @ (256, 768) product took 463 us per call with T drawn from
+800-840 against 171 us with T a multiple of 16 in the same range (2 threads, Intel Xeon with AMX); fp32 through
+oneDNN keeps each kernel, so unfilled rows also grow the process (`cpu_linear`). fp32 through MKL has no such
+cost, so there rows are not filled."""
 
 
 def row_multiple(model: nn.Module, device: torch.device) -> int:
-    """`ROW_MULTIPLE` where the model's matmuls run in half precision on the CPU, else 1: under autocast now, under
-    the engine's autocast (`precision.mark_autocast`) or with half-precision weights."""
+    """`ROW_MULTIPLE` where the model's matmuls run in half precision on the CPU (under autocast now, under the
+    engine's autocast (`precision.mark_autocast`) or with half-precision weights) or through oneDNN in fp32
+    (`cpu_linear.enabled`), else 1."""
     if device.type != "cpu":
         return 1
     autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in precision.HALF
     marked = precision.autocast_dtype(model) is not None
-    return ROW_MULTIPLE if autocast or marked or next(model.parameters()).dtype in precision.HALF else 1
+    half = autocast or marked or next(model.parameters()).dtype in precision.HALF
+    return ROW_MULTIPLE if half or cpu_linear.enabled(model) else 1
 
 
 def filler_length(total: int, round_to: int) -> int:
