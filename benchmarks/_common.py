@@ -5,7 +5,7 @@ the other's allocator or thread state) and alternates the sides round by round, 
 shared machine hits both alike. The orchestrating process prints one JSON object per line.
 
     setup = make_setup(out_dir, hidden=256, layers=4)        # tiny llama + seeded RM init + task files
-    peak = matmul_peak_flops(threads=2)                      # FLOP/s of a big torch.matmul loop (fp32 or bf16)
+    peak = matmul_peak_flops(threads=2)                      # FLOP/s of big products (torch.matmul, or oneDNN)
     result = run_worker([sys.executable, script, "--worker", ...], result_file)
     emit({"bench": "sft", "side": "ours", **result})
 """
@@ -144,11 +144,14 @@ def matmul_peak_flops(
     *, n: int | None = None, seconds: float = 1.0, repeats: int = 5, threads: int | None = None, precision: str = "fp32"
 ) -> float:
     """Measured matmul throughput (FLOP/s) in `precision` on `device()`: the best of `repeats` bursts of
-    (n x n) @ (n x n) products (n: 1024 on a CPU, 8192 on a GPU, which smaller products leave half idle).
+    (n x n) @ (n x n) products (n: 1024 on a CPU, 8192 on a GPU, which smaller products leave half idle), through
+    `torch.matmul` and, for fp32 on a CPU, through oneDNN too, whichever is faster.
 
-    The MFU denominator: what this machine's BLAS reaches on large, well-shaped products with `threads`
-    threads, rather than a datasheet number that a shared 2-core VM never sees. (A 2-core Intel Xeon with AMX
-    gave 320-330 GFLOP/s in fp32 and 1200-2600 in bf16, rising with n.)
+    The MFU denominator: what this machine reaches through the libraries torch ships on large, well-shaped
+    products with `threads` threads, rather than a datasheet number that a shared 2-core VM never sees. (A 2-core
+    Intel Xeon with AMX gave 320-330 GFLOP/s in fp32 and 1200-2600 in bf16, rising with n. On a 2-core AMD EPYC
+    Zen 5, `torch.matmul` in fp32 (MKL, which runs its AVX2 code on AMD CPUs) gave 203-221 and oneDNN 440-455:
+    before oneDNN was measured too, fp32 MFU figures from that machine were against the lower rate.)
     """
     if threads is not None:
         torch.set_num_threads(threads)
@@ -156,20 +159,24 @@ def matmul_peak_flops(
     n = n or (8192 if where == "cuda" else 1024)
     a, b = torch.randn(n, n, device=where, dtype=dtype), torch.randn(n, n, device=where, dtype=dtype)
     out = torch.empty(n, n, device=where, dtype=dtype)
+    products: list[Callable[[], object]] = [lambda: torch.matmul(a, b, out=out)]
+    if where == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        products.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))  # a @ b^T
     sync = torch.cuda.synchronize if where == "cuda" else (lambda: None)
-    for _ in range(3):
-        torch.matmul(a, b, out=out)
     best = 0.0
-    for _ in range(repeats):
-        count = 0
-        sync()
-        start = time.perf_counter()
-        while (elapsed := time.perf_counter() - start) < seconds:
-            for _ in range(8):
-                torch.matmul(a, b, out=out)
-            count += 8
+    for product in products:
+        for _ in range(3):
+            product()
+        for _ in range(repeats):
+            count = 0
             sync()
-        best = max(best, 2 * n**3 * count / elapsed)
+            start = time.perf_counter()
+            while (elapsed := time.perf_counter() - start) < seconds:
+                for _ in range(8):
+                    product()
+                count += 8
+                sync()
+            best = max(best, 2 * n**3 * count / elapsed)
     return best
 
 
