@@ -8,11 +8,11 @@ for each of `--rows` random prompts of `--prompt` tokens (row i left-padded by i
 ABBA round by round in one process after one warm-up call each:
 
 - `ours`: `rlhf.rollout.generation.decode` with our sampler, its KV cache reserving the rollout's length at
-  the prefill (`reserved_cache`), on our attention function (`padding_free.enable`, as every model our
-  trainers load);
+  the prefill (`reserved_cache`), on our attention function (`padding_free.enable`) and linear layers
+  (`cpu_linear.enable`: oneDNN for fp32 on AMD CPUs), as every model our trainers load;
 - `ours-concat`: the same with `transformers`' `DynamicCache`, which concatenates at every step (the lever
   `reserved_cache` pulls, measured side by side);
-- `hf`: `model.generate(do_sample=True)` on `transformers`' own sdpa attention, as TRL calls it.
+- `hf`: `model.generate(do_sample=True)` on `transformers`' own sdpa attention and `nn.Linear`, as TRL calls it.
 
 By default no side stops early: EOS is never a stop token, so every side makes rows x new tokens. With
 `--stop-at-eos` a row ends at its first EOS, as in a rollout: ours drops it from the batch and the cache (the
@@ -58,13 +58,14 @@ def generators(model: torch.nn.Module, n: int, eos: int) -> dict[str, Any]:
     """side -> fn(prompt_ids, prompt_mask) -> (rows, n) new tokens."""
     from transformers import DynamicCache, GenerationConfig
 
-    from rlhf.models import padding_free
+    from rlhf.models import cpu_linear, padding_free
     from rlhf.rollout import generation
 
     sampling = generation.SamplingConfig(max_new_tokens=n, temperature=1.0)
 
     def ours(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         padding_free.enable(model)
+        cpu_linear.enable(model)
         keys = generation.stream_keys(0, 0, torch.arange(ids.shape[0]))  # the same draws on every call
         processors = generation.sampler(sampling, keys)
         return generation.decode(
@@ -91,6 +92,9 @@ def generators(model: torch.nn.Module, n: int, eos: int) -> dict[str, Any]:
 
     def hf(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         model.config._attn_implementation = "sdpa"
+        for module in model.modules():
+            if type(module) is cpu_linear.Linear:
+                module.__class__ = torch.nn.Linear
         return model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1] :]
 
     return {"ours": ours, "ours-concat": ours_concat, "hf": hf}

@@ -120,11 +120,14 @@ def test_an_unknown_choice_is_an_error(monkeypatch: pytest.MonkeyPatch, choice: 
 
 
 def test_a_switched_model_trains_like_the_stock_one(monkeypatch: pytest.MonkeyPatch, choice: None, tmp_path) -> None:
-    """A tiny model with every linear layer switched: the same loss and gradients as its stock twin, the same
-    checkpoint, and flat rows filled to a multiple of 16 (`padding_free.row_multiple`)."""
+    """A model with every linear layer switched (hidden 256: each has >= MIN_WEIGHT weights): the same loss and
+    gradients as its stock twin, the same checkpoint, and flat rows filled to a multiple of 16
+    (`padding_free.row_multiple`); at hidden 128 none is switched."""
     monkeypatch.setenv(cpu_linear.ENV, "onednn")
     tokenizer = build_tokenizer("llama")
-    stock = build_model(tokenizer, "llama", hidden_size=128, num_layers=2)
+    small = build_model(tokenizer, "llama", hidden_size=128, num_layers=2)  # every layer under MIN_WEIGHT
+    assert cpu_linear.enable(small) == 0 and not cpu_linear.enabled(small)
+    stock = build_model(tokenizer, "llama", hidden_size=256, num_layers=2)
     switched = copy.deepcopy(stock)
     linears = sum(type(m) is nn.Linear for m in stock.modules())
     assert cpu_linear.enable(switched) == linears == 2 * 7 + 1

@@ -6,9 +6,9 @@ Intel: on a 2-core AMD EPYC (Zen 5, AVX-512) a (2048 x 2048) product ran at 203 
 model at hidden 256 x 4 took 62 ms against 83. No environment variable of MKL's changes its choice (tried:
 `MKL_CBWR`, `MKL_ENABLE_INSTRUCTIONS`, `MKL_DEBUG_CPU_TYPE`).
 
-`enable(model)` gives the model's `nn.Linear` layers the class `Linear`, whose forward sends a product through
-oneDNN when `use_onednn()` says so and it is large enough to gain (`MIN_MACS`), and through `F.linear` otherwise
-(on a GPU, under autocast, in half precision, for small products). The gradients are the same products in oneDNN,
+`enable(model)` gives the model's `nn.Linear` layers of at least `MIN_WEIGHT` weights the class `Linear`, whose
+forward sends a product through oneDNN when `use_onednn()` says so and it is large enough to gain (`MIN_MACS`),
+and through `F.linear` otherwise (on a GPU, under autocast, in half precision, for small products). The gradients are the same products in oneDNN,
 for y = x W^T + b:
 
     dL/dx = dL/dy W,    dL/dW = (dL/dy)^T x,    dL/db = sum over rows of dL/dy
@@ -46,6 +46,13 @@ MIN_MACS = 1 << 22
 products gain less. Forward + backward of (rows, d) @ (d, d), oneDNN against MKL on the Zen 5 (1 and 2 threads):
 0.4-0.5x at 2^18 multiply-adds, 0.7-0.9x at 2^20, 1.0-1.4x at 2^22, 1.5-1.9x at 2^24; forward alone 1.0-1.1x at
 2^20 and 1.4-1.8x at 2^22."""
+
+MIN_WEIGHT = 1 << 16
+"""in x out below which a layer keeps `nn.Linear` (`enable`). oneDNN builds a kernel for every new shape, and that
+costs about as much as the product of a small layer: a (T, d) @ (d, d) forward at a row count T seen for the first
+time took 461 us against 56 once built and 83 through MKL at d = 64 (T ~1000-1600, 2 threads), 753 / 482 / 816 at
+d = 256, 7503 / 6147 / 12465 at d = 1024. The online trainers' passes meet new row counts at every iteration:
+`bench_grpo.py`'s 64 x 2 model lost ~15% of its loop with its layers switched."""
 
 
 @functools.cache
@@ -122,11 +129,11 @@ class Linear(nn.Linear):
 
 
 def enable(model: nn.Module) -> int:
-    """Give every plain `nn.Linear` of `model` the class `Linear` when `use_onednn()`, and note it on the model
-    (`enabled`); the number of layers switched."""
+    """Give every plain `nn.Linear` of `model` with at least `MIN_WEIGHT` weights the class `Linear` when
+    `use_onednn()`, and note it on the model when any was (`enabled`); the number of layers switched."""
     if not use_onednn():
         return 0
-    layers = [m for m in model.modules() if type(m) is nn.Linear]
+    layers = [m for m in model.modules() if type(m) is nn.Linear and m.weight.numel() >= MIN_WEIGHT]
     for layer in layers:
         layer.__class__ = Linear
     setattr(model, MARK, bool(layers))
