@@ -21,9 +21,11 @@ pytestmark = pytest.mark.skipif(not cpu_linear._onednn_available(), reason="this
 def choice(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """`RLHF_CPU_MATMUL` read afresh in the test (and again after it, for the rest of the session)."""
     cpu_linear.use_onednn.cache_clear()
+    cpu_linear._onednn_available.cache_clear()
     yield
     monkeypatch.undo()
     cpu_linear.use_onednn.cache_clear()
+    cpu_linear._onednn_available.cache_clear()
 
 
 def _refuse(*args: object, **kwargs: object) -> None:
@@ -117,6 +119,22 @@ def test_an_unknown_choice_is_an_error(monkeypatch: pytest.MonkeyPatch, choice: 
     monkeypatch.setenv(cpu_linear.ENV, "mkl")
     with pytest.raises(ConfigError, match="variable RLHF_CPU_MATMUL='mkl': expected one of auto, onednn, blas"):
         cpu_linear.use_onednn()
+
+
+@pytest.mark.parametrize("answer", ["raises", "wrong"])
+def test_a_torch_whose_onednn_op_misbehaves_falls_back_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, choice: None, caplog: pytest.LogCaptureFixture, answer: str
+) -> None:
+    def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if answer == "raises":
+            raise RuntimeError("unknown overload\nmore lines")
+        return x @ weight.t() + 1
+
+    monkeypatch.setenv(cpu_linear.ENV, "onednn")
+    monkeypatch.setattr(cpu_linear, "_product", product)
+    assert cpu_linear.use_onednn() is False
+    assert "oneDNN's linear product is not usable" in caplog.text
+    assert ("unknown overload" if answer == "raises" else "a wrong product") in caplog.text
 
 
 def test_a_switched_model_trains_like_the_stock_one(monkeypatch: pytest.MonkeyPatch, choice: None, tmp_path) -> None:

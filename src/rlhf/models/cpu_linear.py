@@ -8,8 +8,8 @@ model at hidden 256 x 4 took 62 ms against 83. No environment variable of MKL's 
 
 `enable(model)` gives the model's `nn.Linear` layers of at least `MIN_WEIGHT` weights the class `Linear`, whose
 forward sends a product through oneDNN when `use_onednn()` says so and it is large enough to gain (`MIN_MACS`),
-and through `F.linear` otherwise (on a GPU, under autocast, in half precision, for small products). The gradients are the same products in oneDNN,
-for y = x W^T + b:
+and through `F.linear` otherwise (on a GPU, under autocast, in half precision, for small products). The
+gradients are the same products in oneDNN, for y = x W^T + b:
 
     dL/dx = dL/dy W,    dL/dW = (dL/dy)^T x,    dL/db = sum over rows of dL/dy
 
@@ -26,6 +26,7 @@ unfilled, 54 ms and 631 MiB filled (84 ms and 528 MiB through MKL).
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from typing import Any
 
@@ -35,6 +36,8 @@ from torch import Tensor, nn
 
 from rlhf.errors import ConfigError
 from rlhf.models.unwrap import base_model
+
+logger = logging.getLogger(__name__)
 
 ENV = "RLHF_CPU_MATMUL"
 MARK = "rlhf_onednn_linear"
@@ -66,8 +69,22 @@ def use_onednn() -> bool:
     return choice == "onednn" or (torch.backends.mkl.is_available() and _cpu_vendor() == "AuthenticAMD")
 
 
+@functools.cache
 def _onednn_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    """Whether this torch has oneDNN and its private product op answers as expected (checked once on a (2, 3) @
+    (3, 4) product, so a torch whose op changed falls back to `F.linear` with a warning instead of failing)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    x, w = torch.arange(6.0).view(2, 3), torch.arange(12.0).view(4, 3)
+    try:
+        works = torch.equal(_product(x, w), x @ w.t())
+    except RuntimeError as exc:
+        works, why = False, str(exc).splitlines()[0]
+    else:
+        why = "a wrong product"
+    if not works:
+        logger.warning("oneDNN's linear product is not usable in this torch (%s); fp32 stays with torch.mm", why)
+    return works
 
 
 def _cpu_vendor() -> str:
