@@ -199,6 +199,53 @@ def matmul_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if id(p) not in skip)
 
 
+class StepProfiler:
+    """torch.profiler over the optimizer steps after `start` up to `end`: `tick(step)` at the end of every step
+    (it waits for the GPU's queued kernels first), `top_ops()` once the window is over."""
+
+    def __init__(self, start: int, end: int) -> None:
+        if end <= start:
+            raise ValueError(f"profile window: end step {end} must follow start step {start}")
+        self.start, self.end = start, end
+        self.profiler: Any = None
+        self.done = False
+
+    def tick(self, step: int) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the step's kernels have run, not only been queued
+        if step == self.end and self.profiler is not None:
+            self.profiler.__exit__(None, None, None)
+            self.done = True
+        if step == self.start:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.__enter__()
+
+    def top_ops(self, n: int = 15) -> dict[str, list[dict[str, Any]]]:
+        """The `n` ops with the most self time per profiled step: {"cpu": [...]} (host time: on a GPU, launching
+        and waiting), and on a GPU also {"device": [...]} (kernel time); each op with its calls per step, which
+        on a GPU are kernel launches. Empty where the run ended inside the window (the profiler is then stopped)."""
+        if not self.done:
+            if self.profiler is not None:
+                self.profiler.__exit__(None, None, None)
+                self.profiler = None
+            return {}
+        steps = self.end - self.start
+        events = self.profiler.key_averages()
+        kinds = {"cpu": "self_cpu_time_total"}
+        if torch.cuda.is_available():
+            kinds["device"] = "self_device_time_total"
+        return {
+            kind: [
+                {"op": e.key, "self_ms_per_step": getattr(e, attr) / 1000 / steps, "calls_per_step": e.count / steps}
+                for e in sorted(events, key=lambda e: getattr(e, attr), reverse=True)[:n]
+            ]
+            for kind, attr in kinds.items()
+        }
+
+
 @contextlib.contextmanager
 def traced_train_steps(after_step: Callable[[Any], None] | None = None) -> Iterator[list[float]]:
     """Our `Engine.train_step`, patched for the block: it records every step's loss (the sum of its micro-batches'

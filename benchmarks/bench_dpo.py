@@ -15,7 +15,9 @@ Each child times the whole job a user waits for - load the model and tokenizer, 
 train every step, save the final model - and, separately, the training loop alone. It reports peak RSS (a
 sampler thread reading /proc/self/statm every 2 ms; `rss_growth_mb` is the part above the RSS after the imports,
 i.e. what the job itself allocated) and the final logged loss.
-One JSON object per trial goes to stdout, then a summary with the medians and the ours/TRL ratios.
+One JSON object per trial goes to stdout, then a summary with the medians and the ours/TRL ratios. `--profile`
+adds each trial's top ops (torch.profiler over the steps after the first log line up to the second: host time,
+and kernel time on a GPU, with calls per step), at the cost of the profiler's overhead in the timings.
 
 Settings shared by both: sigmoid loss, beta 0.1, batch 16 pairs in one micro-batch, AdamW lr 5e-4 with a linear
 decay and no warmup, gradient clipping at 1.0, fp32 (`--precision bf16`: bf16 mixed precision on both sides), no
@@ -42,6 +44,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import (  # noqa: E402
+    StepProfiler,
     add_side_arguments,
     device,
     lengths,
@@ -90,7 +93,16 @@ class PeakRSS:
 # ---------------------------------------------------------------------------------------------- the two jobs
 
 
-def run_ours(model: str, data: str, out: str, epochs: int, cache: bool, precision: str, context: int) -> dict[str, Any]:
+def run_ours(
+    model: str,
+    data: str,
+    out: str,
+    epochs: int,
+    cache: bool,
+    precision: str,
+    context: int,
+    profiler: StepProfiler | None,
+) -> dict[str, Any]:
     from rlhf.config import load_config
     from rlhf.trainers import dpo
 
@@ -131,7 +143,8 @@ def run_ours(model: str, data: str, out: str, epochs: int, cache: bool, precisio
     cfg = load_config(
         dpo.Config, None, [f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in overrides.items()]
     )
-    with traced_train_steps() as step_losses:
+    tick = None if profiler is None else lambda engine: profiler.tick(engine.step)
+    with traced_train_steps(tick) as step_losses:
         run_dir = dpo.train(cfg)
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     perf = [json.loads(line) for line in (run_dir / "perf.jsonl").read_text().splitlines()]
@@ -144,7 +157,16 @@ def run_ours(model: str, data: str, out: str, epochs: int, cache: bool, precisio
     }
 
 
-def run_trl(model: str, data: str, out: str, epochs: int, cache: bool, precision: str, context: int) -> dict[str, Any]:
+def run_trl(
+    model: str,
+    data: str,
+    out: str,
+    epochs: int,
+    cache: bool,
+    precision: str,
+    context: int,
+    profiler: StepProfiler | None,
+) -> dict[str, Any]:
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
@@ -157,6 +179,10 @@ def run_trl(model: str, data: str, out: str, epochs: int, cache: bool, precision
 
         def on_train_end(self, *a: Any, **kw: Any) -> None:
             marks["end"] = time.process_time()
+
+    class Profile(TrainerCallback):
+        def on_step_end(self, _args: Any, state: Any, *a: Any, **kw: Any) -> None:
+            profiler.tick(state.global_step)
 
     rows = [json.loads(line) for line in Path(data).read_text().splitlines()]
     dataset = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
@@ -190,7 +216,7 @@ def run_trl(model: str, data: str, out: str, epochs: int, cache: bool, precision
         args=args,
         train_dataset=dataset,
         processing_class=AutoTokenizer.from_pretrained(model),
-        callbacks=[LoopClock()],
+        callbacks=[LoopClock()] + ([] if profiler is None else [Profile()]),
     )
     result = trainer.train()
     trainer.save_model(out + "/final")
@@ -215,7 +241,8 @@ def child(args: argparse.Namespace) -> None:
         start, cpu_start = time.perf_counter(), time.process_time()
         job = run_ours if args.impl == "ours" else run_trl
         cache = args.ref == "cache"
-        result = job(args.model, args.data, tmp + "/run", args.epochs, cache, args.precision, args.context)
+        profiler = StepProfiler(LOG_EVERY, 2 * LOG_EVERY) if args.profile else None
+        result = job(args.model, args.data, tmp + "/run", args.epochs, cache, args.precision, args.context, profiler)
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     pairs = result["steps"] * BATCH
     record = {
@@ -235,6 +262,8 @@ def child(args: argparse.Namespace) -> None:
         "final_loss": round(result["final_loss"], 4),  # ours: the last step's; TRL: its last interval's mean
         "mean_loss": round(result["mean_loss"], 4),  # over every step of the run, the same statistic on both sides
     }
+    if profiler is not None:
+        record["top_ops"] = profiler.top_ops()
     print("RESULT " + json.dumps(record), flush=True)
 
 
@@ -309,6 +338,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="trials per (implementation, reference) setting")
     p.add_argument("--settings", default="live,cache", help="which reference settings to run")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads in each trial (OMP_NUM_THREADS)")
+    p.add_argument(
+        "--profile", action="store_true", help=f"each trial's top ops over steps {LOG_EVERY}-{2 * LOG_EVERY}"
+    )
     add_side_arguments(p, device_flag=True)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--impl", choices=("ours", "trl"), help=argparse.SUPPRESS)
@@ -349,6 +381,7 @@ def main() -> None:
                         args.precision,
                         "--context",
                         str(args.context),
+                        *(["--profile"] if args.profile else []),
                     ]
                     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
                     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)

@@ -38,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402 - the script's own folder first
     Setup,
+    StepProfiler,
     add_side_arguments,
     alternating,
     device,
@@ -145,38 +146,18 @@ class StepClock:
     def __init__(self, profile: tuple[int, int] | None = None) -> None:
         self.at: dict[int, tuple[float, float]] = {}
         self.threads = 0
-        self.profile = profile
-        self.profiler: Any = None
+        self.profiler = StepProfiler(*profile) if profile else None
 
     def tick(self, step: int) -> None:
-        if torch.cuda.is_available():
+        if self.profiler is not None:
+            self.profiler.tick(step)  # waits for the GPU, as the clock must
+        elif torch.cuda.is_available():
             torch.cuda.synchronize()  # the step's kernels have run, not only been queued
-        if self.profile and step == self.profile[1] and self.profiler is not None:
-            self.profiler.__exit__(None, None, None)
         self.at[step] = (time.perf_counter(), time.process_time())
         self.threads = torch.get_num_threads()
-        if self.profile and step == self.profile[0]:
-            activities = [torch.profiler.ProfilerActivity.CPU]
-            if torch.cuda.is_available():
-                activities.append(torch.profiler.ProfilerActivity.CUDA)
-            self.profiler = torch.profiler.profile(activities=activities)
-            self.profiler.__enter__()
 
-    def top_ops(self, n: int = 15) -> list[dict[str, Any]]:
-        """The `n` ops with the most self time (CUDA's where there is a GPU, else CPU's), per profiled step."""
-        if self.profiler is None or self.profile is None:
-            return []
-        steps = self.profile[1] - self.profile[0]
-        events = self.profiler.key_averages()
-        cuda = torch.cuda.is_available()
-
-        def self_us(e: Any) -> float:
-            return float(e.self_device_time_total if cuda else e.self_cpu_time_total)
-
-        return [
-            {"op": e.key, "self_ms_per_step": self_us(e) / 1000 / steps, "calls_per_step": e.count / steps}
-            for e in sorted(events, key=self_us, reverse=True)[:n]
-        ]
+    def top_ops(self) -> dict[str, list[dict[str, Any]]]:
+        return self.profiler.top_ops() if self.profiler is not None else {}
 
     def window(self, start: int, end: int) -> dict[str, float]:
         """Seconds from the end of step `start` to the end of step `end`: wall clock and CPU (all threads)."""

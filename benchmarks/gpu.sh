@@ -4,9 +4,10 @@
 # layers, ~0.3B parameters in its layers), the data is the built-in sorting task, as it is (sequences of ~20-40
 # tokens) and with 448 filler tokens before every prompt (--context: sequences of ~470-490 tokens). On an H200 one
 # length takes ~5 minutes (process starts and model building weigh most): GPU_SH_CONTEXTS=448 runs one;
-# GPU_SH_PROFILE=1 adds each SFT side's top ops (torch.profiler, CUDA time) to the output. It starts with
-# `rlhf demo --quick` on the GPU: the CPU suite cannot see a tensor left on the wrong device (one crashed PPO and
-# GRPO on their first GPU iteration until f913d01).
+# GPU_SH_PROFILE=1 adds each SFT and DPO side's top ops to the output (torch.profiler: kernel time and host
+# time per step, with launches per step; DPO at short sequences was 750 ms a step against TRL's 210 on an H200).
+# It starts with `rlhf demo --quick` on the GPU: the CPU suite cannot see a tensor left on the wrong device (one
+# crashed PPO and GRPO on their first GPU iteration until f913d01).
 #
 #   bash benchmarks/gpu.sh download   # here, with pip's network: the wheels the GPU image lacks, into .whl/
 #   bash benchmarks/gpu.sh            # there (device tool, carry .whl): install .whl/ into /tmp/site and run
@@ -56,7 +57,7 @@ fi
 impls=ours,trl
 $PY -c 'import trl' 2>/dev/null || impls=ours
 profile=()
-[ -n "${GPU_SH_PROFILE:-}" ] && profile=(--profile)  # torch.profiler's top ops of each SFT side (slower windows)
+[ -n "${GPU_SH_PROFILE:-}" ] && profile=(--profile)  # torch.profiler's top ops of each SFT and DPO side (slower)
 
 # Each benchmark on its own: one that fails is reported and the others still run; the exit status says if any did.
 failed=()
@@ -73,7 +74,7 @@ for context in "${contexts[@]}"; do
     # our SFT on padded batches: on an H200 our padding-free SFT was 0.61x-0.73x TRL's (benchmarks/README.md)
     bench $PY benchmarks/bench_sft_rm.py --stage sft "${common[@]}" "${sft[@]}" --ours-padded --check-steps 0 \
         "${profile[@]}"
-    bench $PY benchmarks/bench_dpo.py --device "$device" "${common[@]}" "${dpo[@]}"
+    bench $PY benchmarks/bench_dpo.py --device "$device" "${common[@]}" "${dpo[@]}" "${profile[@]}"
     bench $PY benchmarks/bench_grpo.py --device "$device" "${common[@]}" "${grpo[@]}"
 done
 if [ ${#failed[@]} -gt 0 ]; then

@@ -1,5 +1,5 @@
 """The benchmarks' shared helpers: the longer sequences (`--context`: filler before every prompt, nothing else
-changed) and the record of the machine a figure comes from."""
+changed), the record of the machine a figure comes from, and the profile of a window of steps."""
 
 from __future__ import annotations
 
@@ -7,8 +7,11 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from _common import lengths, machine, write_data  # noqa: E402
+from _common import StepProfiler, lengths, machine, write_data  # noqa: E402
 from rlhf.tasks.tiny import build_tokenizer  # noqa: E402
 
 
@@ -50,3 +53,26 @@ def test_machine_names_the_cpu_family_and_model_numbers(monkeypatch):
         "26/2",
         ["avx2", "avx512f", "avx512_bf16"],
     )
+
+
+def test_the_step_profile_counts_only_the_steps_of_its_window():
+    """Steps 1..6 with step s doing s + 2 products: the window (2, 5] holds steps 3, 4 and 5, so 5 + 6 + 7 = 18
+    products over 3 steps, 6 a step (a profile of every step, or from the start, would count otherwise)."""
+    profiler = StepProfiler(2, 5)
+    a = torch.randn(8, 8)
+    for step in range(1, 7):
+        for _ in range(step + 2):
+            a = torch.mm(a, a).tanh()
+        profiler.tick(step)
+    ops = {op["op"]: op for op in profiler.top_ops(n=100)["cpu"]}
+    assert ops["aten::mm"]["calls_per_step"] == 6 and ops["aten::tanh"]["calls_per_step"] == 6
+    assert ops["aten::mm"]["self_ms_per_step"] > 0
+
+
+def test_a_step_profile_whose_window_is_not_over_reports_nothing():
+    profiler = StepProfiler(2, 5)
+    for step in range(1, 4):
+        profiler.tick(step)
+    assert profiler.top_ops() == {}
+    with pytest.raises(ValueError, match="end step 2 must follow start step 2"):
+        StepProfiler(2, 2)
