@@ -93,16 +93,8 @@ class PeakRSS:
 # ---------------------------------------------------------------------------------------------- the two jobs
 
 
-def run_ours(
-    model: str,
-    data: str,
-    out: str,
-    epochs: int,
-    cache: bool,
-    precision: str,
-    context: int,
-    profiler: StepProfiler | None,
-) -> dict[str, Any]:
+def run_ours(args: argparse.Namespace, out: str, profiler: StepProfiler | None) -> dict[str, Any]:
+    """Our job on the trial's `args` (model, data, epochs, reference setting, precision, context)."""
     from rlhf.config import load_config
     from rlhf.trainers import dpo
 
@@ -110,21 +102,21 @@ def run_ours(
         "output_dir": out,
         "loss_type": "sigmoid",
         "beta": 0.1,
-        "precompute_ref": cache,
-        "model.path": model,
-        "data.train": data,
-        "data.max_length": lengths(context)[0],
-        "data.max_prompt_length": lengths(context)[1],
+        "precompute_ref": args.ref == "cache",
+        "model.path": args.model,
+        "data.train": args.data,
+        "data.max_length": lengths(args.context)[0],
+        "data.max_prompt_length": lengths(args.context)[1],
         "optim.lr": LR,
         "optim.max_grad_norm": 1.0,
         "schedule.name": "linear",
         "train.batch_size": BATCH,
         "train.micro_batch_size": BATCH,
-        "train.epochs": epochs,
+        "train.epochs": args.epochs,
         "logging.every": LOG_EVERY,
         "logging.progress": False,
         "checkpoint.resume": "never",
-        "train.mixed_precision": mixed_precision(precision),
+        "train.mixed_precision": mixed_precision(args.precision),
     }
     from rlhf.runtime.engine import Engine
 
@@ -157,16 +149,8 @@ def run_ours(
     }
 
 
-def run_trl(
-    model: str,
-    data: str,
-    out: str,
-    epochs: int,
-    cache: bool,
-    precision: str,
-    context: int,
-    profiler: StepProfiler | None,
-) -> dict[str, Any]:
+def run_trl(args: argparse.Namespace, out: str, profiler: StepProfiler | None) -> dict[str, Any]:
+    """TRL's job on the trial's `args`, as `run_ours`."""
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
@@ -184,23 +168,23 @@ def run_trl(
         def on_step_end(self, _args: Any, state: Any, *a: Any, **kw: Any) -> None:
             profiler.tick(state.global_step)
 
-    rows = [json.loads(line) for line in Path(data).read_text().splitlines()]
+    rows = [json.loads(line) for line in Path(args.data).read_text().splitlines()]
     dataset = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
-    args = DPOConfig(
+    config = DPOConfig(
         output_dir=out,
         per_device_train_batch_size=BATCH,
         gradient_accumulation_steps=1,
-        num_train_epochs=epochs,
+        num_train_epochs=args.epochs,
         learning_rate=LR,
         lr_scheduler_type="linear",
         warmup_steps=0,
         max_grad_norm=1.0,
         beta=0.1,
         loss_type=["sigmoid"],
-        max_length=lengths(context)[0],
-        precompute_ref_log_probs=cache,
+        max_length=lengths(args.context)[0],
+        precompute_ref_log_probs=args.ref == "cache",
         gradient_checkpointing=False,
-        bf16=precision == "bf16",
+        bf16=args.precision == "bf16",
         fp16=False,
         use_cpu=device() == "cpu",
         logging_steps=LOG_EVERY,
@@ -212,10 +196,10 @@ def run_trl(
         seed=0,
     )
     trainer = DPOTrainer(
-        model=model,
-        args=args,
+        model=args.model,
+        args=config,
         train_dataset=dataset,
-        processing_class=AutoTokenizer.from_pretrained(model),
+        processing_class=AutoTokenizer.from_pretrained(args.model),
         callbacks=[LoopClock()] + ([] if profiler is None else [Profile()]),
     )
     result = trainer.train()
@@ -240,9 +224,8 @@ def child(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp, PeakRSS() as rss:
         start, cpu_start = time.perf_counter(), time.process_time()
         job = run_ours if args.impl == "ours" else run_trl
-        cache = args.ref == "cache"
         profiler = StepProfiler(LOG_EVERY, 2 * LOG_EVERY) if args.profile else None
-        result = job(args.model, args.data, tmp + "/run", args.epochs, cache, args.precision, args.context, profiler)
+        result = job(args, tmp + "/run", profiler)
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     pairs = result["steps"] * BATCH
     record = {
