@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.utils._python_dispatch
 
 
 def emit(record: dict[str, Any]) -> None:
@@ -243,6 +244,118 @@ class StepProfiler:
                 for e in sorted(events, key=lambda e: getattr(e, attr), reverse=True)[:n]
             ]
             for kind, attr in kinds.items()
+        }
+
+
+PRODUCTS = ("aten.mm", "aten.addmm", "aten.bmm", "aten.baddbmm", "mkldnn._linear_pointwise")
+"""The matrix products as the dispatcher names them (without the overload): aten's, and oneDNN's product that our
+fp32 CPU linear layers call (`rlhf.models.cpu_linear`)."""
+
+
+def product_flops(op: str, args: Sequence[Any]) -> int:
+    """Floating-point operations (2 per multiply-add) of one dispatched op, from its operands' shapes: mm (M, K) @
+    (K, N), addmm (bias, a, b), bmm and baddbmm batched alike, `_linear_pointwise(x (.., in), w (out, in), ..)`;
+    0 for an op not in `PRODUCTS`."""
+    packet = op.rsplit(".", 1)[0]
+    if packet == "mkldnn._linear_pointwise":
+        return 2 * args[0].numel() * args[1].shape[0]
+    if packet in ("aten.mm", "aten.bmm"):
+        return 2 * args[0].numel() * args[1].shape[-1]
+    if packet in ("aten.addmm", "aten.baddbmm"):
+        return 2 * args[1].numel() * args[2].shape[-1]
+    return 0
+
+
+def op_category(op: str) -> str:
+    """Where a dispatched op's time goes in `OpTimer`'s summary: products (`PRODUCTS`), attention (its kernels,
+    forward and backward), optimizer (fused AdamW and the `_foreach_` ops of clipping and optimizers), or other
+    (elementwise, reductions, gathers, copies, the loss)."""
+    if op.rsplit(".", 1)[0] in PRODUCTS:
+        return "products"
+    if "attention" in op:
+        return "attention"
+    if "_fused_adam" in op or "_foreach_" in op:
+        return "optimizer"
+    return "other"
+
+
+class OpTimer(torch.utils._python_dispatch.TorchDispatchMode):
+    """Host time of every aten op of the optimizer steps after `start` up to `end` (forward, backward and optimizer
+    alike), each op timed alone as it is dispatched; matrix products also by operand shapes, with their FLOPs
+    (`product_flops`). `tick(step)` at the end of every step, `attribution()` once the window is over. Unlike
+    torch.profiler (whose per-op bookkeeping more than doubles the ops this small), it adds a few microseconds
+    per op outside the timed calls only. On a GPU it would time launches, not kernels: CPU runs only."""
+
+    def __init__(self, start: int, end: int) -> None:
+        super().__init__()
+        if end <= start:
+            raise ValueError(f"attribution window: end step {end} must follow start step {start}")
+        self.start, self.end = start, end
+        self.active = self.done = False
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self.shapes: dict[tuple[str, str], list[float]] = {}  # (op, shapes) -> [seconds, calls, flops]
+
+    def tick(self, step: int) -> None:
+        if step == self.end and self.active:
+            self.__exit__(None, None, None)
+            self.active, self.done = False, True
+        if step == self.start:
+            self.__enter__()
+            self.active = True
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        t = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        dt = time.perf_counter() - t
+        op = str(func)
+        self.seconds[op] = self.seconds.get(op, 0.0) + dt
+        self.calls[op] = self.calls.get(op, 0) + 1
+        flops = product_flops(op, args)
+        if flops:
+            key = (op, " @ ".join(str(tuple(a.shape)) for a in args[:3] if isinstance(a, torch.Tensor)))
+            entry = self.shapes.setdefault(key, [0.0, 0, 0])
+            entry[0] += dt
+            entry[1] += 1
+            entry[2] += flops
+        return out
+
+    def attribution(self, n: int = 15) -> dict[str, Any]:
+        """Per step of the window: ms of all timed ops and of each `op_category`, the products' GFLOP and rate,
+        the `n` costliest ops (ms and calls) and the `n` costliest product shapes (ms, calls, GFLOP/s). Empty where
+        the run ended inside the window (the timer is then stopped)."""
+        if not self.done:
+            if self.active:
+                self.__exit__(None, None, None)
+                self.active = False
+            return {}
+        steps = self.end - self.start
+        categories = dict.fromkeys(("products", "attention", "other", "optimizer"), 0.0)
+        for op, seconds in self.seconds.items():
+            categories[op_category(op)] += seconds * 1e3 / steps
+        product_s = sum(e[0] for e in self.shapes.values())
+        product_flops_total = sum(e[2] for e in self.shapes.values())
+        top = sorted(self.seconds, key=self.seconds.__getitem__, reverse=True)[:n]
+        shapes = sorted(self.shapes.items(), key=lambda kv: kv[1][0], reverse=True)[:n]
+        return {
+            "ops_ms_per_step": sum(self.seconds.values()) * 1e3 / steps,
+            "ms_per_step": categories,
+            "products_gflop_per_step": product_flops_total / 1e9 / steps,
+            "products_gflops_per_s": product_flops_total / 1e9 / product_s if product_s else 0.0,
+            "top_ops": [
+                {"op": op, "ms_per_step": self.seconds[op] * 1e3 / steps, "calls_per_step": self.calls[op] / steps}
+                for op in top
+            ],
+            "top_products": [
+                {
+                    "op": op,
+                    "shapes": shape,
+                    "ms_per_step": s * 1e3 / steps,
+                    "calls_per_step": calls / steps,
+                    "gflops_per_s": flops / 1e9 / s if s else 0.0,
+                }
+                for (op, shape), (s, calls, flops) in shapes
+            ],
         }
 
 

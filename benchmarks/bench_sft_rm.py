@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402 - the script's own folder first
+    OpTimer,
     Setup,
     StepProfiler,
     add_side_arguments,
@@ -84,8 +85,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_side_arguments(p)
     p.add_argument("--ours-two-rows", action="store_true", help="RM: score chosen and rejected as two rows each")
     p.add_argument("--ours-padded", action="store_true", help="padded batches (data.padding_free false)")
-    p.add_argument(
+    watching = p.add_mutually_exclusive_group()
+    watching.add_argument(
         "--profile", action="store_true", help="torch.profiler over each timed window: the top ops of each side"
+    )
+    watching.add_argument(
+        "--attribute",
+        action="store_true",
+        help="time every op of each timed window (CPU): ms a step in products, attention, other ops and the "
+        "optimizer, and the products' GFLOP/s",
     )
     p.add_argument("--workdir", default=None, help="where models, data and run directories go (default: a temp dir)")
     # worker mode (one trial), used by the orchestrator
@@ -140,29 +148,43 @@ def example_tokens(example: dict[str, Any], stage: str, *, share_prompt: bool = 
 
 
 class StepClock:
-    """Wall-clock and process CPU time at the end of each optimizer step, and the thread count in use; with
-    `profile=(start, end)`, torch.profiler records the steps after `start` up to `end` (`top_ops`)."""
+    """Wall-clock and process CPU time at the end of each optimizer step, and the thread count in use; `watch`, if
+    given, sees every step end too: torch.profiler (`StepProfiler`) or the per-op timer (`OpTimer`) over the timed
+    window, whose findings `report()` returns."""
 
-    def __init__(self, profile: tuple[int, int] | None = None) -> None:
+    def __init__(self, watch: StepProfiler | OpTimer | None = None) -> None:
         self.at: dict[int, tuple[float, float]] = {}
         self.threads = 0
-        self.profiler = StepProfiler(*profile) if profile else None
+        self.watch = watch
 
     def tick(self, step: int) -> None:
-        if self.profiler is not None:
-            self.profiler.tick(step)  # waits for the GPU, as the clock must
-        elif torch.cuda.is_available():
+        if self.watch is not None:
+            self.watch.tick(step)
+        if torch.cuda.is_available():
             torch.cuda.synchronize()  # the step's kernels have run, not only been queued
         self.at[step] = (time.perf_counter(), time.process_time())
         self.threads = torch.get_num_threads()
 
-    def top_ops(self) -> dict[str, list[dict[str, Any]]]:
-        return self.profiler.top_ops() if self.profiler is not None else {}
+    def report(self) -> dict[str, Any]:
+        if isinstance(self.watch, StepProfiler):
+            return {"top_ops": self.watch.top_ops()}
+        if isinstance(self.watch, OpTimer):
+            return {"attribution": self.watch.attribution()}
+        return {}
 
     def window(self, start: int, end: int) -> dict[str, float]:
         """Seconds from the end of step `start` to the end of step `end`: wall clock and CPU (all threads)."""
         (w0, c0), (w1, c1) = self.at[start], self.at[end]
         return {"window_s": w1 - w0, "cpu_s": c1 - c0, "threads_in_use": self.threads}
+
+
+def watch(args: argparse.Namespace) -> StepProfiler | OpTimer | None:
+    """What watches a worker's timed window (from the end of step `log_every` to the last step), if anything."""
+    if args.profile:
+        return StepProfiler(args.log_every, args.steps)
+    if args.attribute:
+        return OpTimer(args.log_every, args.steps)
+    return None
 
 
 def worker_ours(args: argparse.Namespace, setup: Setup, stage: str, run_dir: Path) -> dict[str, Any]:
@@ -194,7 +216,7 @@ def worker_ours(args: argparse.Namespace, setup: Setup, stage: str, run_dir: Pat
         overrides["share_prompt"] = not args.ours_two_rows
     overrides["data.padding_free"] = not args.ours_padded
     cfg = load_config(module.Config, None, [f"--{k}={v}" for k, v in overrides.items()])
-    clock = StepClock((args.log_every, args.steps) if args.profile else None)
+    clock = StepClock(watch(args))
     # after the optimizer step, before logging: where TRL's on_step_end fires
     with traced_train_steps(lambda engine: clock.tick(engine.step)) as step_losses:
         module.train(cfg)
@@ -204,7 +226,7 @@ def worker_ours(args: argparse.Namespace, setup: Setup, stage: str, run_dir: Pat
     auto = AutoModelForCausalLM if stage == "sft" else AutoModelForSequenceClassification
     return {
         **clock.window(args.log_every, args.steps),
-        "profile": clock.top_ops(),
+        "watched": clock.report(),
         "losses": {m["step"]: m["train/loss"] for m in metrics if "train/loss" in m},
         "step_losses": step_losses,
         "matmul_params": matmul_params(auto.from_pretrained(run_dir / "final")),
@@ -269,13 +291,13 @@ def worker_trl(args: argparse.Namespace, setup: Setup, stage: str, run_dir: Path
             model=model, args=RewardConfig(**common), train_dataset=Dataset.from_list(rows), processing_class=tokenizer
         )
         tokens = [len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in trainer.train_dataset]
-    clock = StepClock((args.log_every, args.steps) if args.profile else None)
+    clock = StepClock(watch(args))
     trainer.add_callback(StepCallback(clock))
     trainer.train()
     b = args.batch_size
     return {
         **clock.window(args.log_every, args.steps),
-        "profile": clock.top_ops(),
+        "watched": clock.report(),
         "losses": {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h},
         "matmul_params": matmul_params(model),
         "tokens": [sum(tokens[s * b : (s + 1) * b]) for s in range(args.steps)],
@@ -314,7 +336,7 @@ def trial(args: argparse.Namespace, side: str, stage: str, files: dict[str, Path
         "context": args.context,
     } | extra
     cmd = [sys.executable, __file__, *(f"--{k}={v}" for k, v in values.items())]
-    flags = ("trl-gradient-checkpointing", "ours-two-rows", "ours-padded", "profile")
+    flags = ("trl-gradient-checkpointing", "ours-two-rows", "ours-padded", "profile", "attribute")
     cmd += [f"--{flag}" for flag in flags if getattr(args, flag.replace("-", "_"))]
     result = run_worker(cmd, files["result"])
     result["losses"] = {int(k): v for k, v in result["losses"].items()}
@@ -412,8 +434,8 @@ def bench_stage(
                 "mean_loss": timed_mean_loss(r, args),
             }
         )
-        if r["profile"]:  # with --profile the windows include the profiler's own overhead
-            emit({"bench": stage, "side": side, "round": rnd, "top_ops": r["profile"]})
+        if r["watched"]:  # with --profile or --attribute the windows include the watcher's own overhead
+            emit({"bench": stage, "side": side, "round": rnd, **r["watched"]})
     timed_tokens = sum(plan[args.log_every :])
     ours_runs = shared if stage == "rm" and not args.ours_two_rows else plan
     computed = {"ours": sum(ours_runs[args.log_every :]), "trl": timed_tokens}
@@ -444,6 +466,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.steps % args.log_every or args.steps <= args.log_every:
         raise SystemExit("--steps must be a multiple of --log-every and larger than it")
+    if args.attribute and device() == "cuda":
+        raise SystemExit("--attribute times each op on the host, which on a GPU only launches it: use --profile")
     set_threads(args.threads)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_sft_rm-"))
     workdir.mkdir(parents=True, exist_ok=True)

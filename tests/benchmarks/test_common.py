@@ -1,5 +1,6 @@
 """The benchmarks' shared helpers: the longer sequences (`--context`: filler before every prompt, nothing else
-changed), the record of the machine a figure comes from, and the profile of a window of steps."""
+changed), the record of the machine a figure comes from, and the profile and per-op attribution of a window of
+steps."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from _common import StepProfiler, lengths, machine, write_data  # noqa: E402
+from _common import OpTimer, StepProfiler, lengths, machine, op_category, product_flops, write_data  # noqa: E402
 from rlhf.tasks.tiny import build_tokenizer  # noqa: E402
 
 
@@ -76,3 +77,54 @@ def test_a_step_profile_whose_window_is_not_over_reports_nothing():
     assert profiler.top_ops() == {}
     with pytest.raises(ValueError, match="end step 2 must follow start step 2"):
         StepProfiler(2, 2)
+
+
+def test_product_flops_count_two_per_multiply_add_from_the_shapes():
+    """(M, K) @ (K, N) is M K N multiply-adds: 2 x 3 x 4 x 5 = 120 FLOPs; bias terms are not counted; batched
+    products count each batch; oneDNN's x (.., in) @ w (out, in)^T counts every row of x."""
+    a, b, bias = torch.ones(3, 4), torch.ones(4, 5), torch.ones(5)
+    assert product_flops("aten.mm.default", (a, b)) == 120
+    assert product_flops("aten.addmm.default", (bias, a, b)) == 120
+    assert product_flops("aten.bmm.default", (torch.ones(2, 3, 4), torch.ones(2, 4, 5))) == 240
+    assert product_flops("aten.baddbmm.default", (torch.ones(2, 3, 5), torch.ones(2, 3, 4), torch.ones(2, 4, 5))) == 240
+    x, w = torch.ones(2, 3, 4), torch.ones(5, 4)
+    assert product_flops("mkldnn._linear_pointwise.default", (x, w, None, "none", [], "")) == 240
+    assert product_flops("aten.mul.Tensor", (a, a)) == 0
+    assert [op_category(op) for op in ("aten.addmm.default", "aten.mm.out", "aten.mul.Tensor")] == [
+        "products",
+        "products",
+        "other",
+    ]
+    assert op_category("aten._scaled_dot_product_flash_attention_for_cpu_backward.default") == "attention"
+    assert op_category("aten._fused_adamw_.default") == op_category("aten._foreach_norm.Scalar") == "optimizer"
+
+
+def test_the_attribution_times_the_ops_of_its_window_steps_only():
+    """Steps 1..6 with step s doing s + 2 (8 x 8) products and tanhs: the window (2, 5] holds 5 + 6 + 7 = 18 of
+    each over 3 steps, 6 a step, and 6 x 2 x 8^3 = 6144 FLOPs a step. The categories add up to the total."""
+    timer = OpTimer(2, 5)
+    a = torch.randn(8, 8)
+    for step in range(1, 7):
+        for _ in range(step + 2):
+            a = torch.mm(a, a).tanh()
+        timer.tick(step)
+    report = timer.attribution()
+    calls = {op["op"]: op["calls_per_step"] for op in report["top_ops"]}
+    assert calls == {"aten.mm.default": 6, "aten.tanh.default": 6}
+    assert report["products_gflop_per_step"] == pytest.approx(6144e-9)
+    assert [(p["shapes"], p["calls_per_step"]) for p in report["top_products"]] == [("(8, 8) @ (8, 8)", 6)]
+    assert report["ms_per_step"]["products"] > 0 and report["ms_per_step"]["other"] > 0
+    assert sum(report["ms_per_step"].values()) == pytest.approx(report["ops_ms_per_step"])
+    assert torch._C._len_torch_dispatch_stack() == 0  # the timer let go of the dispatcher at the window's end
+
+
+def test_an_attribution_whose_window_is_not_over_reports_nothing_and_stops_timing():
+    timer = OpTimer(2, 5)
+    for step in range(1, 4):
+        torch.ones(2).add(1)
+        timer.tick(step)
+    assert torch._C._len_torch_dispatch_stack() == 1
+    assert timer.attribution() == {}
+    assert torch._C._len_torch_dispatch_stack() == 0
+    with pytest.raises(ValueError, match="end step 2 must follow start step 2"):
+        OpTimer(2, 2)
