@@ -20,7 +20,8 @@ tokens/s (real tokens, padding excluded), peak memory of the worker (RSS; GPU: a
 the timed steps (the same statistic on both sides), and MFU = 6 * N * tokens/s / peak, where N counts the
 parameters in matmuls and the peak is measured here with a large torch.matmul loop in the run's precision on
 the same number of threads; then the ratio ours/TRL. A separate short run per side logs every step and checks
-that the two loss curves agree from the first step on.
+that the two loss curves agree from the first step on; in bf16 ours also runs that check in fp32, so the record
+says how far our bf16 curve lies from our fp32 one (`max_abs_diff_ours_fp32`).
 """
 
 from __future__ import annotations
@@ -343,23 +344,27 @@ def trial(args: argparse.Namespace, side: str, stage: str, files: dict[str, Path
     return result
 
 
-def loss_check(args: argparse.Namespace, stage: str, files: dict[str, Path], tokens: list[int]) -> dict[str, Any]:
-    """Both sides for `check_steps` steps logging every step: the loss curves must coincide."""
+def loss_check(
+    args: argparse.Namespace, stage: str, files: dict[str, Path], tokens: list[int], sides: list[str]
+) -> dict[str, Any]:
+    """`check_steps` steps logging every step, ours and TRL's (if in `sides`): the loss curves must coincide. In
+    bf16 ours runs in fp32 too, so the record also says how far our bf16 curve lies from our fp32 one."""
     short = {"steps": args.check_steps, "log-every": 1}
-    runs = {side: trial(args, side, stage, files, **short) for side in ("ours", "trl")}
-    ours, trl = runs["ours"]["losses"], runs["trl"]["losses"]
-    assert runs["trl"]["tokens"] == tokens[: args.check_steps], "TRL tokenized the rows differently"
-    diffs = [abs(ours[s] - trl[s]) for s in range(1, args.check_steps + 1)]
-    return {
-        "bench": stage,
-        "check": "loss_curve",
-        "steps": args.check_steps,
-        "first_loss_ours": ours[1],
-        "first_loss_trl": trl[1],
-        "max_abs_diff": max(diffs),
-        "last_loss_ours": ours[args.check_steps],
-        "last_loss_trl": trl[args.check_steps],
-    }
+    runs = {side: trial(args, side, stage, files, **short) for side in sides}
+    if args.precision != "fp32":
+        runs["ours_fp32"] = trial(args, "ours", stage, files, **short, precision="fp32")
+    if "trl" in runs:
+        assert runs["trl"]["tokens"] == tokens[: args.check_steps], "TRL tokenized the rows differently"
+    curves = {name: run["losses"] for name, run in runs.items()}
+    steps = range(1, args.check_steps + 1)
+    record: dict[str, Any] = {"bench": stage, "check": "loss_curve", "steps": args.check_steps}
+    for name, curve in curves.items():
+        record[f"first_loss_{name}"], record[f"last_loss_{name}"] = curve[1], curve[args.check_steps]
+    if "trl" in curves:
+        record["max_abs_diff"] = max(abs(curves["ours"][s] - curves["trl"][s]) for s in steps)
+    if "ours_fp32" in curves:
+        record["max_abs_diff_ours_fp32"] = max(abs(curves["ours"][s] - curves["ours_fp32"][s]) for s in steps)
+    return record
 
 
 def timed_mean_loss(result: dict[str, Any], args: argparse.Namespace) -> float:
@@ -414,8 +419,8 @@ def bench_stage(
     """The loss-curve check, then `rounds` alternating timed trials per side, their summary and the ratio."""
     plan, shared = tokens  # real tokens per step: of the sequences, and with the prompt once (RM)
     sides = args.impls.split(",")
-    if args.check_steps and "trl" in sides:
-        emit(loss_check(args, stage, files, plan))
+    if args.check_steps and ("trl" in sides or args.precision != "fp32"):
+        emit(loss_check(args, stage, files, plan, sides))
     results: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
     for rnd, side in alternating(args.rounds, sides):
         r = trial(args, side, stage, files)
