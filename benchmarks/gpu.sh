@@ -53,6 +53,14 @@ else
     device=cuda
     read -ra contexts <<< "${GPU_SH_CONTEXTS:-0 448}"
     $PY -c 'import torch, transformers, accelerate; print(torch.__version__, transformers.__version__, accelerate.__version__)'
+    # which attention kernel sdpa tries first here (cuDNN's builds a graph for every new shape: benchmarks/README.md)
+    $PY -c 'import torch
+from torch.nn.attention import SDPBackend
+q = torch.ones(1, 1, 8, 64, device="cuda", dtype=torch.bfloat16)
+torch.nn.functional.scaled_dot_product_attention(q, q, q)  # the first call settles the default order
+names = {int(b): n for n, b in SDPBackend.__members__.items()}
+order = [names.get(i, i) for i in torch._C._get_sdp_priority_order()]
+print("cudnn", torch.backends.cudnn.version(), "sdpa order", order)' || true
 fi
 impls=ours,trl
 $PY -c 'import trl' 2>/dev/null || impls=ours
