@@ -345,13 +345,13 @@ def trial(args: argparse.Namespace, side: str, stage: str, files: dict[str, Path
 
 
 def loss_check(
-    args: argparse.Namespace, stage: str, files: dict[str, Path], tokens: list[int], sides: list[str]
+    args: argparse.Namespace, stage: str, files: dict[str, Path], tokens: list[int], sides: list[str], fp32_too: bool
 ) -> dict[str, Any]:
-    """`check_steps` steps logging every step, ours and TRL's (if in `sides`): the loss curves must coincide. In
-    bf16 ours runs in fp32 too, so the record also says how far our bf16 curve lies from our fp32 one."""
+    """`check_steps` steps logging every step, of each of `sides`: ours and TRL's loss curves must coincide. With
+    `fp32_too` (a bf16 run) ours runs in fp32 too, and the record says how far our bf16 curve lies from it."""
     short = {"steps": args.check_steps, "log-every": 1}
     runs = {side: trial(args, side, stage, files, **short) for side in sides}
-    if args.precision != "fp32":
+    if fp32_too:
         runs["ours_fp32"] = trial(args, "ours", stage, files, **short, precision="fp32")
     if "trl" in runs:
         assert runs["trl"]["tokens"] == tokens[: args.check_steps], "TRL tokenized the rows differently"
@@ -360,7 +360,7 @@ def loss_check(
     record: dict[str, Any] = {"bench": stage, "check": "loss_curve", "steps": args.check_steps}
     for name, curve in curves.items():
         record[f"first_loss_{name}"], record[f"last_loss_{name}"] = curve[1], curve[args.check_steps]
-    if "trl" in curves:
+    if {"ours", "trl"} <= curves.keys():
         record["max_abs_diff"] = max(abs(curves["ours"][s] - curves["trl"][s]) for s in steps)
     if "ours_fp32" in curves:
         record["max_abs_diff_ours_fp32"] = max(abs(curves["ours"][s] - curves["ours_fp32"][s]) for s in steps)
@@ -419,8 +419,9 @@ def bench_stage(
     """The loss-curve check, then `rounds` alternating timed trials per side, their summary and the ratio."""
     plan, shared = tokens  # real tokens per step: of the sequences, and with the prompt once (RM)
     sides = args.impls.split(",")
-    if args.check_steps and ("trl" in sides or args.precision != "fp32"):
-        emit(loss_check(args, stage, files, plan, sides))
+    fp32_too = args.precision != "fp32" and "ours" in sides  # our bf16 loss curve against our fp32 one
+    if args.check_steps and (len(sides) > 1 or fp32_too):
+        emit(loss_check(args, stage, files, plan, sides, fp32_too))
     results: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
     for rnd, side in alternating(args.rounds, sides):
         r = trial(args, side, stage, files)
