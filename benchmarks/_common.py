@@ -224,6 +224,10 @@ class StepProfiler:
             self.profiler = torch.profiler.profile(activities=activities)
             self.profiler.__enter__()
 
+    def report(self) -> dict[str, Any]:
+        """{"top_ops": `top_ops()`}: what a benchmark adds to its trial's record."""
+        return {"top_ops": self.top_ops()}
+
     def top_ops(self, n: int = 15) -> dict[str, list[dict[str, Any]]]:
         """The `n` ops with the most self time per profiled step: {"cpu": [...]} (host time: on a GPU, launching
         and waiting), and on a GPU also {"device": [...]} (kernel time); each op with its calls per step, which
@@ -320,10 +324,14 @@ class OpTimer(torch.utils._python_dispatch.TorchDispatchMode):
             entry[2] += flops
         return out
 
+    def report(self) -> dict[str, Any]:
+        """{"attribution": `attribution()`}: what a benchmark adds to its trial's record."""
+        return {"attribution": self.attribution()}
+
     def attribution(self, n: int = 15) -> dict[str, Any]:
-        """Per step of the window: ms of all timed ops and of each `op_category`, the products' GFLOP and rate,
-        the `n` costliest ops (ms and calls) and the `n` costliest product shapes (ms, calls, GFLOP/s). Empty where
-        the run ended inside the window (the timer is then stopped)."""
+        """Per step of the window: ms and count of all timed ops, ms of each `op_category`, the products' GFLOP and
+        rate, the `n` costliest ops (ms and calls) and the `n` costliest product shapes (ms, calls, GFLOP/s). Empty
+        where the run ended inside the window (the timer is then stopped)."""
         if not self.done:
             if self.active:
                 self.__exit__(None, None, None)
@@ -339,6 +347,7 @@ class OpTimer(torch.utils._python_dispatch.TorchDispatchMode):
         shapes = sorted(self.shapes.items(), key=lambda kv: kv[1][0], reverse=True)[:n]
         return {
             "ops_ms_per_step": sum(self.seconds.values()) * 1e3 / steps,
+            "ops_per_step": sum(self.calls.values()) / steps,
             "ms_per_step": categories,
             "products_gflop_per_step": product_flops_total / 1e9 / steps,
             "products_gflops_per_s": product_flops_total / 1e9 / product_s if product_s else 0.0,
@@ -357,6 +366,28 @@ class OpTimer(torch.utils._python_dispatch.TorchDispatchMode):
                 for (op, shape), (s, calls, flops) in shapes
             ],
         }
+
+
+def add_watch_arguments(parser: Any, window: str) -> None:
+    """`--profile` (torch.profiler's top ops) or `--attribute` (`OpTimer`: every op timed alone, CPU) over the
+    steps each trial watches, which `window` names for the help."""
+    watching = parser.add_mutually_exclusive_group()
+    watching.add_argument("--profile", action="store_true", help=f"torch.profiler's top ops of {window}")
+    watching.add_argument(
+        "--attribute",
+        action="store_true",
+        help=f"every op of {window} timed alone (CPU): ms a step in products, attention, other ops and the "
+        "optimizer, ops a step, and the products' GFLOP/s",
+    )
+
+
+def step_watch(args: Any, start: int, end: int) -> StepProfiler | OpTimer | None:
+    """What watches the steps after `start` up to `end`, as `add_watch_arguments`' flags ask, if anything."""
+    if args.profile:
+        return StepProfiler(start, end)
+    if args.attribute:
+        return OpTimer(start, end)
+    return None
 
 
 @contextlib.contextmanager

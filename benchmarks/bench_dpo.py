@@ -17,7 +17,8 @@ sampler thread reading /proc/self/statm every 2 ms; `rss_growth_mb` is the part 
 i.e. what the job itself allocated) and the final logged loss.
 One JSON object per trial goes to stdout, then a summary with the medians and the ours/TRL ratios. `--profile`
 adds each trial's top ops (torch.profiler over the steps after the first log line up to the second: host time,
-and kernel time on a GPU, with calls per step), at the cost of the profiler's overhead in the timings.
+and kernel time on a GPU, with calls per step), `--attribute` (CPU) every op of those steps timed alone, by kind,
+with the ops a step; both at the cost of their overhead in the timings.
 
 Settings shared by both: sigmoid loss, beta 0.1, batch 16 pairs in one micro-batch, AdamW lr 5e-4 with a linear
 decay and no warmup, gradient clipping at 1.0, fp32 (`--precision bf16`: bf16 mixed precision on both sides), no
@@ -44,13 +45,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import (  # noqa: E402
+    OpTimer,
     StepProfiler,
     add_side_arguments,
+    add_watch_arguments,
     device,
     lengths,
     machine,
     mixed_precision,
     peak_memory_mib,
+    step_watch,
     traced_train_steps,
     write_data,
 )
@@ -93,7 +97,7 @@ class PeakRSS:
 # ---------------------------------------------------------------------------------------------- the two jobs
 
 
-def run_ours(args: argparse.Namespace, out: str, profiler: StepProfiler | None) -> dict[str, Any]:
+def run_ours(args: argparse.Namespace, out: str, watch: StepProfiler | OpTimer | None) -> dict[str, Any]:
     """Our job on the trial's `args` (model, data, epochs, reference setting, precision, context)."""
     from rlhf.config import load_config
     from rlhf.trainers import dpo
@@ -135,7 +139,7 @@ def run_ours(args: argparse.Namespace, out: str, profiler: StepProfiler | None) 
     cfg = load_config(
         dpo.Config, None, [f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in overrides.items()]
     )
-    tick = None if profiler is None else lambda engine: profiler.tick(engine.step)
+    tick = None if watch is None else lambda engine: watch.tick(engine.step)
     with traced_train_steps(tick) as step_losses:
         run_dir = dpo.train(cfg)
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -149,7 +153,7 @@ def run_ours(args: argparse.Namespace, out: str, profiler: StepProfiler | None) 
     }
 
 
-def run_trl(args: argparse.Namespace, out: str, profiler: StepProfiler | None) -> dict[str, Any]:
+def run_trl(args: argparse.Namespace, out: str, watch: StepProfiler | OpTimer | None) -> dict[str, Any]:
     """TRL's job on the trial's `args`, as `run_ours`."""
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
@@ -164,9 +168,9 @@ def run_trl(args: argparse.Namespace, out: str, profiler: StepProfiler | None) -
         def on_train_end(self, *a: Any, **kw: Any) -> None:
             marks["end"] = time.process_time()
 
-    class Profile(TrainerCallback):
+    class Watch(TrainerCallback):
         def on_step_end(self, _args: Any, state: Any, *a: Any, **kw: Any) -> None:
-            profiler.tick(state.global_step)
+            watch.tick(state.global_step)
 
     rows = [json.loads(line) for line in Path(args.data).read_text().splitlines()]
     dataset = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
@@ -200,7 +204,7 @@ def run_trl(args: argparse.Namespace, out: str, profiler: StepProfiler | None) -
         args=config,
         train_dataset=dataset,
         processing_class=AutoTokenizer.from_pretrained(args.model),
-        callbacks=[LoopClock()] + ([] if profiler is None else [Profile()]),
+        callbacks=[LoopClock()] + ([] if watch is None else [Watch()]),
     )
     result = trainer.train()
     trainer.save_model(out + "/final")
@@ -224,8 +228,8 @@ def child(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp, PeakRSS() as rss:
         start, cpu_start = time.perf_counter(), time.process_time()
         job = run_ours if args.impl == "ours" else run_trl
-        profiler = StepProfiler(LOG_EVERY, 2 * LOG_EVERY) if args.profile else None
-        result = job(args, tmp + "/run", profiler)
+        watch = step_watch(args, LOG_EVERY, 2 * LOG_EVERY)
+        result = job(args, tmp + "/run", watch)
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     pairs = result["steps"] * BATCH
     record = {
@@ -245,8 +249,8 @@ def child(args: argparse.Namespace) -> None:
         "final_loss": round(result["final_loss"], 4),  # ours: the last step's; TRL: its last interval's mean
         "mean_loss": round(result["mean_loss"], 4),  # over every step of the run, the same statistic on both sides
     }
-    if profiler is not None:
-        record["top_ops"] = profiler.top_ops()
+    if watch is not None:
+        record |= watch.report()
     print("RESULT " + json.dumps(record), flush=True)
 
 
@@ -321,9 +325,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="trials per (implementation, reference) setting")
     p.add_argument("--settings", default="live,cache", help="which reference settings to run")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads in each trial (OMP_NUM_THREADS)")
-    p.add_argument(
-        "--profile", action="store_true", help=f"each trial's top ops over steps {LOG_EVERY}-{2 * LOG_EVERY}"
-    )
+    add_watch_arguments(p, f"each trial's steps {LOG_EVERY + 1}-{2 * LOG_EVERY}")
     add_side_arguments(p, device_flag=True)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--impl", choices=("ours", "trl"), help=argparse.SUPPRESS)
@@ -365,6 +367,7 @@ def main() -> None:
                         "--context",
                         str(args.context),
                         *(["--profile"] if args.profile else []),
+                        *(["--attribute"] if args.attribute else []),
                     ]
                     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
                     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)

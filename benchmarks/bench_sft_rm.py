@@ -42,6 +42,7 @@ from _common import (  # noqa: E402 - the script's own folder first
     Setup,
     StepProfiler,
     add_side_arguments,
+    add_watch_arguments,
     alternating,
     device,
     emit,
@@ -56,6 +57,7 @@ from _common import (  # noqa: E402 - the script's own folder first
     peak_memory_mib,
     run_worker,
     set_threads,
+    step_watch,
     traced_train_steps,
 )
 
@@ -86,16 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_side_arguments(p)
     p.add_argument("--ours-two-rows", action="store_true", help="RM: score chosen and rejected as two rows each")
     p.add_argument("--ours-padded", action="store_true", help="padded batches (data.padding_free false)")
-    watching = p.add_mutually_exclusive_group()
-    watching.add_argument(
-        "--profile", action="store_true", help="torch.profiler over each timed window: the top ops of each side"
-    )
-    watching.add_argument(
-        "--attribute",
-        action="store_true",
-        help="time every op of each timed window (CPU): ms a step in products, attention, other ops and the "
-        "optimizer, and the products' GFLOP/s",
-    )
+    add_watch_arguments(p, "each side's timed window")
     p.add_argument("--workdir", default=None, help="where models, data and run directories go (default: a temp dir)")
     # worker mode (one trial), used by the orchestrator
     p.add_argument("--worker", choices=("ours", "trl"), help=argparse.SUPPRESS)
@@ -167,25 +160,12 @@ class StepClock:
         self.threads = torch.get_num_threads()
 
     def report(self) -> dict[str, Any]:
-        if isinstance(self.watch, StepProfiler):
-            return {"top_ops": self.watch.top_ops()}
-        if isinstance(self.watch, OpTimer):
-            return {"attribution": self.watch.attribution()}
-        return {}
+        return self.watch.report() if self.watch is not None else {}
 
     def window(self, start: int, end: int) -> dict[str, float]:
         """Seconds from the end of step `start` to the end of step `end`: wall clock and CPU (all threads)."""
         (w0, c0), (w1, c1) = self.at[start], self.at[end]
         return {"window_s": w1 - w0, "cpu_s": c1 - c0, "threads_in_use": self.threads}
-
-
-def watch(args: argparse.Namespace) -> StepProfiler | OpTimer | None:
-    """What watches a worker's timed window (from the end of step `log_every` to the last step), if anything."""
-    if args.profile:
-        return StepProfiler(args.log_every, args.steps)
-    if args.attribute:
-        return OpTimer(args.log_every, args.steps)
-    return None
 
 
 def worker_ours(args: argparse.Namespace, setup: Setup, stage: str, run_dir: Path) -> dict[str, Any]:
@@ -217,7 +197,7 @@ def worker_ours(args: argparse.Namespace, setup: Setup, stage: str, run_dir: Pat
         overrides["share_prompt"] = not args.ours_two_rows
     overrides["data.padding_free"] = not args.ours_padded
     cfg = load_config(module.Config, None, [f"--{k}={v}" for k, v in overrides.items()])
-    clock = StepClock(watch(args))
+    clock = StepClock(step_watch(args, args.log_every, args.steps))
     # after the optimizer step, before logging: where TRL's on_step_end fires
     with traced_train_steps(lambda engine: clock.tick(engine.step)) as step_losses:
         module.train(cfg)
@@ -292,7 +272,7 @@ def worker_trl(args: argparse.Namespace, setup: Setup, stage: str, run_dir: Path
             model=model, args=RewardConfig(**common), train_dataset=Dataset.from_list(rows), processing_class=tokenizer
         )
         tokens = [len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in trainer.train_dataset]
-    clock = StepClock(watch(args))
+    clock = StepClock(step_watch(args, args.log_every, args.steps))
     trainer.add_callback(StepCallback(clock))
     trainer.train()
     b = args.batch_size
