@@ -56,15 +56,20 @@ def test_machine_names_the_cpu_family_and_model_numbers(monkeypatch):
     )
 
 
-def test_the_step_profile_counts_only_the_steps_of_its_window():
-    """Steps 1..6 with step s doing s + 2 products: the window (2, 5] holds steps 3, 4 and 5, so 5 + 6 + 7 = 18
-    products over 3 steps, 6 a step (a profile of every step, or from the start, would count otherwise)."""
-    profiler = StepProfiler(2, 5)
+def six_steps(watch: StepProfiler | OpTimer) -> None:
+    """Steps 1..6, step s doing s + 2 (8 x 8) products and tanhs, `watch` ticked after each: a window (2, 5] holds
+    steps 3, 4 and 5, so 5 + 6 + 7 = 18 of each over 3 steps, 6 a step (a watch of every step, or from the start,
+    would count otherwise)."""
     a = torch.randn(8, 8)
     for step in range(1, 7):
         for _ in range(step + 2):
             a = torch.mm(a, a).tanh()
-        profiler.tick(step)
+        watch.tick(step)
+
+
+def test_the_step_profile_counts_only_the_steps_of_its_window():
+    profiler = StepProfiler(2, 5)
+    six_steps(profiler)
     ops = {op["op"]: op for op in profiler.top_ops(n=100)["cpu"]}
     assert ops["aten::mm"]["calls_per_step"] == 6 and ops["aten::tanh"]["calls_per_step"] == 6
     assert ops["aten::mm"]["self_ms_per_step"] > 0
@@ -100,14 +105,10 @@ def test_product_flops_count_two_per_multiply_add_from_the_shapes():
 
 
 def test_the_attribution_times_the_ops_of_its_window_steps_only():
-    """Steps 1..6 with step s doing s + 2 (8 x 8) products and tanhs: the window (2, 5] holds 5 + 6 + 7 = 18 of
-    each over 3 steps, 6 a step, and 6 x 2 x 8^3 = 6144 FLOPs a step. The categories add up to the total."""
+    """`six_steps`: 6 products and 6 tanhs a step in the window, and 6 x 2 x 8^3 = 6144 FLOPs a step. The
+    categories add up to the total."""
     timer = OpTimer(2, 5)
-    a = torch.randn(8, 8)
-    for step in range(1, 7):
-        for _ in range(step + 2):
-            a = torch.mm(a, a).tanh()
-        timer.tick(step)
+    six_steps(timer)
     report = timer.attribution()
     calls = {op["op"]: op["calls_per_step"] for op in report["top_ops"]}
     assert calls == {"aten.mm.default": 6, "aten.tanh.default": 6} and report["ops_per_step"] == 12
