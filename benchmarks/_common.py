@@ -381,7 +381,11 @@ def add_watch_arguments(parser: Any, window: str) -> None:
     )
 
 
-def step_watch(args: Any, start: int, end: int) -> StepProfiler | OpTimer | None:
+StepWatch = StepProfiler | OpTimer
+"""What can watch a window of steps: `tick(step)` after each step, `report()` at the end."""
+
+
+def step_watch(args: Any, start: int, end: int) -> StepWatch | None:
     """What watches the steps after `start` up to `end`, as `add_watch_arguments`' flags ask, if anything."""
     if args.profile:
         return StepProfiler(start, end)

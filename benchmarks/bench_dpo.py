@@ -45,8 +45,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import (  # noqa: E402
-    OpTimer,
-    StepProfiler,
+    StepWatch,
     add_side_arguments,
     add_watch_arguments,
     device,
@@ -97,7 +96,7 @@ class PeakRSS:
 # ---------------------------------------------------------------------------------------------- the two jobs
 
 
-def run_ours(args: argparse.Namespace, out: str, watch: StepProfiler | OpTimer | None) -> dict[str, Any]:
+def run_ours(args: argparse.Namespace, out: str, watch: StepWatch | None) -> dict[str, Any]:
     """Our job on the trial's `args` (model, data, epochs, reference setting, precision, context)."""
     from rlhf.config import load_config
     from rlhf.trainers import dpo
@@ -153,7 +152,7 @@ def run_ours(args: argparse.Namespace, out: str, watch: StepProfiler | OpTimer |
     }
 
 
-def run_trl(args: argparse.Namespace, out: str, watch: StepProfiler | OpTimer | None) -> dict[str, Any]:
+def run_trl(args: argparse.Namespace, out: str, watch: StepWatch | None) -> dict[str, Any]:
     """TRL's job on the trial's `args`, as `run_ours`."""
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback

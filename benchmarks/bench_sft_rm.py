@@ -38,9 +38,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402 - the script's own folder first
-    OpTimer,
     Setup,
-    StepProfiler,
+    StepWatch,
     add_side_arguments,
     add_watch_arguments,
     alternating,
@@ -146,7 +145,7 @@ class StepClock:
     given, sees every step end too: torch.profiler (`StepProfiler`) or the per-op timer (`OpTimer`) over the timed
     window, whose findings `report()` returns."""
 
-    def __init__(self, watch: StepProfiler | OpTimer | None = None) -> None:
+    def __init__(self, watch: StepWatch | None = None) -> None:
         self.at: dict[int, tuple[float, float]] = {}
         self.threads = 0
         self.watch = watch
@@ -299,8 +298,11 @@ def worker_main(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------- orchestration
 
 
-def trial(args: argparse.Namespace, side: str, stage: str, files: dict[str, Path], **extra: Any) -> dict[str, Any]:
-    """One worker process: `side` trains `stage` for `args.steps` steps (or what `extra` overrides)."""
+def trial(
+    args: argparse.Namespace, side: str, stage: str, files: dict[str, Path], *, watched: bool = True, **extra: Any
+) -> dict[str, Any]:
+    """One worker process: `side` trains `stage` for `args.steps` steps (or what `extra` overrides), its timed
+    window watched as `--profile` or `--attribute` ask unless not `watched`."""
     values = {
         "worker": side,
         "stage": stage,
@@ -317,7 +319,9 @@ def trial(args: argparse.Namespace, side: str, stage: str, files: dict[str, Path
         "context": args.context,
     } | extra
     cmd = [sys.executable, __file__, *(f"--{k}={v}" for k, v in values.items())]
-    flags = ("trl-gradient-checkpointing", "ours-two-rows", "ours-padded", "profile", "attribute")
+    flags = ["trl-gradient-checkpointing", "ours-two-rows", "ours-padded"]
+    if watched:
+        flags += ["profile", "attribute"]
     cmd += [f"--{flag}" for flag in flags if getattr(args, flag.replace("-", "_"))]
     result = run_worker(cmd, files["result"])
     result["losses"] = {int(k): v for k, v in result["losses"].items()}
@@ -329,7 +333,7 @@ def loss_check(
 ) -> dict[str, Any]:
     """`check_steps` steps logging every step, of each of `sides`: ours and TRL's loss curves must coincide. With
     `fp32_too` (a bf16 run) ours runs in fp32 too, and the record says how far our bf16 curve lies from it."""
-    short = {"steps": args.check_steps, "log-every": 1}
+    short = {"steps": args.check_steps, "log-every": 1, "watched": False}
     runs = {side: trial(args, side, stage, files, **short) for side in sides}
     if fp32_too:
         runs["ours_fp32"] = trial(args, "ours", stage, files, **short, precision="fp32")
