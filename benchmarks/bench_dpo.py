@@ -121,6 +121,8 @@ def run_ours(args: argparse.Namespace, out: str, watch: StepWatch | None) -> dic
         "checkpoint.resume": "never",
         "train.mixed_precision": mixed_precision(args.precision),
     }
+    if args.ours_padded:  # TRL's layout: [prompt | chosen] and [prompt | rejected] as two padded rows
+        overrides |= {"share_prompt": False, "data.padding_free": False}
     from rlhf.runtime.engine import Engine
 
     marks: dict[str, float] = {}
@@ -326,6 +328,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads in each trial (OMP_NUM_THREADS)")
     add_watch_arguments(p, f"each trial's steps {LOG_EVERY + 1}-{2 * LOG_EVERY}")
     add_side_arguments(p, device_flag=True)
+    p.add_argument(
+        "--ours-padded",
+        action="store_true",
+        help="ours on TRL's layout: each pair as two padded rows [prompt | chosen], [prompt | rejected] "
+        "(share_prompt and data.padding_free off)",
+    )
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--impl", choices=("ours", "trl"), help=argparse.SUPPRESS)
     p.add_argument("--ref", choices=("live", "cache"), help=argparse.SUPPRESS)
@@ -367,6 +375,7 @@ def main() -> None:
                         str(args.context),
                         *(["--profile"] if args.profile else []),
                         *(["--attribute"] if args.attribute else []),
+                        *(["--ours-padded"] if args.ours_padded else []),
                     ]
                     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
                     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)

@@ -32,4 +32,6 @@ def test_the_gpu_script_runs_its_benchmarks_at_a_tiny_size_on_the_cpu(tmp_path):
     assert sft["samples_per_s"] > 0 and 0 < sft["mfu"] < 1
     dpo = [x for x in lines if x.get("impl") == "ours" and "pairs_per_s" in x]
     grpo = [x for x in lines if x.get("impl") == "ours" and "completions_per_s" in x]
-    assert len(dpo) == len(grpo) == 1 and dpo[0]["pairs_per_s"] > 0 and grpo[0]["completions"] == 2 * 16 * 8
+    assert len(dpo) == 2 and all(x["pairs_per_s"] > 0 for x in dpo)  # our flat tree layout, then TRL's padded rows
+    assert abs(dpo[0]["mean_loss"] - dpo[1]["mean_loss"]) < 2e-3  # the same pairs and loss: bf16 rounding apart
+    assert len(grpo) == 1 and grpo[0]["completions"] == 2 * 16 * 8
