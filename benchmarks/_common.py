@@ -200,29 +200,63 @@ def matmul_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if id(p) not in skip)
 
 
-class StepProfiler:
-    """torch.profiler over the optimizer steps after `start` up to `end`: `tick(step)` at the end of every step
-    (it waits for the GPU's queued kernels first), `top_ops()` once the window is over."""
+class StepWindow:
+    """A watch over the optimizer steps after `start` up to `end`: `tick(step)` at the end of every step starts it
+    at `start` and stops it at `end`, `report()` once it is over. Subclasses say how to `_begin` and `_finish`
+    watching, and read what they saw only `_over()` (which stops a watch the run left inside its window, so it
+    reports nothing)."""
 
     def __init__(self, start: int, end: int) -> None:
         if end <= start:
-            raise ValueError(f"profile window: end step {end} must follow start step {start}")
+            raise ValueError(f"watched window: end step {end} must follow start step {start}")
         self.start, self.end = start, end
-        self.profiler: Any = None
-        self.done = False
+        self.active = self.done = False
+
+    def tick(self, step: int) -> None:
+        if step == self.end and self.active:
+            self._finish()
+            self.active, self.done = False, True
+        if step == self.start:
+            self._begin()
+            self.active = True
+
+    def _over(self) -> bool:
+        if self.active and not self.done:
+            self._finish()
+            self.active = False
+        return self.done
+
+    def report(self) -> dict[str, Any]:
+        """What a benchmark adds to its trial's record, under the watch's own key."""
+        raise NotImplementedError
+
+    def _begin(self) -> None:
+        raise NotImplementedError
+
+    def _finish(self) -> None:
+        raise NotImplementedError
+
+
+class StepProfiler(StepWindow):
+    """torch.profiler over a `StepWindow` (each tick waits for the GPU's queued kernels first); `top_ops()` once
+    the window is over."""
+
+    profiler: Any = None
 
     def tick(self, step: int) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the step's kernels have run, not only been queued
-        if step == self.end and self.profiler is not None:
-            self.profiler.__exit__(None, None, None)
-            self.done = True
-        if step == self.start:
-            activities = [torch.profiler.ProfilerActivity.CPU]
-            if torch.cuda.is_available():
-                activities.append(torch.profiler.ProfilerActivity.CUDA)
-            self.profiler = torch.profiler.profile(activities=activities)
-            self.profiler.__enter__()
+        super().tick(step)
+
+    def _begin(self) -> None:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self.profiler = torch.profiler.profile(activities=activities)
+        self.profiler.__enter__()
+
+    def _finish(self) -> None:
+        self.profiler.__exit__(None, None, None)
 
     def report(self) -> dict[str, Any]:
         """{"top_ops": `top_ops()`}: what a benchmark adds to its trial's record."""
@@ -232,10 +266,7 @@ class StepProfiler:
         """The `n` ops with the most self time per profiled step: {"cpu": [...]} (host time: on a GPU, launching
         and waiting), and on a GPU also {"device": [...]} (kernel time); each op with its calls per step, which
         on a GPU are kernel launches. Empty where the run ended inside the window (the profiler is then stopped)."""
-        if not self.done:
-            if self.profiler is not None:
-                self.profiler.__exit__(None, None, None)
-                self.profiler = None
+        if not self._over():
             return {}
         steps = self.end - self.start
         events = self.profiler.key_averages()
@@ -283,30 +314,15 @@ def op_category(op: str) -> str:
     return "other"
 
 
-class OpTimer(torch.utils._python_dispatch.TorchDispatchMode):
-    """Host time of every aten op of the optimizer steps after `start` up to `end` (forward, backward and optimizer
-    alike), each op timed alone as it is dispatched; matrix products also by operand shapes, with their FLOPs
-    (`product_flops`). `tick(step)` at the end of every step, `attribution()` once the window is over. Unlike
-    torch.profiler (whose per-op bookkeeping more than doubles the ops this small), it adds a few microseconds
-    per op outside the timed calls only. On a GPU it would time launches, not kernels: CPU runs only."""
+class _OpTimes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Seconds and calls of every op dispatched while the mode is on; the matrix products also by operand shapes,
+    with their FLOPs (`product_flops`)."""
 
-    def __init__(self, start: int, end: int) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        if end <= start:
-            raise ValueError(f"attribution window: end step {end} must follow start step {start}")
-        self.start, self.end = start, end
-        self.active = self.done = False
         self.seconds: dict[str, float] = {}
         self.calls: dict[str, int] = {}
         self.shapes: dict[tuple[str, str], list[float]] = {}  # (op, shapes) -> [seconds, calls, flops]
-
-    def tick(self, step: int) -> None:
-        if step == self.end and self.active:
-            self.__exit__(None, None, None)
-            self.active, self.done = False, True
-        if step == self.start:
-            self.__enter__()
-            self.active = True
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         t = time.perf_counter()
@@ -324,6 +340,23 @@ class OpTimer(torch.utils._python_dispatch.TorchDispatchMode):
             entry[2] += flops
         return out
 
+
+class OpTimer(StepWindow):
+    """Host time of every aten op of a `StepWindow` (forward, backward and optimizer alike), each op timed alone as
+    it is dispatched (`_OpTimes`); `attribution()` once the window is over. Unlike torch.profiler (whose per-op
+    bookkeeping more than doubles the ops this small), it adds a few microseconds per op outside the timed calls
+    only. On a GPU it would time launches, not kernels: CPU runs only."""
+
+    def __init__(self, start: int, end: int) -> None:
+        super().__init__(start, end)
+        self.times = _OpTimes()
+
+    def _begin(self) -> None:
+        self.times.__enter__()
+
+    def _finish(self) -> None:
+        self.times.__exit__(None, None, None)
+
     def report(self) -> dict[str, Any]:
         """{"attribution": `attribution()`}: what a benchmark adds to its trial's record."""
         return {"attribution": self.attribution()}
@@ -332,27 +365,25 @@ class OpTimer(torch.utils._python_dispatch.TorchDispatchMode):
         """Per step of the window: ms and count of all timed ops, ms of each `op_category`, the products' GFLOP and
         rate, the `n` costliest ops (ms and calls) and the `n` costliest product shapes (ms, calls, GFLOP/s). Empty
         where the run ended inside the window (the timer is then stopped)."""
-        if not self.done:
-            if self.active:
-                self.__exit__(None, None, None)
-                self.active = False
+        if not self._over():
             return {}
         steps = self.end - self.start
+        t = self.times
         categories = dict.fromkeys(("products", "attention", "other", "optimizer"), 0.0)
-        for op, seconds in self.seconds.items():
+        for op, seconds in t.seconds.items():
             categories[op_category(op)] += seconds * 1e3 / steps
-        product_s = sum(e[0] for e in self.shapes.values())
-        product_flops_total = sum(e[2] for e in self.shapes.values())
-        top = sorted(self.seconds, key=self.seconds.__getitem__, reverse=True)[:n]
-        shapes = sorted(self.shapes.items(), key=lambda kv: kv[1][0], reverse=True)[:n]
+        product_s = sum(e[0] for e in t.shapes.values())
+        product_flops_total = sum(e[2] for e in t.shapes.values())
+        top = sorted(t.seconds, key=t.seconds.__getitem__, reverse=True)[:n]
+        shapes = sorted(t.shapes.items(), key=lambda kv: kv[1][0], reverse=True)[:n]
         return {
-            "ops_ms_per_step": sum(self.seconds.values()) * 1e3 / steps,
-            "ops_per_step": sum(self.calls.values()) / steps,
+            "ops_ms_per_step": sum(t.seconds.values()) * 1e3 / steps,
+            "ops_per_step": sum(t.calls.values()) / steps,
             "ms_per_step": categories,
             "products_gflop_per_step": product_flops_total / 1e9 / steps,
             "products_gflops_per_s": product_flops_total / 1e9 / product_s if product_s else 0.0,
             "top_ops": [
-                {"op": op, "ms_per_step": self.seconds[op] * 1e3 / steps, "calls_per_step": self.calls[op] / steps}
+                {"op": op, "ms_per_step": t.seconds[op] * 1e3 / steps, "calls_per_step": t.calls[op] / steps}
                 for op in top
             ],
             "top_products": [
@@ -381,11 +412,7 @@ def add_watch_arguments(parser: Any, window: str) -> None:
     )
 
 
-StepWatch = StepProfiler | OpTimer
-"""What can watch a window of steps: `tick(step)` after each step, `report()` at the end."""
-
-
-def step_watch(args: Any, start: int, end: int) -> StepWatch | None:
+def step_watch(args: Any, start: int, end: int) -> StepWindow | None:
     """What watches the steps after `start` up to `end`, as `add_watch_arguments`' flags ask, if anything."""
     if args.profile:
         return StepProfiler(start, end)

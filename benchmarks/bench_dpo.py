@@ -45,7 +45,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import (  # noqa: E402
-    StepWatch,
+    StepWindow,
     add_side_arguments,
     add_watch_arguments,
     device,
@@ -61,6 +61,8 @@ from _common import (  # noqa: E402
 BATCH = 16
 LR = 5e-4
 LOG_EVERY = 8
+FLAGS = ("profile", "attribute", "ours-padded")
+"""The switches a trial gets from the driver's command line as they are."""
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -96,7 +98,7 @@ class PeakRSS:
 # ---------------------------------------------------------------------------------------------- the two jobs
 
 
-def run_ours(args: argparse.Namespace, out: str, watch: StepWatch | None) -> dict[str, Any]:
+def run_ours(args: argparse.Namespace, out: str, watch: StepWindow | None) -> dict[str, Any]:
     """Our job on the trial's `args` (model, data, epochs, reference setting, precision, context)."""
     from rlhf.config import load_config
     from rlhf.trainers import dpo
@@ -154,7 +156,7 @@ def run_ours(args: argparse.Namespace, out: str, watch: StepWatch | None) -> dic
     }
 
 
-def run_trl(args: argparse.Namespace, out: str, watch: StepWatch | None) -> dict[str, Any]:
+def run_trl(args: argparse.Namespace, out: str, watch: StepWindow | None) -> dict[str, Any]:
     """TRL's job on the trial's `args`, as `run_ours`."""
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
@@ -373,9 +375,7 @@ def main() -> None:
                         args.precision,
                         "--context",
                         str(args.context),
-                        *(["--profile"] if args.profile else []),
-                        *(["--attribute"] if args.attribute else []),
-                        *(["--ours-padded"] if args.ours_padded else []),
+                        *(f"--{flag}" for flag in FLAGS if getattr(args, flag.replace("-", "_"))),
                     ]
                     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
                     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)

@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402 - the script's own folder first
     Setup,
-    StepWatch,
+    StepWindow,
     add_side_arguments,
     add_watch_arguments,
     alternating,
@@ -145,7 +145,7 @@ class StepClock:
     given, sees every step end too: torch.profiler (`StepProfiler`) or the per-op timer (`OpTimer`) over the timed
     window, whose findings `report()` returns."""
 
-    def __init__(self, watch: StepWatch | None = None) -> None:
+    def __init__(self, watch: StepWindow | None = None) -> None:
         self.at: dict[int, tuple[float, float]] = {}
         self.threads = 0
         self.watch = watch

@@ -4,9 +4,9 @@
 # layers, ~0.3B parameters in its layers), the data is the built-in sorting task, as it is (sequences of ~20-40
 # tokens) and with 448 filler tokens before every prompt (--context: sequences of ~470-490 tokens). On an H200 one
 # length took ~5 minutes before our DPO on padded rows was added (~1 more; process starts and model building weigh
-# most): GPU_SH_CONTEXTS=448 runs one;
-# GPU_SH_PROFILE=1 adds each SFT and DPO side's top ops to the output (torch.profiler: kernel time and host
-# time per step, with launches per step; DPO at short sequences was 750 ms a step against TRL's 210 on an H200).
+# most): GPU_SH_CONTEXTS=448 runs one; GPU_SH_PROFILE=1 adds each SFT and DPO side's top ops to the output
+# (torch.profiler: kernel time and host time per step, with launches per step; DPO at short sequences was 750 ms a
+# step against TRL's 210 on an H200).
 # It starts with `rlhf demo --quick` on the GPU: the CPU suite cannot see a tensor left on the wrong device (one
 # crashed PPO and GRPO on their first GPU iteration until f913d01).
 #
