@@ -27,15 +27,14 @@ import argparse
 import importlib
 import json
 import os
-import signal
 import sys
-import threading
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
 from rlhf import __version__
-from rlhf.errors import EXIT_INTERRUPTED, UserError
+from rlhf.errors import UserError
+from rlhf.runtime.signals import stop_while_loading
 
 ALGORITHMS: dict[str, str] = {
     "sft": "rlhf.trainers.sft",
@@ -171,22 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _stopped_before_start(signum: int, frame: Any) -> None:
-    """SIGTERM while a run loads its models and data: nothing is trained yet, so stop at once, as the engine's
-    handler (installed once training starts) does later with a checkpoint."""
-    print(f"rlhf: got {signal.Signals(signum).name}: stopped before the first step", file=sys.stderr, flush=True)
-    raise SystemExit(EXIT_INTERRUPTED)
-
-
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, extras: list[str]) -> int:
     if args.command == "train":
-        main_thread = threading.current_thread() is threading.main_thread()  # only it can set handlers
-        previous = signal.signal(signal.SIGTERM, _stopped_before_start) if main_thread else None
-        try:
+        with stop_while_loading():
             return _train(args, extras)
-        finally:
-            if main_thread:
-                signal.signal(signal.SIGTERM, previous)
     if args.command in TOOLS:
         module = import_entry(TOOLS[args.command], ("main",), f"rlhf {args.command}")
         return int(module.main(extras) or 0)

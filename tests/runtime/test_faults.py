@@ -236,4 +236,36 @@ def test_sigterm_while_loading_exits_75_with_a_message(tiny_dirs, files, tmp_pat
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 75, err[-2000:]
-    assert "rlhf: got SIGTERM: stopped before the first step" in err or "interrupted at step 0" in err
+    assert "rlhf: got SIGTERM while loading: stopping" in err
+
+
+def test_a_sigterm_while_loading_whose_exit_python_dropped_stops_at_step_0(
+    tiny_dirs, files, tmp_path, capsys, monkeypatch
+):
+    """Python runs a signal handler wherever the main thread is, finalizers (`__del__`) included, and drops an
+    exception raised in a finalizer. CI once saw the loading-time SIGTERM's exit dropped so, and the run go on
+    to exit 0. Now the engine takes the signal up: a checkpoint at step 0, exit 75, and the same command resumes."""
+    import rlhf.trainers.sft as sft_module
+
+    class Finalized:
+        def __del__(self) -> None:
+            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)  # the signal arriving while this runs
+
+    make_engine = sft_module.make_engine
+
+    def load_then_engine(*args, **kwargs):
+        Finalized()  # collected at once: its SystemExit is dropped
+        return make_engine(*args, **kwargs)
+
+    dropped: list[BaseException | None] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: dropped.append(unraisable.exc_value))
+    monkeypatch.setattr(sft_module, "make_engine", load_then_engine)
+    out = tmp_path / "run"
+    assert sft(tiny_dirs, files, out, "--train.max_steps=3") == 75
+    err = capsys.readouterr().err
+    assert len(dropped) == 1 and isinstance(dropped[0], SystemExit) and dropped[0].code == 75
+    assert "rlhf: got SIGTERM while loading: stopping" in err and "rlhf: interrupted at step 0; checkpoint" in err
+    assert not (out / "metrics.jsonl").exists() or not read_jsonl(out / "metrics.jsonl")
+    monkeypatch.undo()
+    assert sft(tiny_dirs, files, out, "--train.max_steps=3") == 0
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3] and (out / "final").is_dir()

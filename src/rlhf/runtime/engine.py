@@ -40,7 +40,8 @@ from rlhf.losses.reduce import wide_dtype
 from rlhf.models import precision
 from rlhf.runtime import allocator
 from rlhf.runtime import checkpoint as ckpt
-from rlhf.runtime.run_dir import RunLog, StopSignals, flatten, write_config
+from rlhf.runtime.run_dir import RunLog, flatten, write_config
+from rlhf.runtime.signals import StopSignals
 
 logger = logging.getLogger(__name__)
 

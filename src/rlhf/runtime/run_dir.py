@@ -1,5 +1,4 @@
-"""The run directory's plain files (config.yaml, the step-keyed JSON-lines logs), reading them back, and the stop
-signals.
+"""The run directory's plain files (config.yaml, the step-keyed JSON-lines logs) and reading them back.
 
 `metrics.jsonl` holds only values that are a deterministic function of the seed and the data, so two runs
 of the same config (or a run and its resumed twin) produce byte-identical files. Wall-clock figures
@@ -11,9 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
-import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -240,42 +236,3 @@ class RunLog:
             self.bar.close()
         self.metrics.close()
         self.perf.close()
-
-
-class StopSignals:
-    """SIGTERM/SIGINT set a flag that the training loop checks between steps; a second signal stops at once.
-
-    Handlers can only be installed from the main thread; elsewhere this is an inert flag.
-    """
-
-    def __init__(self, *, announce: bool) -> None:
-        self.requested = False
-        self.announce = announce
-        self._prev: dict[int, Any] = {}
-
-    def install(self) -> None:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._prev[sig] = signal.getsignal(sig)
-                signal.signal(sig, self._handle)
-
-    def restore(self) -> None:
-        if threading.current_thread() is threading.main_thread():
-            for sig, handler in self._prev.items():
-                signal.signal(sig, handler)
-            self._prev = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:  # the second signal: stop now, without a checkpoint
-            self.restore()
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            raise SystemExit(128 + signum)
-        self.requested = True
-        if self.announce:
-            print(
-                f"rlhf: got {signal.Signals(signum).name}; stopping after this step with a checkpoint "
-                "(send it again to stop at once)",
-                file=sys.stderr,
-                flush=True,
-            )
