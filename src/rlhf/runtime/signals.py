@@ -1,9 +1,10 @@
 """Stopping on SIGTERM/SIGINT: before the first step at once, afterwards between steps with a checkpoint.
 
 Python runs a signal handler in the main thread between two bytecodes, wherever that thread is, finalizers
-(`__del__`) included; an exception raised there is printed ("Exception ignored in ...") and dropped. So the
-loading-time handler also leaves a mark that the engine's `StopSignals.install` takes up: a SIGTERM while
-loading always stops the run, at once or, where Python dropped the exit, at the first step with a checkpoint.
+(`__del__`) included; an exception raised there goes to `sys.unraisablehook` ("Exception ignored in ...") and no
+further. So the loading-time handler also leaves a mark that the engine's `StopSignals.install` takes up: a
+SIGTERM while loading always stops the run, at once or, where Python dropped the exit (quietly), at the first step
+with a checkpoint.
 Handlers can only be installed from the main thread; elsewhere these are inert.
 """
 
@@ -39,11 +40,18 @@ def stop_while_loading() -> Iterator[None]:
     if not _main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _stop_while_loading)
+    previous, previous_hook = signal.signal(signal.SIGTERM, _stop_while_loading), sys.unraisablehook
+
+    def unraisable(info: Any) -> None:  # where Python drops our exit, say nothing: the engine takes it up
+        if not (_LOADING_STOP and isinstance(info.exc_value, SystemExit)):
+            previous_hook(info)
+
+    sys.unraisablehook = unraisable
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook = previous_hook
         _LOADING_STOP.clear()
 
 
