@@ -1,7 +1,5 @@
 """`python -m rlhf`: the `rlhf` command."""
 
-import sys
+from rlhf.cli import run
 
-from rlhf.cli import main
-
-sys.exit(main())
+run()

@@ -1,10 +1,12 @@
-"""Stopping on SIGTERM/SIGINT: before the first step at once, afterwards between steps with a checkpoint.
+"""Stopping on SIGTERM/SIGINT: while loading at once, while training between steps with a checkpoint.
 
 Python runs a signal handler in the main thread between two bytecodes, wherever that thread is, finalizers
 (`__del__`) included; an exception raised there goes to `sys.unraisablehook` ("Exception ignored in ...") and no
-further. So the loading-time handler also leaves a mark that the engine's `StopSignals.install` takes up: a
-SIGTERM while loading always stops the run, at once or, where Python dropped the exit (quietly), at the first step
-with a checkpoint.
+further, and library code it lands in may turn it into another error (an import that fails). So the loading-time
+handler also leaves a mark: the engine's `StopSignals.install` takes it up, and `stop_while_loading` turns any
+error that follows it into the same stop. A SIGTERM while loading always stops the run with EXIT_INTERRUPTED (75):
+at once, or, where Python dropped the exit (quietly), at the first step with a checkpoint. Once the engine has
+finished, a SIGTERM changes nothing: the run is saved, and the command returns its status.
 Handlers can only be installed from the main thread; elsewhere these are inert.
 """
 
@@ -15,44 +17,64 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, NoReturn
+from dataclasses import dataclass, field
+from typing import Any
 
 from rlhf.errors import EXIT_INTERRUPTED
 
-_LOADING_STOP: list[int] = []
-"""Signals the loading-time handler got (kept for `StopSignals.install`, in case Python dropped its exit)."""
+
+@dataclass
+class _Loading:
+    """Where the run is, for the loading-time handler (`stop_while_loading`)."""
+
+    stops: list[int] = field(default_factory=list)  # SIGTERMs it got, kept for the engine's `StopSignals.install`
+    ended: bool = False  # an engine has trained and put the handler back
+
+
+_LOADING = _Loading()
 
 
 def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _stop_while_loading(signum: int, frame: Any) -> NoReturn:
-    _LOADING_STOP.append(signum)
-    print(f"rlhf: got {signal.Signals(signum).name} while loading: stopping", file=sys.stderr, flush=True)
+def _stop_while_loading(signum: int, frame: Any) -> None:
+    name = signal.Signals(signum).name
+    if _LOADING.ended:
+        print(f"rlhf: got {name} after the run ended; it is saved", file=sys.stderr, flush=True)
+        return
+    _LOADING.stops.append(signum)
+    print(f"rlhf: got {name} while loading: stopping", file=sys.stderr, flush=True)
     raise SystemExit(EXIT_INTERRUPTED)
 
 
 @contextmanager
 def stop_while_loading() -> Iterator[None]:
     """Within: SIGTERM stops with EXIT_INTERRUPTED (75) before anything is trained, as the engine's handler
-    (installed once training starts) later does with a checkpoint."""
+    (installed once training starts) later does with a checkpoint; after the engine's end it is noted and ignored."""
     if not _main_thread():
         yield
         return
+    _LOADING.stops.clear()
+    _LOADING.ended = False
     previous, previous_hook = signal.signal(signal.SIGTERM, _stop_while_loading), sys.unraisablehook
 
     def unraisable(info: Any) -> None:  # where Python drops our exit, say nothing: the engine takes it up
-        if not (_LOADING_STOP and isinstance(info.exc_value, SystemExit)):
+        if not (_LOADING.stops and isinstance(info.exc_value, SystemExit)):
             previous_hook(info)
 
     sys.unraisablehook = unraisable
     try:
         yield
+    except BaseException:
+        if _LOADING.stops:  # our exit, turned into another error by the code it landed in
+            raise SystemExit(EXIT_INTERRUPTED) from None
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
         sys.unraisablehook = previous_hook
-        _LOADING_STOP.clear()
+        _LOADING.stops.clear()
+        _LOADING.ended = False
 
 
 class StopSignals:
@@ -68,11 +90,16 @@ class StopSignals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._prev[sig] = signal.getsignal(sig)
                 signal.signal(sig, self._handle)
-            if _LOADING_STOP:  # a SIGTERM while loading whose exit Python dropped
-                self._handle(_LOADING_STOP.pop(), None)
-                _LOADING_STOP.clear()
+            if _LOADING.stops:  # a SIGTERM while loading whose exit Python dropped
+                self._handle(_LOADING.stops[-1], None)
+                _LOADING.stops.clear()
 
     def restore(self) -> None:
+        """Put back the handlers from before `install`: the run has ended."""
+        self._uninstall()
+        _LOADING.ended = True
+
+    def _uninstall(self) -> None:
         if _main_thread():
             for sig, handler in self._prev.items():
                 signal.signal(sig, handler)
@@ -80,7 +107,7 @@ class StopSignals:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:  # the second signal: stop now, without a checkpoint
-            self.restore()
+            self._uninstall()
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
             raise SystemExit(128 + signum)
