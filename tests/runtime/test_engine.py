@@ -352,11 +352,11 @@ def test_the_engine_notes_bf16_autocast_on_its_model(tmp_path: Path) -> None:
     AcceleratorState._reset_state(reset_partial_state=True)  # the process's accelerate state is fixed once made
     try:
         plain, mixed = TokenModel(), TokenModel()
-        make_engine(plain, tmp_path / "fp32")
-        assert padding_free.row_multiple(plain, cpu) == 1
+        with make_engine(plain, tmp_path / "fp32"):  # closed: its signal handlers put back
+            assert padding_free.row_multiple(plain, cpu) == 1
         AcceleratorState._reset_state(reset_partial_state=True)
-        engine = make_engine(mixed, tmp_path / "bf16", mixed_precision="bf16")
-        assert engine.accelerator.mixed_precision == "bf16"
-        assert padding_free.row_multiple(mixed, cpu) == padding_free.ROW_MULTIPLE
+        with make_engine(mixed, tmp_path / "bf16", mixed_precision="bf16") as engine:
+            assert engine.accelerator.mixed_precision == "bf16"
+            assert padding_free.row_multiple(mixed, cpu) == padding_free.ROW_MULTIPLE
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
