@@ -1,4 +1,4 @@
-"""The `rlhf` command: one entry point, `main(argv) -> exit status`, dispatching to modules imported lazily.
+"""The `rlhf` command: `main(argv) -> exit status` (the process: `run()`), dispatching to modules imported lazily.
 
     rlhf demo [--out DIR]
     rlhf train {sft,rm,ppo,dpo,kto,grpo,rloo} [--config FILE.yaml] [--section.key VALUE ...]
