@@ -17,7 +17,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from rlhf.errors import EXIT_INTERRUPTED
@@ -27,7 +27,7 @@ from rlhf.errors import EXIT_INTERRUPTED
 class _Loading:
     """Where the run is, for the loading-time handler (`stop_while_loading`)."""
 
-    stops: list[int] = field(default_factory=list)  # SIGTERMs it got, kept for the engine's `StopSignals.install`
+    stopped: bool = False  # it got SIGTERM (for `StopSignals.install`, in case Python dropped the exit)
     ended: bool = False  # an engine has trained and put the handler back
 
 
@@ -43,7 +43,7 @@ def _stop_while_loading(signum: int, frame: Any) -> None:
     if _LOADING.ended:
         print(f"rlhf: got {name} after the run ended; it is saved", file=sys.stderr, flush=True)
         return
-    _LOADING.stops.append(signum)
+    _LOADING.stopped = True
     print(f"rlhf: got {name} while loading: stopping", file=sys.stderr, flush=True)
     raise SystemExit(EXIT_INTERRUPTED)
 
@@ -55,26 +55,24 @@ def stop_while_loading() -> Iterator[None]:
     if not _main_thread():
         yield
         return
-    _LOADING.stops.clear()
-    _LOADING.ended = False
+    _LOADING.stopped = _LOADING.ended = False
     previous, previous_hook = signal.signal(signal.SIGTERM, _stop_while_loading), sys.unraisablehook
 
     def unraisable(info: Any) -> None:  # where Python drops our exit, say nothing: the engine takes it up
-        if not (_LOADING.stops and isinstance(info.exc_value, SystemExit)):
+        if not (_LOADING.stopped and isinstance(info.exc_value, SystemExit)):
             previous_hook(info)
 
     sys.unraisablehook = unraisable
     try:
         yield
     except BaseException:
-        if _LOADING.stops:  # our exit, turned into another error by the code it landed in
+        if _LOADING.stopped:  # our exit, turned into another error by the code it landed in
             raise SystemExit(EXIT_INTERRUPTED) from None
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
         sys.unraisablehook = previous_hook
-        _LOADING.stops.clear()
-        _LOADING.ended = False
+        _LOADING.stopped = _LOADING.ended = False
 
 
 class StopSignals:
@@ -90,9 +88,9 @@ class StopSignals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._prev[sig] = signal.getsignal(sig)
                 signal.signal(sig, self._handle)
-            if _LOADING.stops:  # a SIGTERM while loading whose exit Python dropped
-                self._handle(_LOADING.stops[-1], None)
-                _LOADING.stops.clear()
+            if _LOADING.stopped:  # a SIGTERM while loading whose exit Python dropped
+                _LOADING.stopped = False
+                self._handle(signal.SIGTERM, None)
 
     def restore(self) -> None:
         """Put back the handlers from before `install`: the run has ended."""
