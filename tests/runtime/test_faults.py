@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +31,34 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return write_task_files(tmp_path_factory.mktemp("data"), n_train=64, n_eval=8)
 
 
+def sft_args(tiny_dirs: dict[str, str], files: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    """The arguments of `rlhf train sft` (after the program) for a small run of the tiny llama on the task."""
+    return ["train", "sft", f"--output_dir={out}", f"--model.path={tiny_dirs['llama']}",
+            f"--data.train={files['sft']}", "--data.max_length=40", "--data.max_prompt_length=24",
+            "--train.batch_size=4", "--train.micro_batch_size=4", "--optim.lr=3e-3", "--schedule.name=constant",
+            "--logging.progress=false", *extra]  # fmt: skip
+
+
 def sft(tiny_dirs: dict[str, str], files: dict[str, Path], out: Path, *extra: str) -> int:
-    return main(["train", "sft", f"--output_dir={out}", f"--model.path={tiny_dirs['llama']}",
-                 f"--data.train={files['sft']}", "--data.max_length=40", "--data.max_prompt_length=24",
-                 "--train.batch_size=4", "--train.micro_batch_size=4", "--optim.lr=3e-3", "--schedule.name=constant",
-                 "--logging.progress=false", *extra])  # fmt: skip
+    return main(sft_args(tiny_dirs, files, out, *extra))
+
+
+def sigterm_here() -> None:
+    """What a SIGTERM arriving at this point of the main thread does: its handler, called here."""
+    signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+
+
+def while_loading(monkeypatch: pytest.MonkeyPatch, action: Callable[[], None]) -> None:
+    """`action()` runs while `rlhf train sft` loads (just before it makes its engine)."""
+    import rlhf.trainers.sft as sft_module
+
+    make_engine = sft_module.make_engine
+
+    def act_then_make_engine(*args: Any, **kwargs: Any) -> Any:
+        action()
+        return make_engine(*args, **kwargs)
+
+    monkeypatch.setattr(sft_module, "make_engine", act_then_make_engine)
 
 
 def strict_json(path: Path) -> list[dict]:
@@ -228,9 +252,7 @@ def test_an_output_dir_that_is_a_file_is_one_line(tiny_dirs, files, tmp_path, ca
 def test_sigterm_while_loading_exits_75_with_a_message(tiny_dirs, files, tmp_path):
     """SIGTERM before the first step (here: while the process imports torch and loads): exit 75, one line. Before,
     the default handler ended it with 143 and nothing said why."""
-    cmd = [sys.executable, "-m", "rlhf", "train", "sft", f"--output_dir={tmp_path / 'run'}",
-           f"--model.path={tiny_dirs['llama']}", f"--data.train={files['sft']}",
-           "--logging.progress=false"]  # fmt: skip
+    cmd = [sys.executable, "-m", "rlhf", *sft_args(tiny_dirs, files, tmp_path / "run")]
     p = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(1.0)  # past the interpreter's start and `import rlhf.cli`, well before the first step
     assert p.poll() is None
@@ -247,27 +269,19 @@ def test_a_sigterm_while_loading_whose_exit_python_dropped_stops_at_step_0(
     exception raised in a finalizer. CI once saw the loading-time SIGTERM's exit dropped so, the run going on
     to exit 0 under a printed traceback. Now the engine takes the signal up: a checkpoint at step 0, exit 75, no
     traceback, and the same command resumes."""
-    import rlhf.trainers.sft as sft_module
-
     handled: list[type[BaseException]] = []
 
     class Finalized:
         def __del__(self) -> None:
             try:
-                signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)  # the signal arriving while this runs
+                sigterm_here()
             except BaseException as exc:
                 handled.append(type(exc))
                 raise
 
-    make_engine = sft_module.make_engine
-
-    def load_then_engine(*args, **kwargs):
-        Finalized()  # collected at once: the exit raised in its __del__ goes no further
-        return make_engine(*args, **kwargs)
-
     other: list[BaseException | None] = []
     monkeypatch.setattr(sys, "unraisablehook", lambda info: other.append(info.exc_value))
-    monkeypatch.setattr(sft_module, "make_engine", load_then_engine)
+    while_loading(monkeypatch, Finalized)  # collected at once: the exit raised in its __del__ goes no further
     out = tmp_path / "run"
     assert sft(tiny_dirs, files, out, "--train.max_steps=3") == 75
     err = capsys.readouterr().err
@@ -306,18 +320,14 @@ def test_a_sigterm_while_loading_that_a_library_turns_into_another_error_still_s
     """Code the loading-time exit lands in may turn it into another error: CI's stress runs saw `transformers`'
     lazy import report it as "ModuleNotFoundError: Could not import module 'PreTrainedModel'", a traceback and
     exit 1. It is the stop that was asked for: exit 75, one line."""
-    import rlhf.trainers.sft as sft_module
 
-    make_engine = sft_module.make_engine
-
-    def import_then_engine(*args, **kwargs):
+    def lazy_import() -> None:
         try:
-            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)  # the signal landing inside a library's import
+            sigterm_here()
         except SystemExit as exc:
             raise ModuleNotFoundError("Could not import module 'PreTrainedModel'") from exc
-        return make_engine(*args, **kwargs)
 
-    monkeypatch.setattr(sft_module, "make_engine", import_then_engine)
+    while_loading(monkeypatch, lazy_import)
     assert sft(tiny_dirs, files, tmp_path / "run", "--train.max_steps=3") == 75
     err = capsys.readouterr().err
     assert err.strip() == "rlhf: got SIGTERM while loading: stopping"
@@ -332,7 +342,7 @@ def test_a_sigterm_after_the_run_ended_changes_nothing(tiny_dirs, files, tmp_pat
 
     def train_then_signal(cfg):
         out = train(cfg)
-        signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+        sigterm_here()
         return out
 
     monkeypatch.setattr(sft_module, "train", train_then_signal)
@@ -349,9 +359,7 @@ def test_a_sigterm_while_the_finished_process_exits_keeps_its_status(tiny_dirs, 
     status. The child holds its teardown open for 5 s (an exit handler that sleeps), so the signal lands there
     whatever the machine's load (or just before, where the run's end notes it: exit 0 either way)."""
     entry = "import atexit, time; atexit.register(time.sleep, 5); from rlhf.cli import run; run()"
-    cmd = [sys.executable, "-c", entry, "train", "sft", f"--output_dir={tmp_path / 'run'}",
-           f"--model.path={tiny_dirs['llama']}", f"--data.train={files['sft']}", "--train.max_steps=2",
-           "--train.batch_size=4", "--train.micro_batch_size=4", "--logging.progress=false"]  # fmt: skip
+    cmd = [sys.executable, "-c", entry, *sft_args(tiny_dirs, files, tmp_path / "run", "--train.max_steps=2")]
     p = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert p.stdout is not None
     line = p.stdout.readline()  # the command's last line: its work is done
