@@ -76,6 +76,20 @@ def test_constant_panels_are_left_out_and_long_series_smoothed():
     assert plots.training_curves([{"step": s, "objective/kl_coef": 0.05} for s in range(5)]) is None
 
 
+def test_equal_series_are_one_line_and_kl_per_token_has_its_own_panel():
+    """PPO without shaping logs reward/shaped equal to reward/score: one line labelled with both. GRPO's KL term per
+    token (~0.4 here) is not drawn on the axis of the KL per answer (~2, its value times the length)."""
+    metrics = [{"step": s, "reward/score": 0.1 * s, "reward/shaped": 0.1 * s, "eval/proxy": 0.2 * s,
+                "policy/kl": 0.4 * s, "eval/kl": 2.0 * s} for s in range(1, 4)]  # fmt: skip
+    assert plots.panel_lines(metrics) == [
+        ("reward", [["reward/score", "reward/shaped"], ["eval/proxy"]]),
+        ("KL to the reference, nats per answer", [["eval/kl"]]),
+        ("KL in the loss, per token", [["policy/kl"]]),
+    ]
+    metrics[1]["reward/shaped"] = 0.0  # one step apart: two lines
+    assert plots.panel_lines(metrics)[0] == ("reward", [["reward/score"], ["reward/shaped"], ["eval/proxy"]])
+
+
 def test_report_errors_are_one_line(tmp_path, capsys):
     assert main(["report", str(tmp_path / "missing")]) == 1
     assert capsys.readouterr().err.strip() == f"rlhf: error: No such run directory: {tmp_path / 'missing'}"

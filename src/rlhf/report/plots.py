@@ -22,7 +22,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 PANELS: list[tuple[str, list[str]]] = [
     ("loss", ["train/loss", "eval/loss"]),
     ("reward", ["reward/score", "reward/shaped", "eval/proxy", "eval/gold"]),
-    ("KL to the reference", ["objective/kl", "policy/kl", "eval/kl"]),
+    ("KL to the reference, nats per answer", ["objective/kl", "eval/kl"]),
+    ("KL in the loss, per token", ["policy/kl"]),
     ("KL coefficient", ["objective/kl_coef"]),
     ("entropy", ["objective/entropy", "policy/entropy"]),
     ("clip fraction", ["policy/clipfrac", "value/clipfrac"]),
@@ -31,7 +32,9 @@ PANELS: list[tuple[str, list[str]]] = [
     ("response length", ["response/length", "eval/length"]),
     ("hacking signals", ["hacking/length_drift", "hacking/repetition", "hacking/ensemble_std"]),
 ]
-"""(title, metric keys) of the training-curve panels; a panel is drawn when the run logged one of its keys."""
+"""(title, metric keys) of the training-curve panels; a panel is drawn when the run logged one of its keys. Keys
+that share a panel share a unit: GRPO's `policy/kl` (the loss's KL term, per token) is not on the axis of the KL
+per answer (`objective/kl`, `eval/kl`), which is its value times the answer's length."""
 
 GOLD, PROXY = "#c0392b", "#2471a3"
 
@@ -72,26 +75,48 @@ def _varies(metrics: Sequence[dict[str, Any]], key: str) -> bool:
     return len(values) > 0 and max(values) - min(values) > 1e-12 * max(1.0, abs(values[0]))
 
 
+def panel_lines(metrics: Sequence[dict[str, Any]]) -> list[tuple[str, list[list[str]]]]:
+    """The panels (see PANELS) the run's metrics draw, each as (title, lines): a line is the keys of one series, or
+    of several equal ones (`reward/shaped` is `reward/score` when no shaping applies), drawn once and labelled
+    with all of them. Panels whose every series is constant (a fixed KL coefficient, a clip fraction of 0) are
+    left out."""
+    out = []
+    for title, keys in PANELS:
+        keys = [k for k in keys if series(metrics, k)[0]]
+        if not any(_varies(metrics, k) for k in keys):
+            continue
+        lines: list[list[str]] = []
+        for key in keys:
+            same = next((line for line in lines if series(metrics, line[0]) == series(metrics, key)), None)
+            if same is None:
+                lines.append([key])
+            else:
+                same.append(key)
+        out.append((title, lines))
+    return out
+
+
 def training_curves(metrics: Sequence[dict[str, Any]]) -> bytes | None:
-    """A grid of the run's panels (see PANELS), x = optimizer step; None if no panel applies. Panels whose every
-    series is constant (a fixed KL coefficient, a clip fraction of 0) are left out; long noisy series are drawn
-    faintly with their moving average on top."""
-    panels = [(title, [k for k in keys if series(metrics, k)[0]]) for title, keys in PANELS]
-    panels = [(title, keys) for title, keys in panels if keys and any(_varies(metrics, k) for k in keys)]
+    """A grid of the run's panels (`panel_lines`), x = optimizer step; None if no panel applies. Long noisy series
+    are drawn faintly with their moving average on top."""
+    panels = panel_lines(metrics)
     if not panels:
         return None
     cols = min(3, len(panels))
     rows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.9 * rows), squeeze=False)
-    for ax, (title, keys) in zip(axes.flat, panels, strict=False):
-        for i, key in enumerate(keys):
-            x, y = series(metrics, key)
+    for ax, (title, lines) in zip(axes.flat, panels, strict=False):
+        for i, keys in enumerate(lines):
+            x, y = series(metrics, keys[0])
+            label = " = ".join(keys)
             color = plt.cm.tab10(i % 10)
             if len(x) > 40:
                 ax.plot(x, y, color=color, linewidth=0.8, alpha=0.25)
-                ax.plot(x, smoothed(y, max(5, len(x) // 20)), color=color, linewidth=1.6, label=key)
+                ax.plot(x, smoothed(y, max(5, len(x) // 20)), color=color, linewidth=1.6, label=label)
             else:
-                ax.plot(x, y, color=color, marker="o" if len(x) < 12 else None, markersize=3, linewidth=1.3, label=key)
+                ax.plot(
+                    x, y, color=color, marker="o" if len(x) < 12 else None, markersize=3, linewidth=1.3, label=label
+                )
         _style(ax, title, "step")
         ax.legend(fontsize=7, frameon=False)
     for ax in list(axes.flat)[len(panels) :]:
