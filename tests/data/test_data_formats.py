@@ -68,6 +68,8 @@ INVALID = [
     # preference
     ("preference", {"prompt": "p", "chosen": "a"}, "rejected: missing field"),
     ("preference", {"prompt": "p", "rejected": "a"}, "chosen: missing field"),
+    ("preference", {"prompt": "p", "chosen": "a", "rejectd": "b"}, "rejected: missing field (the row has 'rejectd')"),
+    ("prompt", {"Prompt": "p"}, "prompt: missing field (the row has 'Prompt')"),
     ("preference", {"prompt": "p", "chosen": "a", "rejected": "a"}, "rejected: identical to chosen"),
     ("preference", {"prompt": [U], "chosen": [A], "rejected": [A]}, "rejected: identical to chosen"),
     (
@@ -127,6 +129,7 @@ INVALID = [
     ),
     # unpaired
     ("unpaired", {"prompt": "p", "completion": "c"}, "label: missing field"),
+    ("unpaired", {"prompt": "p", "completion": "c", "labels": True}, "label: missing field (the row has 'labels')"),
     (
         "unpaired",
         {"prompt": "p", "completion": "c", "label": "maybe"},

@@ -17,6 +17,7 @@ category in a `SkipReport`.
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -192,11 +193,19 @@ def _messages(value: list[Any], name: str, *, response: bool) -> list[Message]:
     return out
 
 
+def _missing(row: dict[str, Any], name: str) -> _Invalid:
+    """A required field the row lacks; where the row has a field spelt much like it (`rejectd`, `Prompt`), the
+    message names that field, which is most often a misspelling."""
+    near = difflib.get_close_matches(name, [k for k in row if isinstance(k, str) and row[k] is not None], n=1)
+    reason = "missing field" + (f" (the row has {near[0]!r})" if near else "")
+    return _Invalid(name, reason, "missing field")
+
+
 def _text(row: dict[str, Any], name: str, *, response: bool = False) -> Text:
     """A required string or message list."""
     value = row.get(name)
     if value is None:
-        raise _Invalid(name, "missing field", "missing field")
+        raise _missing(row, name)
     if isinstance(value, str):
         if not value.strip():
             raise _Invalid(name, "empty text", "empty text")
@@ -219,7 +228,8 @@ def _form(value: Text) -> str:
     return "strings" if isinstance(value, str) else "messages"
 
 
-def _label(value: Any) -> bool:
+def _label(row: dict[str, Any]) -> bool:
+    value = row.get("label")
     if isinstance(value, bool):
         return value
     if isinstance(value, int) and value in (0, 1):
@@ -227,7 +237,7 @@ def _label(value: Any) -> bool:
     if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
         return value.strip().lower() in ("true", "1")
     if value is None:
-        raise _Invalid("label", "missing field", "missing field")
+        raise _missing(row, "label")
     raise _Invalid("label", f"expected a boolean (true/false/1/0), got {_shown(value)}", "invalid label")
 
 
@@ -419,7 +429,7 @@ def _unpaired(row: dict[str, Any]) -> UnpairedRecord:
     prompt = _text(row, "prompt")
     completion = _text(row, "completion", response=True)
     _same_form(prompt, completion, "completion")
-    label = _label(row.get("label"))
+    label = _label(row)
     fmt = f"prompt+completion+label ({_form(prompt)})"
     return UnpairedRecord(prompt, completion, label, _extra(row, ("prompt", "completion", "label")), fmt)
 
