@@ -231,6 +231,7 @@ def test_top_level(capsys: Any) -> None:
     out = capsys.readouterr().out
     assert out.startswith("usage: rlhf [-h] [--version] COMMAND ...")
     assert "exit status:\n  0  success\n  1  a problem with the data" in out
+    assert "\n  75 stopped by SIGTERM" in out and "\n  130 interrupted by SIGINT" in out  # the statuses of test_faults
 
 
 def test_console_script_and_module_entry_points() -> None:

@@ -36,7 +36,7 @@ from types import ModuleType
 from typing import Any, NoReturn
 
 from rlhf import __version__
-from rlhf.errors import UserError
+from rlhf.errors import EXIT_INTERRUPTED, UserError
 from rlhf.runtime.signals import stop_while_loading
 
 ALGORITHMS: dict[str, str] = {
@@ -55,11 +55,14 @@ TOOLS: dict[str, str] = {"demo": "rlhf.demo", "eval": "rlhf.evaluation.cli", "re
 
 DATA_KINDS = ("sft", "preference", "unpaired", "prompt")
 
-EPILOG = """\
+EPILOG = f"""\
 exit status:
   0  success
   1  a problem with the data or the run to fix (one line on stderr: `rlhf: error: ...`)
   2  a usage or config error (unknown key, wrong type, value out of range), or a command not available yet
+  {EXIT_INTERRUPTED} stopped by SIGTERM (or by SIGINT once training runs), the work done so far checkpointed: the same
+     command resumes from it (a scheduler may requeue the job)
+  130 interrupted by SIGINT (Ctrl-C) before training started
 """
 
 OVERRIDES_HELP = """\
