@@ -1,10 +1,19 @@
 """What the online trainers (PPO, GRPO, RLOO) share around their algorithm: the run's length in iterations, the
-minibatch update loop over a rollout, the iteration's metrics, the reward-hacking signals and the rules that stop
-a run on them, the evaluation on held-out prompts during training, and the samples log.
+loop over iterations (`IterationLoop`), the minibatch update loop over a rollout, the iteration's metrics, the
+reward-hacking signals and the rules that stop a run on them, the evaluation on held-out prompts during training,
+and the samples log.
 
 An iteration draws one batch of prompts (`rollout.batch_size`), makes its experience, and runs `epochs` shuffled
 passes of minibatch steps over it. Checkpoints and SIGTERM stops happen only between iterations (a rollout is
 never saved); the data order, which counts the iterations, is in the checkpoint.
+
+    loop = IterationLoop(engine, cfg, prompts, iterations, name="grpo", group_size=8, evaluator=..., ...)
+    for it in loop:                                   # it.examples, it.keys, it.kl_coef
+        experience, stats = ...                       # the algorithm's rollout
+        stats = loop.rollout_stats(stats, experience)  # means over processes; the KL controller updated
+        logged, tokens = run_updates(engine, batch, loss_fn, ...)
+        loop.end(it, logged, stats, policy=..., completions=..., scores=..., perf={...})
+    loop.close()
 """
 
 from __future__ import annotations
@@ -12,7 +21,8 @@ from __future__ import annotations
 import math
 import operator
 import re
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +35,7 @@ from rlhf.evaluation.policies import evaluate_policy
 from rlhf.evaluation.stats import repetition
 from rlhf.losses.reduce import SumOver
 from rlhf.rollout.batch import RolloutBatch
-from rlhf.rollout.config import OnlineEvalConfig
+from rlhf.rollout.config import OnlineEvalConfig, kl_controller
 from rlhf.rollout.experience import Experience
 from rlhf.rollout.generation import stream_keys
 from rlhf.rollout.rewards import FunctionReward, RewardSource, load_reward_function
@@ -295,3 +305,112 @@ class OnlineEvaluator:
         summary = result.summary()
         keys = ("gold", "proxy", "kl", "length", "eos_rate", "repetition")
         return {f"eval/{k}": float(summary[k]) for k in keys if k in summary}
+
+
+# ---------------------------------------------------------------------------------------------- the iteration loop
+
+
+@dataclass(frozen=True)
+class Iteration:
+    """One iteration as `IterationLoop` hands it out."""
+
+    index: int  # iterations done before this one
+    examples: list[dict[str, Any]]  # this process's share of the batch's prompt examples
+    keys: Tensor  # (len(examples) * group_size,) sampling keys of their rollout rows (`share_of_iteration`)
+    kl_coef: float  # the KL coefficient of this iteration's rewards or loss
+    step_before: int  # the engine's optimizer step when the iteration began
+
+
+class IterationLoop:
+    """The loop of an online trainer around its algorithm, inside `with engine:`.
+
+    It registers the data order, the KL controller and the hacking monitor with the engine and resumes the run
+    (`engine.resume`); iterating yields the `Iteration`s left, stopping the process with a checkpoint first if a
+    SIGTERM asked for it; `end` logs the iteration's metrics line (step metrics averaged over the iteration, the
+    rollout's stats, `objective/kl_coef`, `<name>/iteration`, `<name>/episodes`, the evaluation when due, then
+    the `perf` figures), writes samples, checkpoints when due and ends the loop when a stop rule fires.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        cfg: Any,
+        prompts: Sequence[dict[str, Any]],
+        iterations: int,
+        *,
+        name: str,
+        group_size: int,
+        evaluator: OnlineEvaluator,
+        reference: nn.Module | None,
+        tokenizer: PreTrainedTokenizerBase,
+    ) -> None:
+        self.engine, self.cfg, self.prompts, self.iterations = engine, cfg, prompts, iterations
+        self.name, self.group_size = name, group_size
+        self.evaluator, self.reference, self.tokenizer = evaluator, reference, tokenizer
+        self.order = DataOrder(len(prompts), cfg.rollout.batch_size, seed=cfg.seed)
+        self.kl = kl_controller(cfg.kl)
+        self.hacking = HackingMonitor()
+        engine.register_state("data_order", self.order)
+        engine.register_state("kl_controller", self.kl)
+        engine.register_state("hacking", self.hacking)
+        if engine.resume() and engine.is_main:
+            print(f"rlhf: resumed at step {engine.step} (iteration {iterations_done(self.order)})", file=sys.stderr)
+        self.samples = SampleLog(engine, cfg.samples_every, cfg.num_samples)
+        self._stopped = False
+
+    def __iter__(self) -> Iterator[Iteration]:
+        while not self._stopped and (done := iterations_done(self.order)) < self.iterations:
+            if self.engine.should_stop():
+                self.engine.interrupt()
+            examples, keys = share_of_iteration(
+                self.engine, self.order, self.prompts, seed=self.cfg.seed, iteration=done, group_size=self.group_size
+            )
+            yield Iteration(done, examples, keys, self.kl.value, self.engine.step)
+
+    def rollout_stats(self, stats: dict[str, Tensor], experience: Experience) -> dict[str, float]:
+        """The rollout's stats and hacking signals as means over the processes; the KL controller steered by their
+        `objective/kl` (absent where no reference runs) over the iteration's episodes."""
+        out = global_mean(self.engine, stats | self.hacking.stats(experience, self.engine.sum_over_processes))
+        if "objective/kl" in out:
+            self.kl.update(out["objective/kl"], self.cfg.episodes_per_iteration)
+        return out
+
+    def end(
+        self,
+        it: Iteration,
+        logged: list[dict[str, float]],
+        stats: dict[str, float],
+        *,
+        policy: nn.Module,
+        completions: Sequence[str],
+        scores: Tensor,
+        perf: dict[str, float],
+        extra: dict[str, float] | None = None,
+    ) -> None:
+        """Log, sample, checkpoint and check the stop rules after iteration `it` (`extra`: the algorithm's own
+        metrics, after the loop's)."""
+        done = it.index + 1
+        line = (
+            mean_metrics(logged)
+            | stats
+            | {
+                "objective/kl_coef": it.kl_coef,
+                f"{self.name}/iteration": float(done),
+                f"{self.name}/episodes": float(done * self.cfg.episodes_per_iteration),
+            }
+            | (extra or {})
+        )
+        if self.evaluator.due(done, self.iterations):
+            n = self.cfg.rollout.max_new_tokens
+            line |= self.evaluator(policy, self.reference, self.tokenizer, max_new_tokens=n, iteration=done)
+        self.engine.log(line | perf)
+        prompts = [ex["prompt"] for ex in it.examples for _ in range(self.group_size)]
+        self.samples.maybe_write(self.engine.step, done, prompts, completions, scores.tolist())
+        checkpoint_if_due(self.engine, it.step_before)
+        if (reason := stop_reason(self.cfg.stop_when, line)) is not None:
+            if self.engine.is_main:
+                print(f"rlhf: stopping at iteration {done}: {reason}", file=sys.stderr)
+            self._stopped = True
+
+    def close(self) -> None:
+        self.samples.close()

@@ -40,7 +40,6 @@ order, the KL coefficient and every RNG stream (generation samples from torch's 
 from __future__ import annotations
 
 import functools
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,27 +74,18 @@ from rlhf.rollout.config import (
     RewardConfig,
     RolloutConfig,
     build_reward,
-    kl_controller,
     load_reward_models,
     move_reward_models,
 )
 from rlhf.rollout.experience import Experience, make_experience
 from rlhf.rollout.shaping import masked_kl, overlong_penalty, score_at_last_token, shape_scores
-from rlhf.runtime.data_order import DataOrder
 from rlhf.runtime.finish import save_final
 from rlhf.runtime.online import (
-    HackingMonitor,
+    IterationLoop,
     OnlineEvaluator,
-    SampleLog,
     check_stop_rules,
-    checkpoint_if_due,
     count_iterations,
-    global_mean,
-    iterations_done,
-    mean_metrics,
     run_updates,
-    share_of_iteration,
-    stop_reason,
 )
 from rlhf.runtime.setup import load_splits, make_engine, seed_everything
 
@@ -392,39 +382,33 @@ def train(cfg: Config) -> Path:
         if reference is not None:
             reference.to(engine.device)
         move_reward_models(reward_models, engine.device)
-        order = DataOrder(len(prompts), cfg.rollout.batch_size, seed=cfg.seed)
-        kl_ctl = kl_controller(cfg.kl)
-        engine.register_state("data_order", order)
-        engine.register_state("kl_controller", kl_ctl)
-        hacking = HackingMonitor()
-        engine.register_state("hacking", hacking)
-        if engine.resume() and engine.is_main:
-            print(f"rlhf: resumed at step {engine.step} (iteration {iterations_done(order)})", file=sys.stderr)
-        samples = SampleLog(engine, cfg.samples_every, cfg.num_samples)
+        loop = IterationLoop(
+            engine,
+            cfg,
+            prompts,
+            iterations,
+            name="grpo",
+            group_size=cfg.group_size,
+            evaluator=evaluator,
+            reference=reference,
+            tokenizer=tokenizer,
+        )
         loss_fn = functools.partial(grpo_loss, cfg=cfg)
         flat = padding_free.enabled(policy)
-        while (iteration := iterations_done(order)) < iterations:
-            if engine.should_stop():
-                engine.interrupt()
-            step_before, beta = engine.step, kl_ctl.value
-            examples, keys = share_of_iteration(
-                engine, order, prompts, seed=cfg.seed, iteration=iteration, group_size=cfg.group_size
-            )
+        for it in loop:
             exp = make_experience(
                 engine.unwrapped_model,
                 reference,
                 reward,
                 tokenizer,
-                examples,
+                it.examples,
                 cfg.rollout,
                 group_size=cfg.group_size,
                 actor_pass=not cfg.single_update,
-                keys=keys,
+                keys=it.keys,
             )
-            batch, stats_t = rollout_batch(cfg, exp, beta, engine.sum_over_processes)
-            stats = global_mean(engine, stats_t | hacking.stats(exp, engine.sum_over_processes))
-            if "objective/kl" in stats:
-                kl_ctl.update(stats["objective/kl"], cfg.episodes_per_iteration)
+            batch, stats_t = rollout_batch(cfg, exp, it.kl_coef, engine.sum_over_processes)
+            stats = loop.rollout_stats(stats_t, exp)
             t0 = time.perf_counter()
             logged, train_tokens = run_updates(
                 engine,
@@ -433,42 +417,27 @@ def train(cfg: Config) -> Path:
                 epochs=cfg.ppo_epochs,
                 minibatches=cfg.minibatches,
                 seed=cfg.seed,
-                iteration=iteration,
+                iteration=it.index,
                 flat=flat,
             )
             train_s = time.perf_counter() - t0
-            iteration += 1
             rollout_s = exp.generation_s + exp.scoring_s
-            line = (
-                mean_metrics(logged)
-                | stats
-                | {
-                    "objective/kl_coef": beta,
-                    "grpo/iteration": float(iteration),
-                    "grpo/episodes": float(iteration * cfg.episodes_per_iteration),
-                }
-            )
-            if evaluator.due(iteration, iterations):
-                n = cfg.rollout.max_new_tokens
-                line |= evaluator(engine.unwrapped_model, reference, tokenizer, max_new_tokens=n, iteration=iteration)
-            engine.log(
-                line
-                | {
+            loop.end(
+                it,
+                logged,
+                stats,
+                policy=engine.unwrapped_model,
+                completions=exp.completions,
+                scores=exp.scores,
+                perf={
                     "perf/completions_per_s": len(exp) / max(rollout_s + train_s, 1e-9),
                     "perf/generation_s": exp.generation_s,
                     "perf/scoring_s": exp.scoring_s,
                     "perf/train_s": train_s,
                     "perf/generation_tokens_per_s": float(exp.lengths.sum()) / max(exp.generation_s, 1e-9),
                     "perf/train_tokens_per_s": train_tokens / max(train_s, 1e-9),
-                }
+                },
             )
-            prompt_text = [ex["prompt"] for ex in examples for _ in range(cfg.group_size)]
-            samples.maybe_write(engine.step, iteration, prompt_text, exp.completions, exp.scores.tolist())
-            checkpoint_if_due(engine, step_before)
-            if (reason := stop_reason(cfg.stop_when, line)) is not None:
-                if engine.is_main:
-                    print(f"rlhf: stopping at iteration {iteration}: {reason}", file=sys.stderr)
-                break
         save_final(engine, engine.unwrapped_model, tokenizer, base_path=cfg.model.path)
-        samples.close()
+        loop.close()
     return engine.run_dir

@@ -27,7 +27,6 @@ checkpoint, so a resumed run equals an uninterrupted one bit for bit.
 from __future__ import annotations
 
 import functools
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,28 +67,19 @@ from rlhf.rollout.config import (
     RewardConfig,
     RolloutConfig,
     build_reward,
-    kl_controller,
     load_reward_models,
     move_reward_models,
 )
 from rlhf.rollout.experience import Experience, make_experience
 from rlhf.rollout.rewards import RewardSource
 from rlhf.rollout.shaping import shape_scores, token_rewards
-from rlhf.runtime.data_order import DataOrder
 from rlhf.runtime.finish import save_final
 from rlhf.runtime.online import (
-    HackingMonitor,
+    IterationLoop,
     OnlineEvaluator,
-    SampleLog,
     check_stop_rules,
-    checkpoint_if_due,
     count_iterations,
-    global_mean,
-    iterations_done,
-    mean_metrics,
     run_updates,
-    share_of_iteration,
-    stop_reason,
 )
 from rlhf.runtime.setup import load_splits, make_engine, seed_everything
 
@@ -410,28 +400,29 @@ def train(cfg: Config) -> Path:
     with engine:
         models.ref.to(engine.device)
         move_reward_models(models.reward_models, engine.device)
-        order = DataOrder(len(prompts), cfg.rollout.batch_size, seed=cfg.seed)
-        kl_ctl = kl_controller(cfg.kl)
-        engine.register_state("data_order", order)
-        engine.register_state("kl_controller", kl_ctl)
-        hacking = HackingMonitor()
-        engine.register_state("hacking", hacking)
-        if engine.resume() and engine.is_main:
-            print(f"rlhf: resumed at step {engine.step} (iteration {iterations_done(order)})", file=sys.stderr)
-        samples = SampleLog(engine, cfg.samples_every, cfg.num_samples)
+        loop = IterationLoop(
+            engine,
+            cfg,
+            prompts,
+            iterations,
+            name="ppo",
+            group_size=1,
+            evaluator=evaluator,
+            reference=models.ref,
+            tokenizer=models.tokenizer,
+        )
         loss_fn = functools.partial(ppo_loss, cfg=cfg)
-        while (iteration := iterations_done(order)) < iterations:
-            if engine.should_stop():
-                engine.interrupt()
-            step_before, kl_coef = engine.step, kl_ctl.value
-            examples, keys = share_of_iteration(
-                engine, order, prompts, seed=cfg.seed, iteration=iteration, group_size=1
-            )
+        for it in loop:
             result = make_rollout(
-                cfg, models, engine.unwrapped_model, examples, kl_coef, keys=keys, sum_over=engine.sum_over_processes
+                cfg,
+                models,
+                engine.unwrapped_model,
+                it.examples,
+                it.kl_coef,
+                keys=it.keys,
+                sum_over=engine.sum_over_processes,
             )
-            stats = global_mean(engine, result.stats | hacking.stats(result.experience, engine.sum_over_processes))
-            kl_ctl.update(stats["objective/kl"], cfg.rollout.batch_size)
+            stats = loop.rollout_stats(result.stats, result.experience)
             t0 = time.perf_counter()
             logged, train_tokens = run_updates(
                 engine,
@@ -440,43 +431,26 @@ def train(cfg: Config) -> Path:
                 epochs=cfg.ppo_epochs,
                 minibatches=cfg.minibatches,
                 seed=cfg.seed,
-                iteration=iteration,
+                iteration=it.index,
                 flat=models.actor_critic.padding_free,
                 stop_kl=cfg.target_approx_kl,
             )
             train_s = time.perf_counter() - t0
-            iteration += 1
-            line = (
-                mean_metrics(logged)
-                | stats
-                | {
-                    "objective/kl_coef": kl_coef,
-                    "ppo/iteration": float(iteration),
-                    "ppo/episodes": float(iteration * cfg.rollout.batch_size),
-                    "ppo/updates": float(engine.step - step_before),
-                }
-            )
-            if evaluator.due(iteration, iterations):
-                policy = engine.unwrapped_model.policy
-                n = cfg.rollout.max_new_tokens
-                line |= evaluator(policy, models.ref, models.tokenizer, max_new_tokens=n, iteration=iteration)
-            generation_s = result.experience.generation_s
-            engine.log(
-                line
-                | {
-                    "perf/generation_tokens_per_s": result.generated_tokens / max(generation_s, 1e-9),
+            loop.end(
+                it,
+                logged,
+                stats,
+                policy=engine.unwrapped_model.policy,
+                completions=result.completions,
+                scores=result.scores,
+                extra={"ppo/updates": float(engine.step - it.step_before)},
+                perf={
+                    "perf/generation_tokens_per_s": result.generated_tokens / max(result.experience.generation_s, 1e-9),
                     "perf/train_tokens_per_s": train_tokens / max(train_s, 1e-9),
-                }
+                },
             )
-            prompt_text = [ex["prompt"] for ex in examples]
-            samples.maybe_write(engine.step, iteration, prompt_text, result.completions, result.scores.tolist())
-            checkpoint_if_due(engine, step_before)
-            if (reason := stop_reason(cfg.stop_when, line)) is not None:
-                if engine.is_main:
-                    print(f"rlhf: stopping at iteration {iteration}: {reason}", file=sys.stderr)
-                break
         save_final(engine, models.actor_critic.policy, models.tokenizer, base_path=cfg.model.path)
         if models.actor_critic.critic is not None:
             engine.save_final(models.actor_critic.critic, models.critic_tokenizer, subdir="final_value")
-        samples.close()
+        loop.close()
     return engine.run_dir
