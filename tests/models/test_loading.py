@@ -44,3 +44,17 @@ def test_a_hub_style_name_is_not_fetched_unless_asked(monkeypatch):
         load_causal_lm(ModelConfig(path="org/name"))
     with pytest.raises(UserError, match=r"^model.path: no model given"):
         load_causal_lm(ModelConfig(path=""))
+
+
+@pytest.mark.parametrize("tokenizer", [None, "tok"])
+def test_a_trainer_names_the_key_of_a_missing_tokenizer_directory(tmp_path, capsys, tokenizer):
+    """The tokenizer comes from model.path unless model.tokenizer is set: the error names that key, so a mistyped
+    model.path is not reported as a tokenizer problem."""
+    from rlhf.cli import main
+
+    args = ["train", "sft", f"--model.path={tmp_path / 'model'}", f"--data.train={tmp_path / 'sft.jsonl'}"]
+    key, missing = ("model.path", tmp_path / "model") if tokenizer is None else ("model.tokenizer", tmp_path / "tok")
+    if tokenizer is not None:
+        args.append(f"--model.tokenizer={missing}")
+    assert main(args) == 1
+    assert capsys.readouterr().err.startswith(f"rlhf: error: {key}: {missing} is not a local directory")

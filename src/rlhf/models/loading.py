@@ -43,9 +43,11 @@ class ModelLoadError(UserError):
     """A model or tokenizer directory that cannot be used."""
 
 
-def _check_dir(path: str, what: str) -> None:
+def _check_dir(path: str, what: str, name: str | None = None) -> None:
     """Fail early, with the path in the message, on what `from_pretrained` would answer with a long traceback (or
-    with ten retries against the hub)."""
+    with ten retries against the hub). `what`: "model" or "tokenizer"; `name`: what the message calls the path (the
+    config key it came from), `what` by default."""
+    name = name or what
     if not path:
         raise ModelLoadError("model.path: no model given (a Hugging Face checkpoint directory, e.g. a run's final/)")
     p = Path(path).expanduser()
@@ -53,14 +55,14 @@ def _check_dir(path: str, what: str) -> None:
         if os.environ.get(HUB_OPT_IN) == "1" and not path.startswith(("/", ".", "~")):
             return  # a hub id, for from_pretrained to fetch
         raise ModelLoadError(
-            f"{what}: {path} is not a local directory (nothing is downloaded from the Hugging Face hub unless "
+            f"{name}: {path} is not a local directory (nothing is downloaded from the Hugging Face hub unless "
             f"{HUB_OPT_IN}=1 is set and HF_HUB_OFFLINE is not)"
         )
     if not p.is_dir():
-        raise ModelLoadError(f"{what}: {path} is not a directory")
+        raise ModelLoadError(f"{name}: {path} is not a directory")
     if what == "tokenizer" and not any((p / name).exists() for name in TOKENIZER_FILES):
         raise ModelLoadError(
-            f"tokenizer: {path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): give a tokenizer directory "
+            f"{name}: {path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): give a tokenizer directory "
             "with model.tokenizer"
         )
     if what == "model" and not (p / "config.json").exists():
@@ -76,9 +78,10 @@ def _loading(path: str, what: str) -> Iterator[None]:
         raise ModelLoadError(f"{what}: cannot load {path}: {exc}") from exc
 
 
-def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """The tokenizer, with a pad token guaranteed (EOS is used, with a warning, when the tokenizer has none)."""
-    _check_dir(path, "tokenizer")
+def load_tokenizer(path: str, *, trust_remote_code: bool = False, name: str = "tokenizer") -> PreTrainedTokenizerBase:
+    """The tokenizer, with a pad token guaranteed (EOS is used, with a warning, when the tokenizer has none).
+    `name`: what errors call the path (a trainer's `ModelConfig.tokenizer_key`)."""
+    _check_dir(path, "tokenizer", name)
     with _loading(path, "tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:

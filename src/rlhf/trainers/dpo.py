@@ -336,7 +336,9 @@ def setup_reference(
 def train(cfg: Config) -> Path:
     """Train with the configured preference loss; return the run directory (final/ holds the HF model)."""
     run_dir = Path(cfg.output_dir)
-    tokenizer = load_tokenizer(cfg.model.tokenizer_path, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(
+        cfg.model.tokenizer_path, trust_remote_code=cfg.model.trust_remote_code, name=cfg.model.tokenizer_key
+    )
     data = load_splits(cfg.data, "preference", tokenizer, seed=cfg.seed)
     total = count_steps(cfg.train, len(data.train))
     seed_everything(cfg.seed)

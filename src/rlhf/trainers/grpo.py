@@ -363,7 +363,9 @@ def load_models(cfg: Config) -> tuple[nn.Module, nn.Module | None]:
 def train(cfg: Config) -> Path:
     """Run the group method; return the run directory (final/ holds the policy)."""
     seed_everything(cfg.seed)
-    tokenizer = load_tokenizer(cfg.model.tokenizer_path, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(
+        cfg.model.tokenizer_path, trust_remote_code=cfg.model.trust_remote_code, name=cfg.model.tokenizer_key
+    )
     policy, reference = load_models(cfg)
     reward_models = load_reward_models(
         cfg.reward,

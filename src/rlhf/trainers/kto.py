@@ -303,7 +303,9 @@ def load_models(cfg: Config) -> tuple[nn.Module, nn.Module | None]:
 def train(cfg: Config) -> Path:
     """Train with KTO on unpaired labelled completions; return the run directory (final/ holds the HF model)."""
     run_dir = Path(cfg.output_dir)
-    tokenizer = load_tokenizer(cfg.model.tokenizer_path, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(
+        cfg.model.tokenizer_path, trust_remote_code=cfg.model.trust_remote_code, name=cfg.model.tokenizer_key
+    )
     data = load_splits(cfg.data, "unpaired", tokenizer, seed=cfg.seed)
     total = count_steps(cfg.train, len(data.train))
     seed_everything(cfg.seed)

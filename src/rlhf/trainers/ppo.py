@@ -217,7 +217,7 @@ def build_models(cfg: Config) -> Models:
         raise UserError("model.path: no policy checkpoint given (usually the SFT run's final/ directory)")
     torch.manual_seed(cfg.seed)  # a fresh critic head is drawn from the global RNG
     trust = cfg.model.trust_remote_code
-    tokenizer = load_tokenizer(cfg.model.tokenizer_path, trust_remote_code=trust)
+    tokenizer = load_tokenizer(cfg.model.tokenizer_path, trust_remote_code=trust, name=cfg.model.tokenizer_key)
     policy = load_causal_lm(cfg.model, trainable=True)
     disable_dropout(policy)
     policy = apply_lora(policy, cfg.model.lora)

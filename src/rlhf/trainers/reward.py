@@ -319,7 +319,9 @@ def train(cfg: Config) -> Path:
     """Train a reward model on `cfg.data`; return the run directory (its `final/` holds the model)."""
     seed_everything(cfg.seed)
     out = Path(cfg.output_dir)
-    tokenizer = load_tokenizer(cfg.model.tokenizer_path, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(
+        cfg.model.tokenizer_path, trust_remote_code=cfg.model.trust_remote_code, name=cfg.model.tokenizer_key
+    )
     splits = load_splits(cfg.data, "preference", tokenizer, seed=cfg.seed, whole_turns=True)
     if cfg.use_margin and all(ex.get("margin") is None for ex in splits.train):
         raise UserError(f"use_margin is set but no training row of {cfg.data.train} has a `margin` field")

@@ -195,7 +195,9 @@ def train(cfg: Config) -> Path:
     """Fine-tune `cfg.model` on `cfg.data`; return the run directory (its `final/` holds the model)."""
     seed_everything(cfg.seed)
     out = Path(cfg.output_dir)
-    tokenizer = load_tokenizer(cfg.model.tokenizer_path, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(
+        cfg.model.tokenizer_path, trust_remote_code=cfg.model.trust_remote_code, name=cfg.model.tokenizer_key
+    )
     splits = load_splits(cfg.data, "sft", tokenizer, seed=cfg.seed)
     examples = pack_sft(splits.train, cfg.data.max_length) if cfg.data.packing else splits.train
     if cfg.data.packing:
