@@ -499,6 +499,61 @@ def make_setup(
     return Setup(str(model_dir), str(out / "rm_init"), {k: str(v) for k, v in data.items()})
 
 
+def sft_policy(root: Path, base: str | Path, sft_data: str | Path, *, steps: int, context: int = 0) -> Path:
+    """`base` briefly supervised on the task (`rlhf train sft` for `steps` steps of 32 at a constant 3e-3, as
+    `rlhf demo` does), for the online benchmarks: their policies then answer with EOS at different lengths. Returns
+    the `final/` directory under `root / "sft"`."""
+    from rlhf.config import load_config
+    from rlhf.trainers import sft
+
+    max_length, max_prompt_length = lengths(context)
+    overrides = [
+        f"--output_dir={root / 'sft'}",
+        f"--model.path={base}",
+        f"--data.train={sft_data}",
+        f"--train.max_steps={steps}",
+        "--train.batch_size=32",
+        "--train.micro_batch_size=32",
+        "--optim.lr=3e-3",
+        "--schedule.name=constant",
+        "--logging.progress=false",
+        f"--data.max_length={max_length}",
+        f"--data.max_prompt_length={max_prompt_length}",
+    ]
+    return sft.train(load_config(sft.Config, None, overrides)) / "final"
+
+
+def trial_env(threads: int, device: str = "cpu") -> dict[str, str]:
+    """The environment of a trial process: offline, no progress bars or tokenizer threads, `threads` OpenMP and MKL
+    threads, and no GPU unless `device` is cuda."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    if device == "cpu":
+        env.setdefault("CUDA_VISIBLE_DEVICES", "")
+    return env
+
+
+RESULT = "RESULT "
+"""How a trial process marks its record among the lines it prints (`print_result`, `run_trial`)."""
+
+
+def print_result(record: dict[str, Any]) -> None:
+    """A trial's record, for `run_trial` to find in its output."""
+    print(RESULT + json.dumps(record), flush=True)
+
+
+def run_trial(cmd: Sequence[str], env: dict[str, str], name: str) -> dict[str, Any]:
+    """Run one trial process, which prints its record with `print_result`; print the record as a JSON line and
+    return it. A trial that fails ends the benchmark with its name and the tail of its stderr."""
+    proc = subprocess.run(list(cmd), env=env, capture_output=True, text=True)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith(RESULT)), None)
+    if proc.returncode != 0 or line is None:
+        raise SystemExit(f"{name} failed:\n{proc.stderr[-4000:]}")
+    record = json.loads(line.removeprefix(RESULT))
+    print(json.dumps(record), flush=True)
+    return record
+
+
 def run_worker(cmd: Sequence[str], result_file: Path, *, timeout: float = 1800) -> dict[str, Any]:
     """Run one trial in a fresh process; it writes its result as JSON to `result_file`, which is returned."""
     result_file.unlink(missing_ok=True)

@@ -35,7 +35,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -53,8 +52,11 @@ from _common import (  # noqa: E402
     machine,
     mixed_precision,
     peak_memory_mib,
+    print_result,
+    run_trial,
     step_watch,
     traced_train_steps,
+    trial_env,
     write_data,
 )
 
@@ -254,7 +256,7 @@ def child(args: argparse.Namespace) -> None:
     }
     if watch is not None:
         record |= watch.report()
-    print("RESULT " + json.dumps(record), flush=True)
+    print_result(record)
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -345,10 +347,7 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
-    if args.device == "cpu":
-        env.setdefault("CUDA_VISIBLE_DEVICES", "")
+    env = trial_env(args.threads, args.device)
     records = []
     with tempfile.TemporaryDirectory() as tmp:
         model, data = prepare(Path(tmp), args)
@@ -377,12 +376,7 @@ def main() -> None:
                         str(args.context),
                         *(f"--{flag}" for flag in FLAGS if getattr(args, flag.replace("-", "_"))),
                     ]
-                    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-                    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-                    if proc.returncode != 0 or line is None:
-                        raise SystemExit(f"{impl}/{ref} failed:\n{proc.stderr[-4000:]}")
-                    records.append(json.loads(line.removeprefix("RESULT ")))
-                    print(json.dumps(records[-1]), flush=True)
+                    records.append(run_trial(cmd, env, f"{impl}/{ref}"))
     for s in summarize(records):
         print(json.dumps(s), flush=True)
 

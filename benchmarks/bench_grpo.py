@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +42,10 @@ from _common import (  # noqa: E402
     machine,
     mixed_precision,
     peak_memory_mib,
+    print_result,
+    run_trial,
+    sft_policy,
+    trial_env,
     write_data,
 )
 
@@ -186,33 +188,17 @@ def child(args: argparse.Namespace) -> None:
         "mean_response_length": round(result["response_length"], 2),
         "peak_memory_mib": round(peak_memory_mib(), 1),  # the GPU allocator's peak on CUDA, else peak RSS
     }
-    print("RESULT " + json.dumps(record), flush=True)
+    print_result(record)
 
 
 def prepare(root: Path, args: argparse.Namespace) -> tuple[str, str]:
     """Prompt data and a tiny llama briefly supervised on the task (`rlhf train sft`, as in `rlhf demo`)."""
-    from rlhf.config import load_config
     from rlhf.tasks.tiny import make_tiny_checkpoint
-    from rlhf.trainers import sft
 
     n_train = max(PROMPTS * args.iterations, 512)
     files = write_data(root / "data", n_train=n_train, n_eval=8, context=args.context)
     base = make_tiny_checkpoint(root / "base", "llama", hidden_size=args.hidden, num_layers=args.layers, seed=0)
-    overrides = [
-        f"--output_dir={root / 'sft'}",
-        f"--model.path={base}",
-        f"--data.train={files['sft']}",
-        f"--train.max_steps={args.sft_steps}",
-        "--train.batch_size=32",
-        "--train.micro_batch_size=32",
-        "--optim.lr=3e-3",
-        "--schedule.name=constant",
-        "--logging.progress=false",
-        f"--data.max_length={lengths(args.context)[0]}",
-        f"--data.max_prompt_length={lengths(args.context)[1]}",
-    ]
-    policy = sft.train(load_config(sft.Config, None, overrides)) / "final"
-    return str(policy), str(files["prompt"])
+    return str(sft_policy(root, base, files["sft"], steps=args.sft_steps, context=args.context)), str(files["prompt"])
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -253,10 +239,7 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    if args.device == "cpu":
-        env.setdefault("CUDA_VISIBLE_DEVICES", "")
-    env["OMP_NUM_THREADS"] = str(args.threads)
+    env = trial_env(args.threads, args.device)
     records = []
     with tempfile.TemporaryDirectory() as tmp:
         policy, prompts = prepare(Path(tmp), args)
@@ -273,12 +256,7 @@ def main() -> None:
                 cmd = [sys.executable, __file__, "--child", "--impl", impl, "--iterations", str(args.iterations)]
                 cmd += ["--precision", args.precision, "--context", str(args.context)]
                 cmd += ["--policy", policy, "--prompts", prompts, "--threads", str(args.threads)]
-                proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-                line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-                if proc.returncode != 0 or line is None:
-                    raise SystemExit(f"{impl} failed:\n{proc.stderr[-4000:]}")
-                records.append(json.loads(line.removeprefix("RESULT ")))
-                print(json.dumps(records[-1]), flush=True)
+                records.append(run_trial(cmd, env, impl))
     if len(set(args.impls.split(","))) == 2:
         print(json.dumps(summarize(records)), flush=True)
 

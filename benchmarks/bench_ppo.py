@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +34,17 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import add_context_argument, lengths, machine, mixed_precision, write_data  # noqa: E402
+from _common import (  # noqa: E402
+    add_context_argument,
+    lengths,
+    machine,
+    mixed_precision,
+    print_result,
+    run_trial,
+    sft_policy,
+    trial_env,
+    write_data,
+)
 
 BATCH, MICRO, EPOCHS, NEW_TOKENS = 64, 16, 4, 32
 LR, KL_COEF, VF_COEF = 1e-5, 0.05, 0.1
@@ -162,7 +170,7 @@ def child(args: argparse.Namespace) -> None:
     }
     if "response_length" in result:
         record["mean_response_length"] = round(result["response_length"], 2)
-    print("RESULT " + json.dumps(record), flush=True)
+    print_result(record)
 
 
 def prepare(root: Path, args: argparse.Namespace) -> tuple[str, str, str]:
@@ -171,21 +179,14 @@ def prepare(root: Path, args: argparse.Namespace) -> tuple[str, str, str]:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from rlhf.config import load_config
     from rlhf.tasks.tiny import make_tiny_checkpoint
-    from rlhf.trainers import sft
 
     n_train = max(BATCH * args.iterations, 512)
     files = write_data(root / "data", n_train=n_train, n_eval=8, context=args.context)
     base = make_tiny_checkpoint(root / "base", "llama", hidden_size=args.hidden, num_layers=args.layers, seed=0)
     policy = base
     if args.sft_steps:
-        overrides = [f"--output_dir={root / 'sft'}", f"--model.path={base}", f"--data.train={files['sft']}",
-                     f"--train.max_steps={args.sft_steps}", "--train.batch_size=32", "--train.micro_batch_size=32",
-                     "--optim.lr=3e-3", "--schedule.name=constant", "--logging.progress=false",
-                     f"--data.max_length={lengths(args.context)[0]}",
-                     f"--data.max_prompt_length={lengths(args.context)[1]}"]  # fmt: skip
-        policy = sft.train(load_config(sft.Config, None, overrides)) / "final"
+        policy = sft_policy(root, base, files["sft"], steps=args.sft_steps, context=args.context)
     torch.manual_seed(1)
     rm = AutoModelForSequenceClassification.from_pretrained(policy, num_labels=1)
     rm.config.pad_token_id = AutoTokenizer.from_pretrained(policy).pad_token_id
@@ -231,9 +232,7 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    env.setdefault("CUDA_VISIBLE_DEVICES", "")
-    env["OMP_NUM_THREADS"] = str(args.threads)
+    env = trial_env(args.threads)
     records = []
     with tempfile.TemporaryDirectory() as tmp:
         policy, rm, prompts = prepare(Path(tmp), args)
@@ -244,12 +243,7 @@ def main() -> None:
                 cmd = [sys.executable, __file__, "--child", "--impl", impl, "--iterations", str(args.iterations)]
                 cmd += ["--policy", policy, "--rm", rm, "--prompts", prompts, "--context", str(args.context)]
                 cmd += ["--precision", args.precision]
-                proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-                line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-                if proc.returncode != 0 or line is None:
-                    raise SystemExit(f"{impl} failed:\n{proc.stderr[-4000:]}")
-                records.append(json.loads(line.removeprefix("RESULT ")))
-                print(json.dumps(records[-1]), flush=True)
+                records.append(run_trial(cmd, env, impl))
     print(json.dumps(summarize(records)), flush=True)
 
 
