@@ -238,7 +238,7 @@ class TrainConfig:
 @dataclass
 class LoggingConfig:
     every: int = 1
-    """Write metrics every N optimizer steps."""
+    """Write metrics every N optimizer steps, and at the run's last step."""
     trackers: list[str] = field(default_factory=list)
     """Extra accelerate trackers: tensorboard, wandb (install `rlhf[tensorboard]` / `rlhf[wandb]`; one that cannot
     start is an error)."""

@@ -236,6 +236,14 @@ def test_logging_every_and_files(tmp_path: Path) -> None:
     assert (tmp_path / "config.yaml").read_text() == "a:\n  b: 1\n"
 
 
+def test_the_last_step_logs_whatever_the_interval(tmp_path: Path) -> None:
+    """A run of 5 steps logging every 2 logs steps 2 and 4, and its last (5): a run shorter than the interval still
+    writes its metrics."""
+    with make_engine(TokenModel(), tmp_path, log_every=2, total_steps=5) as engine:
+        out = [engine.train_step(split(b, 8), token_loss) for b in token_batches(5)]
+    assert [m is not None for m in out] == [False, True, False, True, True]
+
+
 def test_micro_batches_and_local_indices(tmp_path: Path) -> None:
     with make_engine(TokenModel(), tmp_path, batch_size=8, micro_batch_size=2) as engine:
         assert engine.micro_batches_per_step() == 4

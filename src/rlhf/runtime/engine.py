@@ -14,8 +14,8 @@ owns the parts that are easy to get subtly wrong and identical across algorithms
 * at the end, `check_trained`: a run that made no update, or skipped too many, ends with an error, not a final/.
 
 Host syncs: a step makes exactly one (reading the finite/stop flags after the all-reduce), plus one more on
-logging steps (`logging.every`) to turn the metrics into Python floats, and a skipped step two to print its
-loss and gradient norm. Nothing else calls `.item()`.
+logging steps (`logging.every`, and the last) to turn the metrics into Python floats, and a skipped step two to
+print its loss and gradient norm. Nothing else calls `.item()`.
 """
 
 from __future__ import annotations
@@ -288,15 +288,15 @@ class Engine:
         the step is counted as skipped (`train/nonfinite_skips`); train.max_consecutive_nonfinite skips in
         a row (<= 0: never) raise NonFiniteError. A skipped step still advances `step`, so the data order
         stays aligned; the LR schedule does not advance (it counts applied updates).
-        Returns Python floats on logging steps (step % logging.every == 0), else None: `train/loss`,
-        `train/grad_norm` (before clipping), `train/lr` (used by this step), `train/units`,
+        Returns Python floats on logging steps (step % logging.every == 0, and the run's last step), else None:
+        `train/loss`, `train/grad_norm` (before clipping), `train/lr` (used by this step), `train/units`,
         `train/nonfinite_skips`, the loss_fn metrics under their own keys, and `perf/*` wall-clock figures.
         Pass the dict to `log()`.
         """
         if not micro_batches:
             raise ValueError("train_step needs at least one micro-batch on every process")
         self._ensure_started()
-        is_log_step = (self.step + 1) % max(1, self.logging_cfg.every) == 0
+        is_log_step = (self.step + 1) % max(1, self.logging_cfg.every) == 0 or self.step + 1 == self.total_steps
         zero = torch.zeros((), dtype=self._acc_dtype, device=self.device)
         loss_sum_local, units_local = zero.clone(), zero.clone()
         metric_sums: dict[str, Tensor] = {}
