@@ -36,25 +36,40 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import (  # noqa: E402
     add_context_argument,
+    add_watch_arguments,
     lengths,
     machine,
     mixed_precision,
     print_result,
     run_trial,
     sft_policy,
+    step_watch,
     trial_env,
     write_data,
 )
 
 BATCH, MICRO, EPOCHS, NEW_TOKENS = 64, 16, 4, 32
 LR, KL_COEF, VF_COEF = 1e-5, 0.05, 0.1
+WATCHED = (4, 8)
+"""`--profile` / `--attribute` watch iterations 5-8 of each trial (after those that warm the caches up)."""
+WATCHES = ("profile", "attribute")
 
 
 def run_ours(
-    policy: str, rm: str, prompts: str, out: str, iterations: int, context: int, precision: str
+    policy: str, rm: str, prompts: str, out: str, iterations: int, context: int, precision: str, watch: Any = None
 ) -> dict[str, Any]:
     from rlhf.config import load_config
+    from rlhf.runtime.online import IterationLoop
     from rlhf.trainers import ppo
+
+    if watch is not None:  # ticks at the end of every iteration, as TRL's on_step_end below
+        end = IterationLoop.end
+
+        def watched_end(loop: IterationLoop, it: Any, *a: Any, **kw: Any) -> None:
+            end(loop, it, *a, **kw)
+            watch.tick(it.index + 1)
+
+        IterationLoop.end = watched_end  # type: ignore[method-assign]  # this trial's process only
 
     overrides = {
         "output_dir": out,
@@ -94,11 +109,15 @@ def run_ours(
 
 
 def run_trl(
-    policy: str, rm: str, prompts: str, out: str, iterations: int, context: int, precision: str
+    policy: str, rm: str, prompts: str, out: str, iterations: int, context: int, precision: str, watch: Any = None
 ) -> dict[str, Any]:
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
     from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    class Watch(TrainerCallback):  # TRL's PPO counts one global step per iteration (rollout and its updates)
+        def on_step_end(self, _args: Any, state: Any, *a: Any, **kw: Any) -> None:
+            watch.tick(state.global_step)
 
     tokenizer = AutoTokenizer.from_pretrained(policy, padding_side="left")
     rows = [json.loads(line) for line in Path(prompts).read_text().splitlines()]
@@ -144,6 +163,7 @@ def run_trl(
         value_model=AutoModelForSequenceClassification.from_pretrained(rm, num_labels=1),
         train_dataset=dataset,
         eval_dataset=dataset,
+        callbacks=[] if watch is None else [Watch()],
     )
     start = time.perf_counter()
     trainer.train()
@@ -158,7 +178,9 @@ def child(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         job = run_ours if args.impl == "ours" else run_trl
-        result = job(args.policy, args.rm, args.prompts, tmp + "/run", args.iterations, args.context, args.precision)
+        watch = step_watch(args, *WATCHED)
+        run = (args.policy, args.rm, args.prompts, tmp + "/run", args.iterations, args.context, args.precision)
+        result = job(*run, watch)
         wall = time.perf_counter() - start
     record = {
         "impl": args.impl,
@@ -170,6 +192,8 @@ def child(args: argparse.Namespace) -> None:
     }
     if "response_length" in result:
         record["mean_response_length"] = round(result["response_length"], 2)
+    if watch is not None:
+        record |= watch.report()
     print_result(record)
 
 
@@ -224,6 +248,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads of each trial (OMP_NUM_THREADS)")
     add_context_argument(p)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="both sides (bf16: mixed precision)")
+    add_watch_arguments(p, f"each trial's iterations {WATCHED[0] + 1}-{WATCHED[1]} (figures per iteration)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--impl", choices=("ours", "trl"), help=argparse.SUPPRESS)
     for name in ("--policy", "--rm", "--prompts"):
@@ -242,7 +267,11 @@ def main() -> None:
             for impl in ("ours", "trl"):
                 cmd = [sys.executable, __file__, "--child", "--impl", impl, "--iterations", str(args.iterations)]
                 cmd += ["--policy", policy, "--rm", rm, "--prompts", prompts, "--context", str(args.context)]
-                cmd += ["--precision", args.precision]
+                cmd += [
+                    "--precision",
+                    args.precision,
+                    *(f"--{f}" for f in ("profile", "attribute") if getattr(args, f)),
+                ]
                 records.append(run_trial(cmd, env, impl))
     print(json.dumps(summarize(records)), flush=True)
 
