@@ -60,7 +60,7 @@ def _check_dir(path: str, what: str, name: str | None = None) -> None:
         )
     if not p.is_dir():
         raise ModelLoadError(f"{name}: {path} is not a directory")
-    if what == "tokenizer" and not any((p / name).exists() for name in TOKENIZER_FILES):
+    if what == "tokenizer" and not any((p / file).exists() for file in TOKENIZER_FILES):
         raise ModelLoadError(
             f"{name}: {path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): give a tokenizer directory "
             "with model.tokenizer"
