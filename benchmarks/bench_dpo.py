@@ -348,8 +348,7 @@ def main() -> None:
         child(args)
         return
     if args.pairs // BATCH * args.epochs < LOG_EVERY:  # TRL logs every LOG_EVERY steps, and not at the last
-        steps = f"--pairs {args.pairs} x --epochs {args.epochs} is under {LOG_EVERY} steps of {BATCH}"
-        p.error(f"{steps}: TRL logs no loss")
+        p.error(f"--pairs {args.pairs} x --epochs {args.epochs}: under {LOG_EVERY} steps of {BATCH}, TRL logs no loss")
     env = trial_env(args.threads, args.device)
     records = []
     with tempfile.TemporaryDirectory() as tmp:

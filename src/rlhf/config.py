@@ -113,11 +113,6 @@ class ModelConfig:
     def tokenizer_path(self) -> str:
         return self.tokenizer or self.path
 
-    @property
-    def tokenizer_key(self) -> str:
-        """The key `tokenizer_path` comes from, as the trainers' errors name it."""
-        return "model.tokenizer" if self.tokenizer else "model.path"
-
 
 @dataclass
 class DataConfig:

@@ -80,7 +80,7 @@ def _loading(path: str, what: str) -> Iterator[None]:
 
 def load_tokenizer(path: str, *, trust_remote_code: bool = False, name: str = "tokenizer") -> PreTrainedTokenizerBase:
     """The tokenizer, with a pad token guaranteed (EOS is used, with a warning, when the tokenizer has none).
-    `name`: what errors call the path (a trainer's `ModelConfig.tokenizer_key`)."""
+    `name`: what errors call the path (the config key it came from: `load_model_tokenizer`)."""
     _check_dir(path, "tokenizer", name)
     with _loading(path, "tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -90,6 +90,13 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False, name: str = "t
         logger.warning("tokenizer %s has no pad token; using EOS (%r) for padding", path, tokenizer.eos_token)
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def load_model_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer of a trainer's `model` section: `model.tokenizer`, else `model.path`, and errors name that key
+    (the trainers load it first, so a mistyped model.path is not reported as a tokenizer problem)."""
+    key = "model.tokenizer" if cfg.tokenizer else "model.path"
+    return load_tokenizer(cfg.tokenizer_path, trust_remote_code=cfg.trust_remote_code, name=key)
 
 
 def apply_lora(model: PreTrainedModel, lora: LoraConfig, task_type: str = "CAUSAL_LM") -> nn.Module:

@@ -7,7 +7,7 @@ An iteration draws one batch of prompts (`rollout.batch_size`), makes its experi
 passes of minibatch steps over it. Checkpoints and SIGTERM stops happen only between iterations (a rollout is
 never saved); the data order, which counts the iterations, is in the checkpoint.
 
-    loop = IterationLoop(engine, cfg, prompts, iterations, name="grpo", group_size=8, evaluator=..., ...)
+    loop = IterationLoop(engine, cfg, prompts, iterations, name="grpo", evaluator=..., ...)
     for it in loop:                                   # it.examples, it.keys, it.kl_coef
         experience, stats = ...                       # the algorithm's rollout
         stats = loop.rollout_stats(stats, experience)  # means over processes; the KL controller updated
@@ -339,13 +339,13 @@ class IterationLoop:
         iterations: int,
         *,
         name: str,
-        group_size: int,
         evaluator: OnlineEvaluator,
         reference: nn.Module | None,
         tokenizer: PreTrainedTokenizerBase,
     ) -> None:
         self.engine, self.cfg, self.prompts, self.iterations = engine, cfg, prompts, iterations
-        self.name, self.group_size = name, group_size
+        self.name = name
+        self.group_size = cfg.episodes_per_iteration // cfg.rollout.batch_size  # completions per prompt
         self.evaluator, self.reference, self.tokenizer = evaluator, reference, tokenizer
         self.order = DataOrder(len(prompts), cfg.rollout.batch_size, seed=cfg.seed)
         self.kl = kl_controller(cfg.kl)

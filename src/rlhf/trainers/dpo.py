@@ -46,7 +46,13 @@ from rlhf.data import collate_responses, to_device
 from rlhf.data.collate import Collate
 from rlhf.losses.preference import PREFERENCE_LOSSES, dpo_loss, orpo_odds_ratio_loss, simpo_loss
 from rlhf.models import padding_free
-from rlhf.models.loading import apply_lora, disable_dropout, frozen_copy, load_causal_lm, load_tokenizer
+from rlhf.models.loading import (
+    apply_lora,
+    disable_dropout,
+    frozen_copy,
+    load_causal_lm,
+    load_model_tokenizer,
+)
 from rlhf.models.reference import ExampleLayout, Reference, cached_reference_tables, reference_cache_key
 from rlhf.models.sequence_logps import ResponseLogps, collate_flat, response_logps
 from rlhf.runtime.data_order import DataOrder
@@ -336,9 +342,7 @@ def setup_reference(
 def train(cfg: Config) -> Path:
     """Train with the configured preference loss; return the run directory (final/ holds the HF model)."""
     run_dir = Path(cfg.output_dir)
-    tokenizer = load_tokenizer(
-        cfg.model.tokenizer_path, trust_remote_code=cfg.model.trust_remote_code, name=cfg.model.tokenizer_key
-    )
+    tokenizer = load_model_tokenizer(cfg.model)
     data = load_splits(cfg.data, "preference", tokenizer, seed=cfg.seed)
     total = count_steps(cfg.train, len(data.train))
     seed_everything(cfg.seed)

@@ -66,7 +66,13 @@ from rlhf.losses.policy import sequence_log_ratio
 from rlhf.losses.reduce import SumOver
 from rlhf.models import padding_free
 from rlhf.models.forward import causal_lm_logprobs
-from rlhf.models.loading import apply_lora, disable_dropout, load_causal_lm, load_tokenizer, reference_policy
+from rlhf.models.loading import (
+    apply_lora,
+    disable_dropout,
+    load_causal_lm,
+    load_model_tokenizer,
+    reference_policy,
+)
 from rlhf.rollout.batch import RolloutBatch
 from rlhf.rollout.config import (
     KLConfig,
@@ -363,9 +369,7 @@ def load_models(cfg: Config) -> tuple[nn.Module, nn.Module | None]:
 def train(cfg: Config) -> Path:
     """Run the group method; return the run directory (final/ holds the policy)."""
     seed_everything(cfg.seed)
-    tokenizer = load_tokenizer(
-        cfg.model.tokenizer_path, trust_remote_code=cfg.model.trust_remote_code, name=cfg.model.tokenizer_key
-    )
+    tokenizer = load_model_tokenizer(cfg.model)
     policy, reference = load_models(cfg)
     reward_models = load_reward_models(
         cfg.reward,
@@ -390,7 +394,6 @@ def train(cfg: Config) -> Path:
             prompts,
             iterations,
             name="grpo",
-            group_size=cfg.group_size,
             evaluator=evaluator,
             reference=reference,
             tokenizer=tokenizer,

@@ -42,7 +42,13 @@ from rlhf.data import collate_responses, to_device
 from rlhf.data.collate import Collate
 from rlhf.losses.preference import kto_loss
 from rlhf.models import padding_free
-from rlhf.models.loading import apply_lora, disable_dropout, frozen_copy, load_causal_lm, load_tokenizer
+from rlhf.models.loading import (
+    apply_lora,
+    disable_dropout,
+    frozen_copy,
+    load_causal_lm,
+    load_model_tokenizer,
+)
 from rlhf.models.reference import ExampleLayout, Reference, cached_reference_tables, reference_cache_key
 from rlhf.models.sequence_logps import collate_flat, response_logps
 from rlhf.runtime.data_order import DataOrder
@@ -303,9 +309,7 @@ def load_models(cfg: Config) -> tuple[nn.Module, nn.Module | None]:
 def train(cfg: Config) -> Path:
     """Train with KTO on unpaired labelled completions; return the run directory (final/ holds the HF model)."""
     run_dir = Path(cfg.output_dir)
-    tokenizer = load_tokenizer(
-        cfg.model.tokenizer_path, trust_remote_code=cfg.model.trust_remote_code, name=cfg.model.tokenizer_key
-    )
+    tokenizer = load_model_tokenizer(cfg.model)
     data = load_splits(cfg.data, "unpaired", tokenizer, seed=cfg.seed)
     total = count_steps(cfg.train, len(data.train))
     seed_everything(cfg.seed)

@@ -58,7 +58,13 @@ from rlhf.losses import (
     ppo_policy_loss,
 )
 from rlhf.losses.reduce import SumOver
-from rlhf.models.loading import apply_lora, disable_dropout, load_causal_lm, load_tokenizer, reference_policy
+from rlhf.models.loading import (
+    apply_lora,
+    disable_dropout,
+    load_causal_lm,
+    load_model_tokenizer,
+    reference_policy,
+)
 from rlhf.models.value import PolicyWithValue, ValueConfig, load_critic
 from rlhf.rollout.batch import RolloutBatch
 from rlhf.rollout.config import (
@@ -217,7 +223,7 @@ def build_models(cfg: Config) -> Models:
         raise UserError("model.path: no policy checkpoint given (usually the SFT run's final/ directory)")
     torch.manual_seed(cfg.seed)  # a fresh critic head is drawn from the global RNG
     trust = cfg.model.trust_remote_code
-    tokenizer = load_tokenizer(cfg.model.tokenizer_path, trust_remote_code=trust, name=cfg.model.tokenizer_key)
+    tokenizer = load_model_tokenizer(cfg.model)
     policy = load_causal_lm(cfg.model, trainable=True)
     disable_dropout(policy)
     policy = apply_lora(policy, cfg.model.lora)
@@ -406,7 +412,6 @@ def train(cfg: Config) -> Path:
             prompts,
             iterations,
             name="ppo",
-            group_size=1,
             evaluator=evaluator,
             reference=models.ref,
             tokenizer=models.tokenizer,

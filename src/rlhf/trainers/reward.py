@@ -53,7 +53,7 @@ from rlhf.evaluation.calibration import preference_calibration
 from rlhf.losses.reward import bradley_terry_loss, reward_centering_penalty
 from rlhf.models import padding_free
 from rlhf.models.forward import backbone_and_head, sequence_scores
-from rlhf.models.loading import apply_lora, disable_dropout, load_scalar_model, load_tokenizer
+from rlhf.models.loading import apply_lora, disable_dropout, load_model_tokenizer, load_scalar_model
 from rlhf.runtime.data_order import DataOrder
 from rlhf.runtime.engine import Engine
 from rlhf.runtime.finish import save_final
@@ -319,9 +319,7 @@ def train(cfg: Config) -> Path:
     """Train a reward model on `cfg.data`; return the run directory (its `final/` holds the model)."""
     seed_everything(cfg.seed)
     out = Path(cfg.output_dir)
-    tokenizer = load_tokenizer(
-        cfg.model.tokenizer_path, trust_remote_code=cfg.model.trust_remote_code, name=cfg.model.tokenizer_key
-    )
+    tokenizer = load_model_tokenizer(cfg.model)
     splits = load_splits(cfg.data, "preference", tokenizer, seed=cfg.seed, whole_turns=True)
     if cfg.use_margin and all(ex.get("margin") is None for ex in splits.train):
         raise UserError(f"use_margin is set but no training row of {cfg.data.train} has a `margin` field")

@@ -38,7 +38,7 @@ from rlhf.config import (
 from rlhf.data import IGNORE_INDEX, collate_sft, pack_sft, to_device
 from rlhf.losses.sft import sft_loss
 from rlhf.models import padding_free
-from rlhf.models.loading import apply_lora, load_causal_lm, load_tokenizer
+from rlhf.models.loading import apply_lora, load_causal_lm, load_model_tokenizer
 from rlhf.models.padding_free import LAYOUT_KWARG, flat_inputs
 from rlhf.runtime.data_order import DataOrder
 from rlhf.runtime.engine import Engine
@@ -195,9 +195,7 @@ def train(cfg: Config) -> Path:
     """Fine-tune `cfg.model` on `cfg.data`; return the run directory (its `final/` holds the model)."""
     seed_everything(cfg.seed)
     out = Path(cfg.output_dir)
-    tokenizer = load_tokenizer(
-        cfg.model.tokenizer_path, trust_remote_code=cfg.model.trust_remote_code, name=cfg.model.tokenizer_key
-    )
+    tokenizer = load_model_tokenizer(cfg.model)
     splits = load_splits(cfg.data, "sft", tokenizer, seed=cfg.seed)
     examples = pack_sft(splits.train, cfg.data.max_length) if cfg.data.packing else splits.train
     if cfg.data.packing:
