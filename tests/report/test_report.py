@@ -90,6 +90,27 @@ def test_equal_series_are_one_line_and_kl_per_token_has_its_own_panel():
     assert plots.panel_lines(metrics)[0] == ("reward", [["reward/score"], ["reward/shaped"], ["eval/proxy"]])
 
 
+def test_labels_of_close_policies_do_not_overlap():
+    """The demo's policies (gold against KL): dpo, ppo and grpo within 0.4 nats and 0.015 of gold of each other. No
+    label may cover another label or any point's marker."""
+    points = {"sft": (0.0, 0.748), "dpo": (1.672, 0.905), "ppo": (1.720, 0.890), "grpo": (2.070, 0.898),
+              "grpo_overopt": (12.332, 0.554)}  # fmt: skip
+    fig, ax = plots.plt.subplots(figsize=(4.9, 3.4))
+    for xy in points.values():
+        ax.plot(*xy, "o")
+    fig.tight_layout()
+    notes = plots.place_labels(ax, [(name, xy, "k") for name, xy in points.items()])
+    renderer = fig.canvas.get_renderer()
+    boxes = [n.get_window_extent(renderer) for n in notes]
+    markers = [plots._box(*ax.transData.transform(xy), 4) for xy in points.values()]
+    for i, a in enumerate(boxes):
+        a = (a.x0, a.y0, a.x1, a.y1)
+        assert all(plots._overlap(a, (b.x0, b.y0, b.x1, b.y1)) == 0 for b in boxes[i + 1 :])
+        assert all(plots._overlap(a, m) == 0 for m in markers)
+    assert [n.get_text() for n in notes] == list(points)
+    plots.plt.close(fig)
+
+
 def test_report_errors_are_one_line(tmp_path, capsys):
     assert main(["report", str(tmp_path / "missing")]) == 1
     assert capsys.readouterr().err.strip() == f"rlhf: error: No such run directory: {tmp_path / 'missing'}"

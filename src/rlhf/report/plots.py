@@ -166,16 +166,65 @@ def policy_scatter(policies: dict[str, dict[str, Any]], key: str = "gold") -> by
     points = {n: p for n, p in policies.items() if key in p and "kl" in p}
     if not points:
         return None
+    labels = [(name, (p["kl"], p[key]), plt.cm.tab10(i % 10)) for i, (name, p) in enumerate(points.items())]
     fig, ax = plt.subplots(figsize=(4.9, 3.4))
-    for i, (name, p) in enumerate(points.items()):
-        color = plt.cm.tab10(i % 10)
-        ax.errorbar(p["kl"], p[key], xerr=p.get("kl_se", 0), yerr=p.get(f"{key}_se", 0), fmt="o", color=color)
-        offset = (6, 5) if i % 2 else (6, -11)  # alternate above and below: close points stay readable
-        ax.annotate(name, (p["kl"], p[key]), textcoords="offset points", xytext=offset, fontsize=8, color=color)
+    for (_, (kl, reward), color), p in zip(labels, points.values(), strict=True):
+        ax.errorbar(kl, reward, xerr=p.get("kl_se", 0), yerr=p.get(f"{key}_se", 0), fmt="o", color=color)
     _style(ax, f"{key} reward against KL to the reference", "KL(policy || reference), nats")
     ax.set_ylabel(f"mean {key} reward", fontsize=9)
     fig.tight_layout()
+    place_labels(ax, labels)
     return _png(fig)
+
+
+LABEL_OFFSETS = [
+    (6, 4, "left"),
+    (6, -12, "left"),
+    (-6, 4, "right"),
+    (-6, -12, "right"),
+    (0, 9, "center"),
+    (0, -18, "center"),
+    (12, -4, "left"),
+    (-12, -4, "right"),
+]
+"""Where `place_labels` tries a point's label, in order: (dx, dy) points from the point, and the text's alignment."""
+
+
+def place_labels(ax: Any, labels: Sequence[tuple[str, tuple[float, float], Any]]) -> list[Any]:
+    """Annotate each (text, (x, y), color) next to its point, at the first of `LABEL_OFFSETS` where the text overlaps
+    neither an earlier label nor any point's marker (or at the least overlap where none is free): policies that
+    land close together keep readable names. Returns the annotations."""
+    renderer = ax.figure.canvas.get_renderer()
+    markers = [_box(*ax.transData.transform(xy), 4) for _, xy, _ in labels]
+    placed: list[tuple[float, float, float, float]] = []
+    annotations = []
+    for text, xy, color in labels:
+        best = None
+        for dx, dy, ha in LABEL_OFFSETS:
+            note = ax.annotate(text, xy, textcoords="offset points", xytext=(dx, dy), ha=ha, fontsize=8, color=color)
+            extent = note.get_window_extent(renderer)
+            box = (extent.x0, extent.y0, extent.x1, extent.y1)
+            overlap = sum(_overlap(box, other) for other in placed + markers)
+            if best is None or overlap < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (overlap, note, box)
+            else:
+                note.remove()
+            if overlap == 0:
+                break
+        placed.append(best[2])
+        annotations.append(best[1])
+    return annotations
+
+
+def _box(x: float, y: float, r: float) -> tuple[float, float, float, float]:
+    return (x - r, y - r, x + r, y + r)
+
+
+def _overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+    """Area shared by two (x0, y0, x1, y1) boxes."""
+    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
 
 
 def win_rates(policies: dict[str, dict[str, Any]], baseline: str) -> bytes | None:
