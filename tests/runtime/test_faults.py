@@ -240,6 +240,26 @@ def test_message_data_with_a_tokenizer_without_a_chat_template_names_both(tiny_d
     assert err.startswith(f"rlhf: error: {files['sft']}: the tokenizer has no chat template") and str(plain) in err
 
 
+def test_a_bad_row_stops_training_with_one_line_that_says_how_to_list_or_skip_them(tiny_dirs, files, tmp_path, capsys):
+    """Training stops at the first bad row, as before; the line also names the command that lists every bad row of the
+    file and the key that skips them, and that command does list them."""
+    rows = files["sft"].read_text().splitlines()[:6]
+    rows[2] = json.dumps({"prompt": "sort: cba"})  # line 3: no completion
+    rows[4] = json.dumps({"prompt": "sort: fed", "completon": "def"})  # line 5: misspelt
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(rows) + "\n")
+    assert main(["train", "sft", f"--output_dir={tmp_path / 'run'}", f"--model.path={tiny_dirs['llama']}",
+                 f"--data.train={bad}", "--logging.progress=false"]) == 1  # fmt: skip
+    err = capsys.readouterr().err
+    assert err == (
+        f"rlhf: error: {bad}:3: completion: missing field (`rlhf data check {bad} --kind sft` lists every bad row; "
+        "data.skip_bad_rows=true skips them)\n"
+    )
+    assert main(["data", "check", str(bad), "--kind", "sft"]) == 1
+    listed = capsys.readouterr()
+    assert f"{bad}:3:" in listed.out + listed.err and f"{bad}:5:" in listed.out + listed.err
+
+
 def test_an_output_dir_that_is_a_file_is_one_line(tiny_dirs, files, tmp_path, capsys):
     (tmp_path / "taken").write_text("not a directory")
     assert sft(tiny_dirs, files, tmp_path / "taken", "--train.max_steps=2") == 1

@@ -14,7 +14,7 @@ from accelerate.utils import set_seed
 from torch import nn
 
 from rlhf.config import DataConfig, TrainConfig, to_dict
-from rlhf.data import TokenizeReport, load_records, tokenize_records
+from rlhf.data import DataError, TokenizeReport, load_records, tokenize_records
 from rlhf.errors import UserError
 from rlhf.runtime.engine import Engine
 
@@ -48,17 +48,28 @@ def _tokenized(
     return examples, report
 
 
+def _records(path: str, kind: str, skip_bad_rows: bool) -> tuple[list[Any], Any]:
+    """`load_records`; a bad row's error also says how to see every bad row of the file and how to skip them."""
+    try:
+        return load_records(path, kind, skip_bad_rows=skip_bad_rows)
+    except DataError as e:
+        if e.row is None:  # the whole file is at fault: no rows to list or skip
+            raise
+        hint = f"`rlhf data check {path} --kind {kind}` lists every bad row; data.skip_bad_rows=true skips them"
+        raise DataError(e.file, e.row, e.field, f"{e.reason} ({hint})", e.category) from None
+
+
 def load_splits(cfg: DataConfig, kind: str, tokenizer: Any, *, seed: int, whole_turns: bool = False) -> Splits:
     """Read `cfg.train` (and `cfg.eval`, or hold out `cfg.eval_fraction` of train by a seeded shuffle), tokenize
     (`whole_turns`: conversations as the chat template writes them, for reward models)."""
     if not cfg.train:
         raise UserError("data.train: no training data given")
-    records, skips = load_records(cfg.train, kind, skip_bad_rows=cfg.skip_bad_rows)
+    records, skips = _records(cfg.train, kind, cfg.skip_bad_rows)
     for line in skips.lines():
         logger.warning("%s: %s", cfg.train, line)
     eval_records: list[Any] = []
     if cfg.eval:
-        eval_records, eval_skips = load_records(cfg.eval, kind, skip_bad_rows=cfg.skip_bad_rows)
+        eval_records, eval_skips = _records(cfg.eval, kind, cfg.skip_bad_rows)
         for line in eval_skips.lines():
             logger.warning("%s: %s", cfg.eval, line)
     elif cfg.eval_fraction > 0:
