@@ -58,3 +58,18 @@ def test_a_trainer_names_the_key_of_a_missing_tokenizer_directory(tmp_path, caps
         args.append(f"--model.tokenizer={missing}")
     assert main(args) == 1
     assert capsys.readouterr().err.startswith(f"rlhf: error: {key}: {missing} is not a local directory")
+
+
+def test_lora_adapters_are_added_without_a_deprecation_warning(tiny_dirs):
+    """peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model, which printed a
+    FutureWarning at every LoRA run; the adapters are there, the warning is not."""
+    import warnings
+
+    from rlhf.config import LoraConfig
+    from rlhf.models.loading import apply_lora, load_causal_lm
+
+    model = load_causal_lm(ModelConfig(path=tiny_dirs["llama"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        wrapped = apply_lora(model, LoraConfig(r=4))
+    assert any("lora_A" in name for name, _ in wrapped.named_parameters())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -110,7 +111,9 @@ def apply_lora(model: PreTrainedModel, lora: LoraConfig, task_type: str = "CAUSA
     peft_cfg = PeftLoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type=task_type
     )
-    return get_peft_model(model, peft_cfg)
+    with warnings.catch_warnings():  # peft 0.21 reads transformers' deprecated is_gradient_checkpointing
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, peft_cfg)
 
 
 def _finish(model: PreTrainedModel, cfg: ModelConfig, trainable: bool) -> PreTrainedModel:
