@@ -75,3 +75,13 @@ def test_eval_through_the_rlhf_command_and_its_errors(reward_model: Path, tmp_pa
     data.write_text(json.dumps({"text": "abc"}) + "\n")
     assert rlhf_main(["eval", "--reward-model", str(reward_model), "--data", str(data)]) == 1
     assert "needs prompt + completion rows" in capsys.readouterr().err
+
+
+def test_the_table_never_shows_minus_zero() -> None:
+    """A policy equal to its reference up to float noise has a sampled KL of about -1e-7: "0.000", not "-0.000"; a
+    real negative still shows its sign."""
+    from rlhf.evaluation.cli import format_table
+
+    result = {"prompts": 2, "policies": {"a": {"kl": -1e-7, "proxy": -0.25}, "b": {"kl": 0.0004, "proxy": 1.0}}}
+    rows = format_table(result).splitlines()
+    assert rows[1].split() == ["a", "-0.250", "0.000"] and rows[2].split() == ["b", "1.000", "0.000"]

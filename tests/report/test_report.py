@@ -58,7 +58,7 @@ def test_a_directory_of_runs_with_an_evaluation(tmp_path):
                for x in ("cba", "cba", "dca", "fe", "hg", "ji", "lk", "nm")]  # fmt: skip
     win = {"rate": 0.875, "low": 0.6, "high": 1.0, "wins": 3, "ties": 1, "losses": 0, "n": 4}
     ev = {"prompts": 4, "baseline": "sft", "judge": "gold", "samples": samples,
-          "policies": {"sft": {"gold": 0.5, "gold_se": 0.1, "kl": 0.0, "length": 2.0},
+          "policies": {"sft": {"gold": 0.5, "gold_se": 0.1, "kl": -1e-7, "length": 2.0},
                        "dpo": {"gold": 1.0, "gold_se": 0.0, "kl": 1.5, "length": 3.0, "win_rate": win}}}  # fmt: skip
     (tmp_path / "eval.json").write_text(json.dumps(ev))
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "r.html"), "--title", "Mine"]) == 0
@@ -68,6 +68,7 @@ def test_a_directory_of_runs_with_an_evaluation(tmp_path):
     assert '<td class="good">87.5% [60%, 100%]</td>' in page and "<title>Mine</title>" in page
     assert "dpo: its best and worst answers against sft" in page and "sort: dca" in page
     assert page.split("its best and worst answers")[1].count("sort: cba") == 1
+    assert "-0.000" not in page  # the baseline's sampled KL of -1e-7 is 0.000
 
 
 def test_constant_panels_are_left_out_and_long_series_smoothed():

@@ -192,7 +192,7 @@ def format_table(result: dict[str, Any]) -> str:
                 w = r.get(key)
                 cells.append((f"{w['rate']:.3f} [{w['low']:.2f}, {w['high']:.2f}]" if w else "-").rjust(20))
             else:
-                cells.append((f"{r[key]:.3f}" if key in r else "-").rjust(9))
+                cells.append((f"{round(r[key], 3) + 0.0:.3f}" if key in r else "-").rjust(9))  # no "-0.000"
         lines.append(name.ljust(width) + "".join(cells))
     judge = f", judged by {result['judge']}" if result.get("baseline") else ""
     base = f"; win rate against {result['baseline']}{judge} (ties half, 95% interval)" if result.get("baseline") else ""

@@ -65,7 +65,8 @@ def prompt_text(prompt: Any) -> str:
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
-    return f"{value:.{digits}f}" if isinstance(value, int | float) else "-"
+    """`value` to `digits` decimals ("0.000", never "-0.000", for a tiny negative such as a sampled KL), or "-"."""
+    return f"{round(value, digits) + 0.0:.{digits}f}" if isinstance(value, int | float) else "-"
 
 
 def collect(paths: Sequence[Path]) -> dict[str, Any]:
@@ -133,7 +134,7 @@ def evaluation_section(ev: dict[str, Any]) -> str:
                 cells.append(f'<td class="{cls}">{_esc(text)}</td>')
             elif key in ("gold", "proxy", "kl") and key in p:
                 cls = "good" if key == "gold" and p[key] == best_gold else ""
-                cells.append(f'<td class="{cls}">{p[key]:.3f} &plusmn; {p.get(key + "_se", 0):.3f}</td>')
+                cells.append(f'<td class="{cls}">{_fmt(p[key])} &plusmn; {_fmt(p.get(key + "_se", 0))}</td>')
             else:
                 cells.append(f"<td>{_fmt(p.get(key))}</td>")
         body.append(f'<tr><td class="l">{_esc(name)}</td>{"".join(cells)}</tr>')
