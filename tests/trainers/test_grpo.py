@@ -240,6 +240,29 @@ def test_a_bad_reward_function_stops_the_run_with_one_line(kind, tiny_dirs, tmp_
     assert not (tmp_path / "run" / "final").exists() and not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("reward", ["constant", "length"])
+def test_a_reward_that_never_varies_is_reported_once(reward, tiny_dirs, tmp_path, caplog):
+    """A reward function that gives every completion 0 (a parser that never matches, say) trains nothing: after 3
+    iterations of one score the run says so, once, and goes on. A reward that varies (here the length) says nothing.
+    """
+    body = {"constant": "[0.0] * len(completions)", "length": "[float(len(c)) for c in completions]"}[reward]
+    (tmp_path / "r.py").write_text(f"def f(prompts, completions, **_):\n    return {body}\n")
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 8)
+    argv = ["train", "grpo", f"--output_dir={tmp_path / 'run'}", f"--model.path={tiny_dirs['llama']}",
+            f"--data.train={prompts}", f"--reward.function={tmp_path / 'r.py'}:f", "--rollout.batch_size=2",
+            "--group_size=2", "--rollout.max_new_tokens=4", "--train.batch_size=4", "--train.micro_batch_size=4",
+            "--total_episodes=20", "--logging.progress=false"]  # fmt: skip
+    with caplog.at_level("WARNING", logger="rlhf.runtime.online"):
+        assert cli.main(argv) == 0
+    warned = [r.getMessage() for r in caplog.records if "no learning signal" in r.getMessage()]
+    if reward == "constant":
+        assert len(warned) == 1 and warned[0].startswith(
+            "every completion of the first 3 iterations got the same score, 0"
+        )
+    else:
+        assert warned == []
+
+
 def test_one_step_per_rollout_skips_the_policy_pass_and_takes_the_steps_own_logprobs(tiny_dirs):
     """ppo_epochs 1 and train.batch_size = the rollout: the old log-probs are the step's own, detached, so the
     ratio is 1 and the loss and gradients are those of old = the sampling policy's log-probs. A KL in the reward

@@ -18,6 +18,7 @@ never saved); the data order, which counts the iterations, is in the checkpoint.
 
 from __future__ import annotations
 
+import logging
 import math
 import operator
 import re
@@ -42,6 +43,8 @@ from rlhf.rollout.rewards import FunctionReward, RewardSource, load_reward_funct
 from rlhf.runtime.data_order import DataOrder
 from rlhf.runtime.engine import Engine
 from rlhf.runtime.run_dir import SAMPLES_FILE, JsonlWriter
+
+logger = logging.getLogger(__name__)
 
 OnlineLoss = Callable[[nn.Module, RolloutBatch[Any]], tuple[Tensor, Tensor, dict[str, Tensor]]]
 """loss_fn(model, micro_batch) -> (loss_sum, units, metric_sums), as `Engine.train_step` takes it."""
@@ -321,6 +324,11 @@ class Iteration:
     step_before: int  # the engine's optimizer step when the iteration began
 
 
+FLAT_ITERATIONS = 3
+"""Iterations from a run's start whose completions all got one score before `IterationLoop` warns that the reward
+gives no signal."""
+
+
 class IterationLoop:
     """The loop of an online trainer around its algorithm, inside `with engine:`.
 
@@ -357,6 +365,7 @@ class IterationLoop:
             print(f"rlhf: resumed at step {engine.step} (iteration {iterations_done(self.order)})", file=sys.stderr)
         self.samples = SampleLog(engine, cfg.samples_every, cfg.num_samples)
         self._stopped = False
+        self._flat: int | None = 0  # iterations so far whose completions all got one score (None: some varied)
 
     def __iter__(self) -> Iterator[Iteration]:
         while not self._stopped and (done := iterations_done(self.order)) < self.iterations:
@@ -373,7 +382,26 @@ class IterationLoop:
         out = global_mean(self.engine, stats | self.hacking.stats(experience, self.engine.sum_over_processes))
         if "objective/kl" in out:
             self.kl.update(out["objective/kl"], self.cfg.episodes_per_iteration)
+        self._check_signal(out, experience)
         return out
+
+    def _check_signal(self, stats: dict[str, float], experience: Experience) -> None:
+        """Warn once when every completion of the run's first `FLAT_ITERATIONS` iterations got the same score: the
+        reward then teaches nothing (a reward function that fails to parse every completion, say)."""
+        if self._flat is None:
+            return
+        self._flat = self._flat + 1 if stats["reward/score_std"] == 0 else None
+        if self._flat == FLAT_ITERATIONS:
+            self._flat = None
+            if self.engine.is_main:
+                logger.warning(
+                    "every completion of the first %d iterations got the same score, %g (e.g. %r): the reward gives "
+                    "no learning signal. Check the reward on such completions, or sample more varied ones "
+                    "(rollout.temperature)",
+                    FLAT_ITERATIONS,
+                    stats["reward/score"],
+                    experience.completions[0][:80],
+                )
 
     def end(
         self,
