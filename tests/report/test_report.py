@@ -53,9 +53,11 @@ def test_a_directory_of_runs_with_an_evaluation(tmp_path):
             for i in range(10)]  # fmt: skip
     write_run(tmp_path / "rm", [{"step": 1, "train/loss": 0.7, "eval/accuracy": 0.8}, {"step": 2, "train/loss": 0.6}],
               calibration_json={"ece": 0.05, "bins": bins})  # fmt: skip
+    dpo_gold = {"cba": 1.0, "dca": 0.75, "fe": 0.25, "hg": 0.5, "ji": 0.5, "lk": 0.5, "nm": 0.5}  # sft: 0.5
     samples = [{"prompt": [{"role": "user", "content": f"sort: {x}"}], "letters": x,
-                "answers": {"sft": {"text": x[:-1], "gold": 0.5}, "dpo": {"text": "".join(sorted(x)), "gold": 1.0}}}
-               for x in ("cba", "cba", "dca", "fe", "hg", "ji", "lk", "nm")]  # fmt: skip
+                "answers": {"sft": {"text": x[:-1], "gold": 0.5}, "dpo": {"text": "".join(sorted(x)), "gold": g},
+                            "same": {"text": x[:-1], "gold": 0.5}}}
+               for x, g in [("cba", 1.0), *dpo_gold.items()]]  # fmt: skip
     win = {"rate": 0.875, "low": 0.6, "high": 1.0, "wins": 3, "ties": 1, "losses": 0, "n": 4}
     ev = {"prompts": 4, "baseline": "sft", "judge": "gold", "samples": samples,
           "policies": {"sft": {"gold": 0.5, "gold_se": 0.1, "kl": -1e-7, "length": 2.0},
@@ -67,8 +69,28 @@ def test_a_directory_of_runs_with_an_evaluation(tmp_path):
         assert f"<h2>{section}</h2>" in page
     assert '<td class="good">87.5% [60%, 100%]</td>' in page and "<title>Mine</title>" in page
     assert "dpo: its best and worst answers against sft" in page and "sort: dca" in page
-    assert page.split("its best and worst answers")[1].count("sort: cba") == 1
+    dpo_rows = page.split("dpo: its best and worst answers")[1].split("</table>")[0]
+    assert dpo_rows.count("sort: cba") == 1  # a prompt the held-out set repeats is one row
+    # only answers that score better (best) or worse (worst) than the baseline's, not the ties
+    assert re.findall(r'<td class="l">(best|worst)</td><td class="mono">sort: (\w+)', dpo_rows) == [
+        ("best", "cba"), ("best", "dca"), ("worst", "fe")]  # fmt: skip
+    assert "No answer of same scores other than sft's." in page
     assert "-0.000" not in page  # the baseline's sampled KL of -1e-7 is 0.000
+
+
+def test_the_evaluation_note_explains_only_the_columns_shown(tmp_path):
+    """An evaluation judged by a reward model alone (no gold function, no reference): the note says what proxy is and
+    says nothing of gold or KL."""
+    ev = {"prompts": 2, "baseline": "base", "judge": "proxy",
+          "policies": {"base": {"proxy": 0.1, "length": 3.0},
+                       "dpo": {"proxy": 0.3, "length": 3.0,
+                               "win_rate": {"rate": 0.75, "low": 0.2, "high": 1.0, "wins": 1, "ties": 1, "losses": 0,
+                                            "n": 2}}}}  # fmt: skip
+    (tmp_path / "eval.json").write_text(json.dumps(ev))
+    assert main(["report", str(tmp_path)]) == 0
+    note = (tmp_path / "report.html").read_text().split("<p class=note>")[1].split("</p>")[0]
+    assert note.startswith("2 held-out prompts, greedy answers. Proxy: the reward model")
+    assert "Gold" not in note and "KL" not in note and "judged by proxy" in note
 
 
 def test_constant_panels_are_left_out_and_long_series_smoothed():

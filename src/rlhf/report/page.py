@@ -138,13 +138,19 @@ def evaluation_section(ev: dict[str, Any]) -> str:
             else:
                 cells.append(f"<td>{_fmt(p.get(key))}</td>")
         body.append(f'<tr><td class="l">{_esc(name)}</td>{"".join(cells)}</tr>')
-    note = (
-        f"{ev['prompts']} held-out prompts, greedy answers. Gold: the task's own reward function (what we want); "
-        "proxy: the reward model trained from the labels (what RL optimised); KL: from each policy's own samples "
-        f"(temperature 1), in nats per answer. Win rate: against {_esc(base)}, judged by {_esc(ev.get('judge'))}, "
-        "ties counted half, with a 95% interval (green: above 50% beyond doubt). Length in tokens; rep-2: share of "
-        "repeated token bigrams within an answer."
-    )
+    keys = {k for k, _ in shown}
+    notes = [
+        f"{ev['prompts']} held-out prompts, greedy answers.",
+        "Gold: the task's own reward function (what we want)." if "gold" in keys else "",
+        "Proxy: the reward model trained from the labels (what RL optimised)." if "proxy" in keys else "",
+        "KL: from each policy's own samples (temperature 1), in nats per answer." if "kl" in keys else "",
+        f"Win rate: against {_esc(base)}, judged by {_esc(ev.get('judge'))}, ties counted half, with a 95% interval "
+        "(green: above 50% beyond doubt)."
+        if base
+        else "",
+        "Length in tokens; rep-2: share of repeated token bigrams within an answer.",
+    ]
+    note = " ".join(n for n in notes if n)
     figs = plots.win_rates(policies, base) if base else None, plots.policy_scatter(policies)
     return (
         f'<h2>Evaluation on held-out prompts</h2><table><tr><th class="l">policy</th>{head}</tr>{"".join(body)}'
@@ -245,18 +251,25 @@ def samples_section(ev: dict[str, Any], rows: int = 8) -> str:
         for name in (n for n in names if n != base):
             # one row per distinct prompt (held-out sets of short prompts repeat some)
             distinct = {prompt_text(s["prompt"]): s for s in samples}.values()
-            gain = sorted(distinct, key=lambda s: s["answers"][name][key] - s["answers"][base][key])
-            chosen = gain[-3:][::-1] + gain[:3]
+
+            def gain(s: dict[str, Any], name: str = name) -> float:
+                return s["answers"][name][key] - s["answers"][base][key]
+
+            ranked = sorted(distinct, key=gain)
+            chosen = [("best", s) for s in ranked[::-1][:3] if gain(s) > 0]
+            chosen += [("worst", s) for s in ranked[:3] if gain(s) < 0]
+            heading = f"<h3>{_esc(name)}: its best and worst answers against {_esc(base)}</h3>"
+            if not chosen:
+                out += f"{heading}<p class=note>No answer of {_esc(name)} scores other than {_esc(base)}'s.</p>"
+                continue
             body = "".join(
-                f'<tr><td class="l">{"best" if i < 3 else "worst"}</td>'
-                f'<td class="mono">{_esc(prompt_text(s["prompt"]))}</td>'
+                f'<tr><td class="l">{label}</td><td class="mono">{_esc(prompt_text(s["prompt"]))}</td>'
                 f"{cell(s['answers'][name])}{cell(s['answers'][base])}</tr>"
-                for i, s in enumerate(chosen)
+                for label, s in chosen
             )
             out += (
-                f"<h3>{_esc(name)}: its best and worst answers against {_esc(base)}</h3><table><tr><th></th>"
-                f'<th class="l">prompt</th><th class="l">{_esc(name)}</th><th class="l">{_esc(base)}</th></tr>'
-                f"{body}</table>"
+                f'{heading}<table><tr><th></th><th class="l">prompt</th><th class="l">{_esc(name)}</th>'
+                f'<th class="l">{_esc(base)}</th></tr>{body}</table>'
             )
     return out
 
