@@ -146,6 +146,54 @@ def test_padding_free_scores_and_values_equal_the_padded_pass(tiny_dirs):
             torch.testing.assert_close(a[attended], b[attended], atol=1e-5, rtol=1e-5)
 
 
+def _group_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two groups as GRPO lays them out: prompt [5, 70, 71] three times (responses of 2, 3 and 1 tokens), then
+    prompt [5, 80] twice (responses of 3 and 2 tokens); left-padded prompts of width 3, responses of width 3."""
+    ids = torch.tensor([[5, 70, 71, 90, 2, 0], [5, 70, 71, 91, 92, 2], [5, 70, 71, 2, 0, 0],
+                        [0, 5, 80, 93, 94, 2], [0, 5, 80, 95, 2, 0]])  # fmt: skip
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0],
+                         [0, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 0]])  # fmt: skip
+    return ids, mask
+
+
+def test_rows_that_share_a_prompt_run_it_once_with_the_same_results(tiny_dirs):
+    """The shared layout: one flat sequence per prompt, [prompt | response 1 | ... | response k] (15 tokens for
+    the batch's 23), every row's prompt positions pointing at the one prompt. Log-probs, entropy, hidden states,
+    critic values and the gradients of their sum equal the padded pass's."""
+    ids, mask = _group_batch()
+    flat = Unpadded.of(mask, ids, prompt_len=3)
+    assert flat.spans == ((3, 2, 3, 1), (2, 3, 2)) and flat.lengths == (9, 7)
+    assert flat.index.tolist() == [[0, 1, 2, 3, 4, -1], [0, 1, 2, 5, 6, 7], [0, 1, 2, 8, -1, -1],
+                                   [-1, 9, 10, 11, 12, 13], [-1, 9, 10, 14, 15, -1]]  # fmt: skip
+    assert ids.flatten()[flat.tokens].tolist() == [5, 70, 71, 90, 2, 91, 92, 2, 2, 5, 80, 93, 94, 2, 95, 2]
+    assert flat.kwargs(ids, torch.nn.Linear(1, 1))["position_ids"].tolist() == [
+        [0, 1, 2, 3, 4, 3, 4, 5, 3, 0, 1, 2, 3, 4, 2, 3]]  # fmt: skip
+    assert Unpadded.of(mask[[0, 3]], ids[[0, 3]], prompt_len=3).spans is None  # no prompt twice: one row each
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"])
+    attended = mask[:, -3:].bool()
+    want = causal_lm_logprobs(model, ids, mask, response_len=3, with_entropy=True, hidden=True)
+    (want.logprobs[attended].sum() + want.hidden[attended].sum()).backward()
+    want_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    assert padding_free.enable(model)
+    got = causal_lm_logprobs(model, ids, mask, response_len=3, with_entropy=True, hidden=True, flat=flat)
+    from_pad = ~mask[:, -4:-1].bool()  # predicted from a pad (after the row's EOS): 0
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a[~from_pad], b[~from_pad], atol=1e-5, rtol=1e-5)
+        assert (a[from_pad] == 0).all()
+    (got.logprobs[attended].sum() + got.hidden[attended].sum()).backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want_grads[n], atol=1e-5, rtol=1e-4)
+
+    critic = load_scalar_model(ModelConfig(path=tiny_dirs["llama"]), trainable=False)
+    want_values = token_scores(critic, ids, mask)
+    assert padding_free.enable(critic)
+    got_values = token_scores(critic, ids, mask, flat=flat)
+    torch.testing.assert_close(got_values[mask.bool()], want_values[mask.bool()], atol=1e-5, rtol=1e-5)
+    assert (got_values[~mask.bool()] == 0).all()
+
+
 def test_a_layout_for_a_model_that_cannot_run_padding_free_is_ignored(tiny_dirs):
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], attn_implementation="eager")
     ids, mask = _rollout_like_batch()

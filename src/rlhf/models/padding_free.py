@@ -225,25 +225,39 @@ def flat_tree_inputs(
     round_to: int = 1,
 ) -> dict[str, Any]:
     """The keyword arguments of the flat forward of tree sequences [trunk | branch 1 | ... | branch k]
-    (`rlhf.data.collate.tree_rows`: their `spans` lengths, token ids and positions): `input_ids`, `position_ids`,
-    an all-ones `attention_mask` (all (1, T)) and the layout, whose blocks carry each sequence's `tree_mask`
-    (plain causal attention where no sequence has more than one branch). With `round_to` > 1 the row ends with a
-    trunk-only filler of pad ids up to a multiple of it, which no loss reads (`filler_length`)."""
-    spans_t = torch.tensor(spans)  # (B, 1 + k)
-    ids, flat_positions = [t for r in rows for t in r], [i for r in positions for i in r]
+    (`rlhf.data.collate.tree_rows`: their `spans` lengths, token ids and positions): `input_ids` (1, T) and
+    `tree_inputs`' position ids, all-ones mask and layout. With `round_to` > 1 the row ends with a filler of pad ids
+    up to a multiple of it, which no loss reads (`filler_length`)."""
+    ids = [t for r in rows for t in r]
     filler = filler_length(len(ids), round_to)
-    if filler:
-        spans_t = torch.cat([spans_t, torch.tensor([[filler] + [0] * (spans_t.shape[1] - 1)])])
-        ids, flat_positions = ids + [pad_id] * filler, flat_positions + list(range(filler))
-
-    def tree(seqs: Tensor, width: int) -> Tensor:  # (rows, 1, L, L)
-        return tree_mask(spans_t[seqs], width)
-
     return {
-        "input_ids": torch.tensor(ids)[None],  # (1, T)
-        "position_ids": torch.tensor(flat_positions)[None],  # (1, T)
-        "attention_mask": torch.ones(1, len(ids), dtype=torch.long),  # says nothing: see `flat_inputs`
-        LAYOUT_KWARG: flat_layout(spans_t.sum(1).tolist(), tree if spans_t.shape[1] > 2 else None),
+        "input_ids": torch.tensor(ids + [pad_id] * filler)[None],  # (1, T)
+        **tree_inputs(spans, [i for r in positions for i in r], round_to),
+    }
+
+
+def tree_inputs(spans: Sequence[Sequence[int]], positions: Sequence[int], round_to: int = 1) -> dict[str, Any]:
+    """`position_ids` (these `positions`, the flat row's), an all-ones `attention_mask` (both (1, T)) and the layout
+    of tree sequences [trunk | branch 1 | ... | branch k] of these `spans` lengths, back to back (a sequence with
+    fewer branches has zero-length ones): its blocks carry each sequence's `tree_mask`, or plain causal attention
+    where no sequence has more than one branch. With `round_to` > 1, T is the next multiple of it: the row ends
+    with a trunk-only filler (positions from 0) that the caller fills with any ids and no loss reads."""
+    width = max(len(s) for s in spans)
+    spans_t = torch.tensor([[*s, *[0] * (width - len(s))] for s in spans])  # (B, 1 + k)
+    filler = filler_length(len(positions), round_to)
+    positions = list(positions)
+    if filler:
+        spans_t = torch.cat([spans_t, torch.tensor([[filler] + [0] * (width - 1)])])
+        positions += range(filler)
+
+    def tree(seqs: Tensor, length: int) -> Tensor:  # (rows, 1, L, L)
+        return tree_mask(spans_t[seqs], length)
+
+    branched = width > 2 and bool((spans_t[:, 2:] > 0).any())
+    return {
+        "position_ids": torch.tensor(positions)[None],  # (1, T)
+        "attention_mask": torch.ones(1, len(positions), dtype=torch.long),  # says nothing: see `flat_inputs`
+        LAYOUT_KWARG: flat_layout(spans_t.sum(1).tolist(), tree if branched else None),
     }
 
 

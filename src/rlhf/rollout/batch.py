@@ -87,12 +87,20 @@ class RolloutBatch(Generic[TokensT]):
 
     def chunks_by_length(self, rows: Sequence[int] | Tensor, size: int) -> list[RolloutBatch[TokensT]]:
         """`rows` split into chunks of at most `size`, longest sequences first, each chunk trimmed: grouping rows
-        of similar length keeps the padding (and so the compute) of every chunk small. It is a partition of the
-        rows, so an accumulated gradient does not depend on it (up to float rounding). Each chunk's `rows` holds
-        its row indices into this batch."""
+        of similar length keeps the padding (and so the compute) of every chunk small. Rows with the same prompt
+        (a GRPO group) stay next to each other, in the place of their longest, so that a chunk's flat layout runs
+        their prompt once (`Unpadded.of`). It is a partition of the rows, so an accumulated gradient does not
+        depend on it (up to float rounding). Each chunk's `rows` holds its row indices into this batch."""
         rows = torch.as_tensor(rows, dtype=torch.long)
-        lengths = self.attention_mask.sum(-1).cpu()[rows]
-        order = rows[torch.argsort(lengths, descending=True, stable=True)]
+        lengths = self.attention_mask.sum(-1).cpu()[rows].tolist()
+        P = self.input_ids.shape[1] - self.response_len
+        prompts = self.input_ids[:, :P].masked_fill(self.attention_mask[:, :P] == 0, -1).cpu()[rows].tolist()
+        longest: dict[tuple[int, ...], tuple[int, int]] = {}  # prompt -> (its longest row's length, first place)
+        for i, (prompt, n) in enumerate(zip(map(tuple, prompts), lengths, strict=True)):
+            most, first = longest.get(prompt, (n, i))
+            longest[prompt] = (max(most, n), first)
+        place = [(-longest[p][0], longest[p][1], i) for i, p in enumerate(map(tuple, prompts))]
+        order = rows[sorted(range(len(place)), key=place.__getitem__)]
         chunks = []
         for start in range(0, len(order), size):
             chunk = self.select(order[start : start + size])
@@ -146,8 +154,10 @@ class RolloutBatch(Generic[TokensT]):
         if not flat:
             return self.chunks_by_cost(rows, size, MICRO_BATCH_OVERHEAD_TOKENS)
         chunks = self.chunks_by_length(rows, size)
-        for chunk in chunks:
-            chunk.flat = Unpadded.of(chunk.attention_mask)  # reads the mask on the host: built before the step
+        for chunk in chunks:  # reads the batch on the host: built before the step
+            chunk.flat = Unpadded.of(
+                chunk.attention_mask, chunk.input_ids, chunk.input_ids.shape[1] - chunk.response_len
+            )
         return chunks
 
     def to(self, device: torch.device) -> RolloutBatch[TokensT]:

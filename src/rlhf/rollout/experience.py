@@ -124,7 +124,7 @@ def make_experience(
 
     def passes(ids: Tensor, att: Tensor, T: int) -> tuple[Tensor | None, ...]:
         """Per chunk: one actor pass (log-probs, entropy, values) and one reference pass, on one layout."""
-        flat = Unpadded.of(att)
+        flat = Unpadded.of(att, ids, prompt_len=ids.shape[1] - T)  # rows of one prompt share it
         kw = {"response_len": T, "temperature": cfg.temperature, "flat": flat}
         logprobs = entropy = values = None
         if isinstance(actor, PolicyWithValue):
