@@ -138,9 +138,10 @@ def test_decode_greedy_equals_generate_while_rows_leave_the_batch(tiny_dirs, sty
 
 @pytest.mark.parametrize("capacity", [12, 7])
 def test_the_reserved_cache_holds_what_the_dynamic_cache_holds(capacity):
-    """Two layers, a prefill of 5 positions, then one at a time, rows dropped twice: `reserved_cache` returns the
-    keys and values `DynamicCache` returns (all positions so far, rows in the kept order) at every update, within
-    the reserved room (12) and past it (7: it grows). Without a config its layers are made as updates reach them."""
+    """Two layers, a prefill of 5 positions, then one at a time, a row repeated, rows dropped twice: `reserved_cache`
+    returns the keys and values `DynamicCache` returns (all positions so far, rows in the kept order) at every
+    update, within the reserved room (12) and past it (7: it grows). Without a config its layers are made as updates
+    reach them."""
     gen = torch.Generator().manual_seed(0)
     ours, theirs = reserved_cache(torch.nn.Linear(2, 2), capacity), DynamicCache()
     rows, updates = 6, [5, 1, 1, 1, 1, 1, 1]
@@ -150,8 +151,8 @@ def test_the_reserved_cache_holds_what_the_dynamic_cache_holds(capacity):
             got, want = ours.update(k, v, layer), theirs.update(k, v, layer)
             assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
         assert ours.get_seq_length() == sum(updates[: i + 1])
-        if i in (2, 4):
-            keep = torch.tensor([4, 0, 2]) if i == 2 else torch.tensor([1, 2])
+        if i in (0, 2, 4):  # after the prefill a row's cache handed to two rows (`decode`), later rows dropped
+            keep = {0: torch.tensor([0, 0, 1, 2, 3, 4, 5]), 2: torch.tensor([4, 0, 2]), 4: torch.tensor([1, 2])}[i]
             ours.reorder_cache(keep), theirs.reorder_cache(keep)
             rows = len(keep)
     assert [type(layer).__name__ for layer in ours.layers] == ["_ReservedLayer"] * 2
@@ -224,6 +225,30 @@ def test_a_rows_sample_depends_on_its_key_not_on_the_rows_beside_it(tiny_dirs, s
         width = part.shape[1]
         assert torch.equal(part, whole[rows, :width]) and torch.equal(part_mask, whole_mask[rows, :width])
         assert not whole_mask[rows, width:].any()
+
+
+def test_a_prompt_that_several_rows_sample_from_is_prefilled_once(tiny_dirs, monkeypatch):
+    """A GRPO-like batch, 3 prompts x 4 rows: the prefill runs 3 rows, and the keyed samples equal those of a
+    prefill of all 12 rows."""
+    import rlhf.rollout.generation as generation
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"]).eval()
+    prompt_ids = torch.tensor([[0, 5, 70, 71]] * 4 + [[5, 72, 73, 74]] * 4 + [[0, 0, 5, 9]] * 4)
+    prompt_mask = (prompt_ids != 0).long()
+    keys = stream_keys(3, 1, torch.arange(12))
+    prefills = []
+    model.register_forward_pre_hook(lambda _, args, kw: prefills.append(kw["input_ids"].shape), with_kwargs=True)
+
+    def sample():
+        processors = sampler(SamplingConfig(max_new_tokens=6, temperature=1.5), keys)
+        return decode(model, prompt_ids, prompt_mask, max_new_tokens=6, eos_token_id=-1, pad_token_id=0,
+                      logits_processor=processors)  # fmt: skip
+
+    shared = sample()
+    assert prefills[0] == (3, 4) and len(set(map(tuple, shared.tolist()))) == 12
+    monkeypatch.setattr(generation, "_distinct_rows", lambda ids, mask: (slice(None), None))
+    prefills.clear()
+    assert torch.equal(sample(), shared) and prefills[0] == (12, 4)
 
 
 def test_a_model_trained_in_bf16_generates_under_one_autocast(tiny_dirs):

@@ -231,10 +231,11 @@ class _ReservedLayer(DynamicLayer):
         self._filled()
 
     def _selected(self, buffer: Tensor, rows: Tensor) -> Tensor:
-        """The buffer's first len(rows) rows (rows only leave) holding these rows' filled positions; the room after
-        them is not copied, since rows leave the batch at many steps of a rollout."""
+        """The buffer's first len(rows) rows holding these rows' filled positions (rows leave at many steps of a
+        rollout, so the room after them is not copied); a new buffer where there are more rows than before (a
+        prompt's cache handed to every row that samples from it, `decode`)."""
         kept = buffer[:, :, : self.length].index_select(0, rows)
-        buffer = buffer[: len(rows)]
+        buffer = buffer[: len(rows)] if len(rows) <= buffer.shape[0] else buffer.new_empty(len(rows), *buffer.shape[1:])
         buffer[:, :, : self.length] = kept
         return buffer
 
@@ -272,14 +273,18 @@ def decode(
     processors = logits_processor or LogitsProcessorList()
     cache = reserved_cache(model, prompt_ids.shape[1] + max_new_tokens)
     positions = position_ids_from_mask(prompt_mask)
+    first, copies = _distinct_rows(prompt_ids, prompt_mask)
     out = model(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        position_ids=positions,
+        input_ids=prompt_ids[first],
+        attention_mask=prompt_mask[first],
+        position_ids=positions[first],
         cache=cache,
         use_cache=True,
         logits_to_keep=1,
     )
+    if copies is not None:  # each distinct prompt ran once: its cache and last logits go to each of its rows
+        cache.reorder_cache(copies)
+        out.logits = out.logits[copies]
     tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=prompt_ids.dtype, device=prompt_ids.device)
     alive = torch.arange(B, device=prompt_ids.device)  # rows still generating, as indices into the batch
     mask, position = prompt_mask, positions[:, -1]
@@ -302,6 +307,19 @@ def decode(
             input_ids=step[:, None], attention_mask=mask, position_ids=position[:, None], cache=cache, use_cache=True
         )
     return tokens[:, :width]
+
+
+def _distinct_rows(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor | slice, Tensor | None]:
+    """(the first row of each distinct prompt, the index of each row's among them) where rows repeat a prompt (a
+    GRPO group), so that the prefill runs each prompt once; (all rows, None) where none repeats."""
+    keyed = prompt_ids.masked_fill(prompt_mask == 0, -1)
+    _, copies = torch.unique(keyed, dim=0, return_inverse=True)  # (B,) into the distinct rows, sorted
+    distinct = int(copies.max()) + 1
+    if distinct == len(copies):
+        return slice(None), None
+    rows = torch.arange(len(copies), device=copies.device)
+    first = torch.full((distinct,), len(copies), device=copies.device).scatter_reduce(0, copies, rows, "amin")
+    return first, copies
 
 
 class HFGenerationBackend:
