@@ -158,7 +158,7 @@ def sampled_kl(
         sequences = RolloutBatch.from_rollout(rollout)
 
         def passes(ids: torch.Tensor, att: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-            flat = Unpadded.of(att)
+            flat = Unpadded.of(att, ids, prompt_len=ids.shape[1] - T)  # a prompt's samples share it
             logp = causal_lm_logprobs(policy, ids, att, response_len=T, flat=flat).logprobs
             return logp, causal_lm_logprobs(reference, ids, att, response_len=T, flat=flat).logprobs
 
