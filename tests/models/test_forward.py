@@ -186,6 +186,15 @@ def test_rows_that_share_a_prompt_run_it_once_with_the_same_results(tiny_dirs):
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, want_grads[n], atol=1e-5, rtol=1e-4)
 
+    ids4, mask4 = ids[:4], mask[:4]  # 14 tokens shared: filled to 16 under bf16 autocast, which changes nothing
+    flat4 = Unpadded.of(mask4, ids4, prompt_len=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        filled = flat4.kwargs(ids4, model)
+        assert filled["input_ids"].shape == (1, 16) and filled["position_ids"][0, -2:].tolist() == [0, 1]
+        bf16 = causal_lm_logprobs(model, ids4, mask4, response_len=3, flat=flat4).logprobs
+        unshared = causal_lm_logprobs(model, ids4, mask4, response_len=3, flat=Unpadded.of(mask4)).logprobs
+    torch.testing.assert_close(bf16[~from_pad[:4]], unshared[~from_pad[:4]], atol=0.05, rtol=0.02)
+
     critic = load_scalar_model(ModelConfig(path=tiny_dirs["llama"]), trainable=False)
     want_values = token_scores(critic, ids, mask)
     assert padding_free.enable(critic)
