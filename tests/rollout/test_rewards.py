@@ -87,10 +87,12 @@ def test_ensemble_weighted_mean_minus_std_hand_computed():
 
 def test_reward_model_with_other_tokenizer_scores_text_as_when_called_directly(tiny_dirs):
     """A gpt2-family RM scores responses decoded from llama-family token ids exactly as it scores the same text
-    tokenized directly by its own tokenizer (one row at a time, no padding)."""
+    tokenized directly by its own tokenizer (one row at a time, no padding); a prompt three rows share (a GRPO
+    group, run once in the padding-free pass) changes no row's score."""
     from transformers import AutoTokenizer
 
     from rlhf.config import DataConfig, ModelConfig
+    from rlhf.models import padding_free
     from rlhf.models.forward import sequence_scores
     from rlhf.models.loading import load_scalar_model
     from rlhf.rollout.rewards import RewardModelReward
@@ -98,10 +100,11 @@ def test_reward_model_with_other_tokenizer_scores_text_as_when_called_directly(t
     policy_tok = AutoTokenizer.from_pretrained(tiny_dirs["llama"])
     rm_tok = AutoTokenizer.from_pretrained(tiny_dirs["gpt2"])
     rm = load_scalar_model(ModelConfig(path=tiny_dirs["gpt2"]), trainable=False)
-    prompts = [[{"role": "user", "content": "sort: cab"}], [{"role": "user", "content": "sort: hgfed"}]]
-    texts = ["abc", "defgh and more"]
+    cab, hgfed = [{"role": "user", "content": "sort: cab"}], [{"role": "user", "content": "sort: hgfed"}]
+    prompts, texts = [cab, hgfed, cab, cab], ["abc", "defgh and more", "cab, I think", "a"]
     decoded = [policy_tok.decode(policy_tok(t, add_special_tokens=False).input_ids) for t in texts]
-    got = RewardModelReward(rm, rm_tok, DataConfig(), batch_size=2).score(prompts, decoded, [{}, {}])
+    padding_free.enable(rm)
+    got = RewardModelReward(rm, rm_tok, DataConfig(), batch_size=4).score(prompts, decoded, [{}] * 4)
     for i, (p, t) in enumerate(zip(prompts, texts, strict=True)):
         full = rm_tok.apply_chat_template(p + [{"role": "assistant", "content": t}], tokenize=False)
         ids = rm_tok(full, add_special_tokens=False).input_ids
@@ -139,9 +142,9 @@ def test_reward_ids_of_a_group_are_each_rows_own_tokenization(tiny_dirs, chat):
     rows = [0, 1, 0, 0, 1]
     completions = ["abc", "defgh", "a b c and more", "", "x"]
     got = reward_input_ids([prompts[r] for r in rows], completions, tok, cfg)
-    for r, c, ids in zip(rows, completions, got, strict=True):
+    for r, c, (prompt_ids, response_ids) in zip(rows, completions, got, strict=True):
         response = [{"role": "assistant", "content": c}] if chat else c
         want = tokenize_sft(SFTRecord(prompt=prompts[r], completion=response), tok, cfg, whole_turns=True)
-        assert ids == want["input_ids"]
+        assert prompt_ids + response_ids == want["input_ids"] and prompt_ids == got[rows.index(r)][0]
     with pytest.raises(ValueError, match="2 prompts but 1 completions"):
         reward_input_ids(prompts, ["abc"], tok, cfg)

@@ -132,11 +132,12 @@ class FunctionReward:
 
 def reward_input_ids(
     prompts: Sequence[Prompt], completions: Sequence[str], tokenizer: PreTrainedTokenizerBase, cfg: DataConfig
-) -> list[list[int]]:
-    """Token ids of each (prompt, completion) exactly as reward-model training tokenizes a (prompt, chosen) pair:
-    for message-list prompts the whole conversation as the chat template writes it (the completion becomes one
-    assistant turn; `apply_chat_template(..., tokenize=True)`'s tokens), the BOS rule and truncation of
-    `rlhf.data.tokenize`. Rows with equal prompts (a group's) have the prompt rendered and encoded once."""
+) -> list[tuple[list[int], list[int]]]:
+    """Token ids of each (prompt, completion), as (prompt part, completion part), exactly as reward-model training
+    tokenizes a (prompt, chosen) pair: for message-list prompts the whole conversation as the chat template writes
+    it (the completion becomes one assistant turn; `apply_chat_template(..., tokenize=True)`'s tokens), the BOS
+    rule and truncation of `rlhf.data.tokenize`. Rows with equal prompts (a group's) have the prompt rendered and
+    encoded once, and share its ids."""
     from rlhf.data.tokenize import tokenize_responses
 
     if len(prompts) != len(completions):
@@ -144,7 +145,7 @@ def reward_input_ids(
     rows_of: dict[str, list[int]] = {}
     for i, prompt in enumerate(prompts):
         rows_of.setdefault(repr(prompt), []).append(i)
-    ids: list[list[int]] = [[] for _ in prompts]
+    ids: list[tuple[list[int], list[int]]] = [([], []) for _ in prompts]
     for rows in rows_of.values():
         prompt = prompts[rows[0]]
         responses: list[Prompt] = [
@@ -153,7 +154,7 @@ def reward_input_ids(
         ]
         prompt_ids, response_ids = tokenize_responses(prompt, responses, tokenizer, cfg, whole_turns=True)
         for i, response in zip(rows, response_ids, strict=True):
-            ids[i] = prompt_ids + response
+            ids[i] = (prompt_ids, response)
     return ids
 
 
@@ -183,12 +184,16 @@ class RewardModelReward:
         pad_id = self.tokenizer.pad_token_id
         ids = reward_input_ids(prompts, completions, self.tokenizer, self.data)
         out = []
-        for start in range(0, len(ids), self.batch_size):
+        for start in range(
+            0, len(ids), self.batch_size
+        ):  # as a rollout: [left-padded prompt | right-padded completion]
             chunk = ids[start : start + self.batch_size]
-            width = max(len(x) for x in chunk)
-            input_ids = torch.tensor([x + [pad_id] * (width - len(x)) for x in chunk], device=device)
-            mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in chunk], device=device)
-            out.append(sequence_scores(self.model, input_ids, mask, flat=Unpadded.of(mask)).float().cpu())
+            P, R = max(len(p) for p, _ in chunk), max(len(r) for _, r in chunk)
+            rows = [[pad_id] * (P - len(p)) + p + r + [pad_id] * (R - len(r)) for p, r in chunk]
+            mask = [[0] * (P - len(p)) + [1] * (len(p) + len(r)) + [0] * (R - len(r)) for p, r in chunk]
+            input_ids, mask_t = torch.tensor(rows, device=device), torch.tensor(mask, device=device)
+            flat = Unpadded.of(mask_t, input_ids, prompt_len=P)  # a group's prompt runs once
+            out.append(sequence_scores(self.model, input_ids, mask_t, flat=flat).float().cpu())
         return torch.cat(out)
 
 
