@@ -11,6 +11,7 @@ from rlhf.models import padding_free
 from rlhf.models.forward import (
     Unpadded,
     causal_lm_logprobs,
+    position_ids_from_mask,
     score_index,
     sequence_scores,
     token_scores,
@@ -201,6 +202,34 @@ def test_rows_that_share_a_prompt_run_it_once_with_the_same_results(tiny_dirs):
     got_values = token_scores(critic, ids, mask, flat=flat)
     torch.testing.assert_close(got_values[mask.bool()], want_values[mask.bool()], atol=1e-5, rtol=1e-5)
     assert (got_values[~mask.bool()] == 0).all()
+
+
+def test_a_shuffled_batch_of_groups_shares_each_prompt_once():
+    """Property, on 6 prompts x 4 rows shuffled (as an update's minibatch): every attended position of every row
+    reads its own token id at its own position from the flat row, each prompt's tokens appear once in it, and the
+    rows of one prompt point at the same tokens for it."""
+    gen = torch.Generator().manual_seed(0)
+    B, P, R = 24, 9, 5
+    prompt_len = torch.randint(3, P + 1, (6,), generator=gen).repeat_interleave(4)
+    prompts = torch.randint(10, 200, (6, P), generator=gen).repeat_interleave(4, 0)
+    response_len = torch.randint(1, R + 1, (B,), generator=gen)
+    cols = torch.arange(P + R)
+    mask = torch.cat([cols[None, :P] >= P - prompt_len[:, None], cols[None, :R] < response_len[:, None]], 1).long()
+    ids = torch.cat([prompts, torch.randint(10, 200, (B, R), generator=gen)], 1) * mask
+    want_tokens = int(prompt_len[::4].sum() + response_len.sum())  # each prompt once, every response
+    perm = torch.randperm(B, generator=gen)
+    ids, mask = ids[perm], mask[perm]
+    flat = Unpadded.of(mask, ids, prompt_len=P)
+    assert len(flat.tokens) == want_tokens and len(flat.spans) == 6
+    real = mask.bool()
+    inputs = flat.kwargs(ids, torch.nn.Linear(1, 1))
+    flat_ids, flat_positions = inputs["input_ids"][0], inputs["position_ids"][0]
+    assert torch.equal(flat_ids[flat.index[real]], ids[real])
+    assert torch.equal(flat_positions[flat.index[real]], position_ids_from_mask(mask)[real])
+    for a in range(B):
+        for b in range(B):
+            if torch.equal(ids[a, :P], ids[b, :P]):
+                assert torch.equal(flat.index[a, :P], flat.index[b, :P])
 
 
 def test_a_layout_for_a_model_that_cannot_run_padding_free_is_ignored(tiny_dirs):

@@ -80,34 +80,38 @@ class Unpadded:
         real: Tensor, input_ids: Tensor, prompt_len: int
     ) -> tuple[Tensor, Tensor, tuple[int, ...], tuple[tuple[int, ...], ...]] | None:
         """(tokens, index, lengths, spans) of the rows grouped by prompt, in the order of each prompt's first row;
-        None when no two rows share a prompt."""
+        None when no two rows share a prompt. Each flat sequence: the first row's prompt tokens, then every row's
+        response tokens in row order."""
         B, L = real.shape
-        attended = real.tolist()
-        prompts = input_ids[:, :prompt_len].masked_fill(~real[:, :prompt_len], -1).tolist()
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for b, prompt in enumerate(prompts):
-            groups.setdefault(tuple(prompt), []).append(b)
-        if len(groups) == B:
+        P = prompt_len
+        keyed = input_ids[:, :P].masked_fill(~real[:, :P], -1)
+        _, group = torch.unique(keyed, dim=0, return_inverse=True)  # (B,), groups in sorted order
+        G = int(group.max()) + 1
+        if G == B:
             return None
-        tokens: list[int] = []
-        index = [-1] * (B * L)
-        spans = []
-        for rows in groups.values():
-            trunk = [c for c in range(prompt_len) if attended[rows[0]][c]]
-            for c in trunk:
-                for b in rows:
-                    index[b * L + c] = len(tokens)
-                tokens.append(rows[0] * L + c)
-            span = [len(trunk)]
-            for b in rows:
-                response = [c for c in range(prompt_len, L) if attended[b][c]]
-                for c in response:
-                    index[b * L + c] = len(tokens)
-                    tokens.append(b * L + c)
-                span.append(len(response))
-            spans.append(tuple(span))
-        lengths = tuple(sum(span) for span in spans)
-        return torch.tensor(tokens), torch.tensor(index).view(B, L), lengths, tuple(spans)
+        rows = torch.arange(B)
+        first = torch.full((G,), B).scatter_reduce(0, group, rows, "amin")  # (G,) each group's first row
+        rank = torch.empty(G, dtype=torch.long)
+        rank[torch.argsort(first)] = torch.arange(G)
+        group, first = rank[group], first[torch.argsort(first)]  # groups numbered by their first row
+        is_first = first[group] == rows  # (B,)
+        take = real.clone()
+        take[:, :P] &= is_first[:, None]  # the prompt once, from each group's first row
+        b, c = take.nonzero(as_tuple=True)  # row-major
+        response = (c >= P).long()
+        order = torch.argsort(((group[b] * 2 + response) * B + b) * L + c)  # by group, prompt first, then rows
+        tokens = (b * L + c)[order]
+        index = torch.full((B * L,), -1, dtype=torch.long)
+        index[tokens] = torch.arange(len(tokens))
+        index = index.view(B, L)
+        index[:, :P] = torch.where(real[:, :P], index[first[group], :P], -1)  # every row's prompt: the one prompt
+        trunk = real[first, :P].sum(-1).tolist()  # (G,)
+        responses = real[:, P:].sum(-1).tolist()  # (B,)
+        members: list[list[int]] = [[] for _ in range(G)]
+        for row, g in enumerate(group.tolist()):
+            members[g].append(responses[row])
+        spans = tuple((t, *m) for t, m in zip(trunk, members, strict=True))
+        return tokens, index, tuple(sum(span) for span in spans), spans
 
     def kwargs(self, input_ids: Tensor, model: nn.Module) -> dict[str, Any]:
         """Keyword arguments of `model`'s flat forward of `input_ids` (B, L): `input_ids` (1, T) with
