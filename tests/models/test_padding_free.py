@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 from typing import Any
 
@@ -184,6 +185,80 @@ def test_a_varlen_kernel_that_raises_sends_the_device_back_to_the_blocks(
     assert calls == [1] and "varlen flash attention failed" in caplog.text
 
 
+def _tree_varlen_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_q: torch.Tensor,
+    cu_k: torch.Tensor,
+    max_q: int,
+    max_k: int,
+    *,
+    scale: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    enable_gqa: bool = False,
+    aligned: str = "end",
+) -> torch.Tensor:
+    """A stand-in for `varlen_attn` with more keys than queries: causal attention aligned at the end of each
+    sequence's keys (flash attention's rule: query j of Lq sees keys <= j + Lk - Lq), or, with `aligned="start"`,
+    at their start (the other convention, which a tree must not get)."""
+    assert window_size == (-1, 0) and cu_q.dtype == cu_k.dtype == torch.int32
+    outs, longest = [], [0, 0]
+    for (a, b), (c, d) in zip(itertools.pairwise(cu_q.tolist()), itertools.pairwise(cu_k.tolist()), strict=True):
+        lq, lk = b - a, d - c
+        longest = [max(longest[0], lq), max(longest[1], lk)]
+        shift = lk - lq if aligned == "end" else 0
+        sees = torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + shift  # (Lq, Lk)
+        qi, ki, vi = q[a:b].transpose(0, 1), k[c:d].transpose(0, 1), v[c:d].transpose(0, 1)
+        out = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=sees, scale=scale, enable_gqa=enable_gqa)
+        outs.append(out.transpose(0, 1))
+    assert [max_q, max_k] == longest
+    return torch.cat(outs)
+
+
+def test_the_varlen_route_gives_a_tree_its_blocks_attention(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tree sequences [trunk | branch 1 | ... | branch k] (a GRPO group's shared prompt, DPO's [prompt | chosen |
+    rejected]; a zero-length branch too) through the varlen route, with a stand-in kernel that aligns causal
+    attention at the end of the keys as flash attention does: the logits and gradients of the sdpa blocks with
+    tree masks. The same stand-in aligned at the start of the keys fails the per-device check, so trees would
+    keep the blocks on such a kernel."""
+    import torch.nn.attention.varlen as varlen
+
+    spans = [[4, 3, 2, 5], [3, 2, 3, 0], [5, 1, 0, 0]]
+    positions = []
+    for trunk, *branches in spans:
+        positions += list(range(trunk)) + [i for r in branches for i in range(trunk, trunk + r)]
+    inputs = padding_free.tree_inputs(spans, positions)
+    layout = inputs[padding_free.LAYOUT_KWARG]
+    tree = layout.varlen_tree
+    assert tree.cu_q.tolist() == [0, 4, 7, 9, 14, 17, 19, 22, 27, 28]
+    assert tree.cu_k.tolist() == [0, 4, 11, 17, 26, 29, 34, 40, 45, 51]
+    assert tree.keys[4:17].tolist() == [0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 7, 8]  # branch 1: trunk, itself; branch 2
+    torch.manual_seed(0)
+    model = _gqa_llama()
+    ids = torch.randint(0, 128, (1, len(positions)))
+    want = model(input_ids=ids, **inputs).logits  # not switched: the reference has to be built by hand below
+    assert padding_free.enable(model)
+    blocks = model(input_ids=ids, **inputs).logits[0]
+    blocks.square().mean().backward()
+    want_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    monkeypatch.setattr(varlen, "varlen_attn", _tree_varlen_attn)
+    monkeypatch.setattr(padding_free, "varlen_applies", lambda *args: True)
+    monkeypatch.setattr(padding_free, "_attention_dtype", lambda value: torch.float32)
+    monkeypatch.setattr(padding_free, "_sdpa", None)  # the block route would fail
+    got = model(input_ids=ids, **inputs).logits[0]
+    torch.testing.assert_close(got, blocks, atol=1e-5, rtol=1e-5)
+    got.square().mean().backward()
+    for p, g in zip(model.parameters(), want_grads, strict=True):
+        torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-4)
+    assert not torch.allclose(want[0], blocks)  # plain causal attention over a whole tree is another thing
+    agree = padding_free._varlen_trees_agree.__wrapped__
+    assert agree(torch.device("cpu"), torch.bfloat16)
+    monkeypatch.setattr(varlen, "varlen_attn", functools.partial(_tree_varlen_attn, aligned="start"))
+    assert not agree(torch.device("cpu"), torch.bfloat16)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_varlen_flash_attention_on_the_gpu_gives_the_padded_batch(tiny_dirs: dict[str, str]) -> None:
     """bf16 on CUDA: the flat forward through `varlen_attn` against the padded batch's sdpa (bf16 rounding)."""
@@ -199,6 +274,27 @@ def test_varlen_flash_attention_on_the_gpu_gives_the_padded_batch(tiny_dirs: dic
         pytest.skip("this GPU or torch has no variable-length flash attention")
     flat_ids = torch.tensor([t for s in SEQS for t in s], device="cuda")[None]
     got = model(input_ids=flat_ids, **inputs).logits[0]
+    torch.testing.assert_close(got.float(), want.float(), atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_varlen_flash_attention_on_the_gpu_gives_a_tree_its_blocks_attention(
+    tiny_dirs: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bf16 on CUDA: tree sequences (a shared prompt and its branches) through `varlen_attn`, which passed the
+    per-device check, against the sdpa blocks with tree masks (bf16 rounding)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], dtype=torch.bfloat16).cuda()
+    assert padding_free.enable(model)
+    spans = [[6, 3, 4], [4, 5, 0]]
+    positions = list(range(6)) + list(range(6, 9)) + list(range(6, 10)) + list(range(4)) + list(range(4, 9))
+    inputs = {k: v.to("cuda") for k, v in padding_free.tree_inputs(spans, positions).items()}
+    q = torch.zeros(1, 4, 8, 16, dtype=torch.bfloat16, device="cuda")
+    if not padding_free.varlen_applies(q, q, inputs[padding_free.LAYOUT_KWARG], {}):
+        pytest.skip("this GPU or torch has no variable-length flash attention that gives a tree's attention")
+    ids = torch.randint(7, 200, (1, len(positions)), device="cuda")
+    got = model(input_ids=ids, **inputs).logits[0]
+    monkeypatch.setattr(padding_free, "varlen_applies", lambda *args: False)
+    want = model(input_ids=ids, **inputs).logits[0]
     torch.testing.assert_close(got.float(), want.float(), atol=5e-2, rtol=5e-2)
 
 

@@ -8,8 +8,10 @@ right-padded (rows, H, length, d) blocks of sequences of similar length (`flat_l
 on each without a mask, and scatters the outputs back to the flat row. Right padding under a causal mask is
 exact: no real query ever sees a later (pad) position, and the pad outputs are dropped, so they get no
 gradient either. The result equals the padded forward up to float summation order. On a CUDA GPU that has
-torch's variable-length flash attention (`torch.nn.attention.varlen`, sm80 and newer), half-precision causal
-layouts skip the blocks: one `varlen_attn` call per layer over the flat row, no gathers (`varlen_applies`).
+torch's variable-length flash attention (`torch.nn.attention.varlen`, sm80 and newer), half-precision layouts
+skip the blocks: one `varlen_attn` call per layer over the flat row (`varlen_applies`), no gathers for causal
+sequences; tree sequences (a shared prompt and its continuations) gather each branch's keys after its trunk's
+(`VarlenTree`), where a check on the device found its kernel aligns causal attention as they need.
 
 `enable(model)` registers the function under `ATTENTION` and switches the model to it; every model loaded
 through `rlhf.models.loading` is switched. Calls without a layout (generation, evaluation, any padded batch)
@@ -22,6 +24,7 @@ returns False for others (remote code, eager, flash-attention), and callers keep
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import logging
@@ -70,6 +73,8 @@ class FlatLayout:
     scatter: (T,) index of each flat token's position in the blocks.
     pads:    the block positions that are pads.
     starts:  (B + 1,) int32 offset of each sequence in the flat row, then T (`varlen_attn`'s cumulative lengths).
+    spans:   (B, 1 + k) lengths of [trunk | branch 1 | ... | branch k] of tree sequences (`tree_inputs`, whose
+             blocks carry their `tree_mask`), None for causal ones: `varlen_tree` lays them out for `varlen_attn`.
     """
 
     blocks: tuple[Block, ...]
@@ -77,6 +82,7 @@ class FlatLayout:
     scatter: Tensor
     pads: Tensor
     starts: Tensor
+    spans: Tensor | None = None
 
     @property
     def length(self) -> int:
@@ -91,7 +97,49 @@ class FlatLayout:
     def to(self, device: torch.device | str) -> FlatLayout:
         blocks = tuple(Block(b.rows, b.length, None if b.mask is None else b.mask.to(device)) for b in self.blocks)
         indices = (self.gather, self.scatter, self.pads, self.starts)
-        return FlatLayout(blocks, *(x.to(device) for x in indices))
+        return FlatLayout(blocks, *(x.to(device) for x in indices), self.spans)
+
+    @functools.cached_property
+    def varlen_tree(self) -> VarlenTree:
+        """The tree sequences as `varlen_attn`'s query and key sequences (`VarlenTree`); needs `spans`."""
+        assert self.spans is not None
+        return VarlenTree.of(self.spans, self.starts.device)
+
+
+@dataclass(frozen=True)
+class VarlenTree:
+    """Tree sequences [trunk | branch 1 | ... | branch k], back to back, as `varlen_attn` takes them: every trunk
+    and every branch one query sequence, in the flat row's order (so the queries are the flat row itself); a
+    trunk's keys are its own positions, a branch's are its trunk's and then its own (gathered by `keys`). Causal
+    attention aligned at the end of the keys (flash attention's rule where a sequence has more keys than
+    queries) lets a branch's token see the whole trunk and its own branch up to itself: the tree mask.
+
+    cu_q, cu_k: (S + 1,) int32 cumulative query and key lengths; keys: (K,) flat index of each key position.
+    """
+
+    cu_q: Tensor
+    cu_k: Tensor
+    keys: Tensor
+    max_q: int
+    max_k: int
+
+    @classmethod
+    def of(cls, spans: Tensor, device: torch.device) -> VarlenTree:
+        trunk = spans[:, :1]  # (B, 1)
+        key_len = torch.cat([trunk, trunk + spans[:, 1:]], 1).flatten()  # (B * (1 + k),)
+        q_len = spans.flatten()
+        key_len, q_len = key_len[q_len > 0], q_len[q_len > 0]  # zero-length branches are no sequence
+        q_start = torch.cumsum(q_len, 0) - q_len  # each query sequence's offset in the flat row
+        seq_start = torch.cumsum(spans.sum(1), 0) - spans.sum(1)  # (B,) each tree's offset
+        owner = torch.repeat_interleave(torch.arange(len(spans)), (spans > 0).sum(1))  # the tree of each query seq
+        p, o = trunk[owner, 0], seq_start[owner]
+        seq = torch.repeat_interleave(torch.arange(len(key_len)), key_len)  # the query sequence of each key slot
+        j = torch.arange(int(key_len.sum())) - torch.repeat_interleave(torch.cumsum(key_len, 0) - key_len, key_len)
+        keys = torch.where(j < p[seq], o[seq] + j, q_start[seq] + j - p[seq])  # trunk first, then the branch
+        cu = [
+            torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(x, 0)]).to(torch.int32) for x in (q_len, key_len)
+        ]
+        return cls(cu[0].to(device), cu[1].to(device), keys.to(device), int(q_len.max()), int(key_len.max()))
 
 
 MaskFn = Callable[[Tensor, int], Tensor]
@@ -254,10 +302,11 @@ def tree_inputs(spans: Sequence[Sequence[int]], positions: Sequence[int], round_
         return tree_mask(spans_t[seqs], length)
 
     branched = width > 2 and bool((spans_t[:, 2:] > 0).any())
+    layout = flat_layout(spans_t.sum(1).tolist(), tree if branched else None)
     return {
         "position_ids": torch.tensor(positions)[None],  # (1, T)
         "attention_mask": torch.ones(1, len(positions), dtype=torch.long),  # says nothing: see `flat_inputs`
-        LAYOUT_KWARG: flat_layout(spans_t.sum(1).tolist(), tree if branched else None),
+        LAYOUT_KWARG: dataclasses.replace(layout, spans=spans_t) if branched else layout,
     }
 
 
@@ -309,14 +358,43 @@ def _flash_varlen(device: torch.device) -> bool:
 
 def varlen_applies(query: Tensor, value: Tensor, layout: FlatLayout, kwargs: dict[str, Any]) -> bool:
     """Whether `attention` runs the layout as one variable-length flash-attention call: on a CUDA GPU that has it,
-    in half precision (autocast's or the inputs'), causal sequences (no tree masks), no attention dropout or
-    logit soft-capping, and a head size flash attention takes (a multiple of 8, at most 256)."""
-    if query.device.type != "cuda" or query.device in _VARLEN_FAILED or any(b.mask is not None for b in layout.blocks):
+    in half precision (autocast's or the inputs'), causal sequences or trees of `tree_inputs` (where the device's
+    kernel gave a tree's attention in `_varlen_trees_agree`), no attention dropout or logit soft-capping, and a head
+    size flash attention takes (a multiple of 8, at most 256)."""
+    if query.device.type != "cuda" or query.device in _VARLEN_FAILED:
         return False
     if kwargs.get("dropout", 0.0) or kwargs.get("softcap") is not None:
         return False
-    head = query.shape[-1]
-    return _attention_dtype(value) in precision.HALF and head % 8 == 0 and head <= 256 and _flash_varlen(query.device)
+    head, dtype = query.shape[-1], _attention_dtype(value)
+    if not (dtype in precision.HALF and head % 8 == 0 and head <= 256 and _flash_varlen(query.device)):
+        return False
+    if layout.spans is not None:
+        return _varlen_trees_agree(query.device, dtype)
+    return all(b.mask is None for b in layout.blocks)
+
+
+@functools.cache
+def _varlen_trees_agree(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `varlen_attn` on this device gives a tree's attention (`VarlenTree`: causal attention aligned at the
+    end of the keys): one small tree sequence against sdpa with its `tree_mask`, once per device and precision.
+    Where not, tree layouts keep the sdpa blocks (with a warning)."""
+    gen = torch.Generator().manual_seed(0)
+    spans = [[5, 3, 4]]
+    layout = tree_inputs(spans, list(range(5)) + list(range(5, 8)) + list(range(5, 9)))[LAYOUT_KWARG].to(device)
+    q, k, v = (torch.randn(1, 2, 12, 16, generator=gen).to(device) for _ in range(3))
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=tree_mask(torch.tensor(spans), 12).to(device)
+    )
+    try:
+        with torch.autocast(device.type, dtype=dtype):
+            got = _varlen(q, k, v, layout, None).float()  # (1, T, H, d)
+    except (RuntimeError, NotImplementedError) as exc:
+        logger.warning("varlen flash attention failed on a tree on %s (%s): trees use sdpa blocks", device, exc)
+        return False
+    agree = torch.allclose(got, want.transpose(1, 2), atol=3e-2, rtol=3e-2)
+    if not agree:
+        logger.warning("varlen flash attention on %s does not give a tree's attention: trees use sdpa blocks", device)
+    return agree
 
 
 def _attention_dtype(value: Tensor) -> torch.dtype:
@@ -351,7 +429,11 @@ def _varlen(query: Tensor, key: Tensor, value: Tensor, layout: FlatLayout, scali
             kw["enable_gqa"] = True
         else:
             k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
-    return varlen_attn(q, k, v, layout.starts, layout.starts, layout.length, layout.length, **kw)[None]
+    if layout.spans is None:
+        return varlen_attn(q, k, v, layout.starts, layout.starts, layout.length, layout.length, **kw)[None]
+    tree = layout.varlen_tree  # a branch's keys: its trunk's, then its own
+    k, v = k.index_select(0, tree.keys), v.index_select(0, tree.keys)
+    return varlen_attn(q, k, v, tree.cu_q, tree.cu_k, tree.max_q, tree.max_k, **kw)[None]
 
 
 def attention(
