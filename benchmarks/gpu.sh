@@ -62,6 +62,15 @@ torch.nn.functional.scaled_dot_product_attention(q, q, q)  # the first call sett
 names = {int(b): n for n, b in SDPBackend.__members__.items()}
 order = [names.get(i, i) for i in torch._C._get_sdp_priority_order()]
 print("cudnn", torch.backends.cudnn.version(), "sdpa order", order)' || true
+    # the varlen route on this GPU: its kernel, whether trees take it (a check against sdpa on a small tree), and
+    # the tests that compare it with the padded batch and the blocks (where pytest is installed)
+    $PY -c 'import torch
+from rlhf.models import padding_free as pf
+cuda = torch.device("cuda")
+print("varlen kernel", pf._flash_varlen(cuda), "trees agree", pf._varlen_trees_agree(cuda, torch.bfloat16))' || true
+    if $PY -c 'import pytest' 2>/dev/null; then
+        $PY -m pytest -q -p no:cacheprovider tests/models/test_padding_free.py -k gpu || true
+    fi
 fi
 impls=ours,trl
 $PY -c 'import trl' 2>/dev/null || impls=ours
