@@ -103,18 +103,24 @@ def _plain_varlen_attn(
     scale: float | None = None,
     window_size: tuple[int, int] = (-1, -1),
     enable_gqa: bool = False,
+    aligned: str = "end",
 ) -> torch.Tensor:
-    """A stand-in for `torch.nn.attention.varlen.varlen_attn` (CUDA only): causal sdpa of each sequence alone,
-    (T, heads, d) in and out, sequence i at [cu_q[i], cu_q[i + 1])."""
-    assert window_size == (-1, 0) and torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32
-    spans = list(itertools.pairwise(cu_q.tolist()))
-    assert max_q == max_k == max(b - a for a, b in spans)
-    outs = [
-        F.scaled_dot_product_attention(
-            *(x[a:b].transpose(0, 1) for x in (q, k, v)), is_causal=True, scale=scale, enable_gqa=enable_gqa
-        ).transpose(0, 1)
-        for a, b in spans
-    ]
+    """A stand-in for `torch.nn.attention.varlen.varlen_attn` (CUDA only): causal sdpa of each sequence alone, (T,
+    heads, d) in and out, query sequence i at [cu_q[i], cu_q[i + 1]) and its keys at [cu_k[i], cu_k[i + 1]). Where
+    a sequence has more keys than queries, causal attention is aligned at the end of the keys (flash attention's
+    rule: query j of Lq sees keys <= j + Lk - Lq), or, with `aligned="start"`, at their start (the other
+    convention, which a tree must not get)."""
+    assert window_size == (-1, 0) and cu_q.dtype == cu_k.dtype == torch.int32
+    outs, longest = [], [0, 0]
+    for (a, b), (c, d) in zip(itertools.pairwise(cu_q.tolist()), itertools.pairwise(cu_k.tolist()), strict=True):
+        lq, lk = b - a, d - c
+        longest = [max(longest[0], lq), max(longest[1], lk)]
+        shift = lk - lq if aligned == "end" else 0
+        sees = torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + shift  # (Lq, Lk)
+        qi, ki, vi = q[a:b].transpose(0, 1), k[c:d].transpose(0, 1), v[c:d].transpose(0, 1)
+        out = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=sees, scale=scale, enable_gqa=enable_gqa)
+        outs.append(out.transpose(0, 1))
+    assert [max_q, max_k] == longest
     return torch.cat(outs)
 
 
@@ -135,7 +141,12 @@ def test_the_varlen_route_gives_the_padded_batch(
     logits and gradients, with both signatures of `varlen_attn`. The kernel itself is compared on a GPU (below)."""
     import torch.nn.attention.varlen as varlen
 
-    monkeypatch.setattr(varlen, "varlen_attn", kernel)
+    @functools.wraps(kernel)  # its signature: the route reads which `varlen_attn` it has from it
+    def causal(*args: Any, **kwargs: Any) -> torch.Tensor:
+        assert torch.equal(args[3], args[4])  # causal sequences: the same offsets for queries and keys
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(varlen, "varlen_attn", causal)
     monkeypatch.setattr(padding_free, "varlen_applies", lambda *args: True)
     monkeypatch.setattr(padding_free, "_attention_dtype", lambda value: torch.float32)
     monkeypatch.setattr(padding_free, "_sdpa", None)  # the block route would fail
@@ -185,37 +196,6 @@ def test_a_varlen_kernel_that_raises_sends_the_device_back_to_the_blocks(
     assert calls == [1] and "varlen flash attention failed" in caplog.text
 
 
-def _tree_varlen_attn(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_q: torch.Tensor,
-    cu_k: torch.Tensor,
-    max_q: int,
-    max_k: int,
-    *,
-    scale: float | None = None,
-    window_size: tuple[int, int] = (-1, -1),
-    enable_gqa: bool = False,
-    aligned: str = "end",
-) -> torch.Tensor:
-    """A stand-in for `varlen_attn` with more keys than queries: causal attention aligned at the end of each
-    sequence's keys (flash attention's rule: query j of Lq sees keys <= j + Lk - Lq), or, with `aligned="start"`,
-    at their start (the other convention, which a tree must not get)."""
-    assert window_size == (-1, 0) and cu_q.dtype == cu_k.dtype == torch.int32
-    outs, longest = [], [0, 0]
-    for (a, b), (c, d) in zip(itertools.pairwise(cu_q.tolist()), itertools.pairwise(cu_k.tolist()), strict=True):
-        lq, lk = b - a, d - c
-        longest = [max(longest[0], lq), max(longest[1], lk)]
-        shift = lk - lq if aligned == "end" else 0
-        sees = torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + shift  # (Lq, Lk)
-        qi, ki, vi = q[a:b].transpose(0, 1), k[c:d].transpose(0, 1), v[c:d].transpose(0, 1)
-        out = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=sees, scale=scale, enable_gqa=enable_gqa)
-        outs.append(out.transpose(0, 1))
-    assert [max_q, max_k] == longest
-    return torch.cat(outs)
-
-
 def test_the_varlen_route_gives_a_tree_its_blocks_attention(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tree sequences [trunk | branch 1 | ... | branch k] (a GRPO group's shared prompt, DPO's [prompt | chosen |
     rejected]; a zero-length branch too) through the varlen route, with a stand-in kernel that aligns causal
@@ -243,7 +223,7 @@ def test_the_varlen_route_gives_a_tree_its_blocks_attention(monkeypatch: pytest.
     blocks.square().mean().backward()
     want_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    monkeypatch.setattr(varlen, "varlen_attn", _tree_varlen_attn)
+    monkeypatch.setattr(varlen, "varlen_attn", _plain_varlen_attn)
     monkeypatch.setattr(padding_free, "varlen_applies", lambda *args: True)
     monkeypatch.setattr(padding_free, "_attention_dtype", lambda value: torch.float32)
     monkeypatch.setattr(padding_free, "_sdpa", None)  # the block route would fail
@@ -255,7 +235,7 @@ def test_the_varlen_route_gives_a_tree_its_blocks_attention(monkeypatch: pytest.
     assert not torch.allclose(want[0], blocks)  # plain causal attention over a whole tree is another thing
     agree = padding_free._varlen_trees_agree.__wrapped__
     assert agree(torch.device("cpu"), torch.bfloat16)
-    monkeypatch.setattr(varlen, "varlen_attn", functools.partial(_tree_varlen_attn, aligned="start"))
+    monkeypatch.setattr(varlen, "varlen_attn", functools.partial(_plain_varlen_attn, aligned="start"))
     assert not agree(torch.device("cpu"), torch.bfloat16)
 
 
