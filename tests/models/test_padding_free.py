@@ -205,10 +205,7 @@ def test_the_varlen_route_gives_a_tree_its_blocks_attention(monkeypatch: pytest.
     import torch.nn.attention.varlen as varlen
 
     spans = [[4, 3, 2, 5], [3, 2, 3, 0], [5, 1, 0, 0]]
-    positions = []
-    for trunk, *branches in spans:
-        positions += list(range(trunk)) + [i for r in branches for i in range(trunk, trunk + r)]
-    inputs = padding_free.tree_inputs(spans, positions)
+    inputs = padding_free.tree_inputs(spans)
     layout = inputs[padding_free.LAYOUT_KWARG]
     tree = layout.varlen_tree
     assert tree.cu_q.tolist() == [0, 4, 7, 9, 14, 17, 19, 22, 27, 28]
@@ -216,7 +213,7 @@ def test_the_varlen_route_gives_a_tree_its_blocks_attention(monkeypatch: pytest.
     assert tree.keys[4:17].tolist() == [0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 7, 8]  # branch 1: trunk, itself; branch 2
     torch.manual_seed(0)
     model = _gqa_llama()
-    ids = torch.randint(0, 128, (1, len(positions)))
+    ids = torch.randint(0, 128, (1, sum(map(sum, spans))))
     want = model(input_ids=ids, **inputs).logits  # not switched: the reference has to be built by hand below
     assert padding_free.enable(model)
     blocks = model(input_ids=ids, **inputs).logits[0]
@@ -266,12 +263,11 @@ def test_varlen_flash_attention_on_the_gpu_gives_a_tree_its_blocks_attention(
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], dtype=torch.bfloat16).cuda()
     assert padding_free.enable(model)
     spans = [[6, 3, 4], [4, 5, 0]]
-    positions = list(range(6)) + list(range(6, 9)) + list(range(6, 10)) + list(range(4)) + list(range(4, 9))
-    inputs = {k: v.to("cuda") for k, v in padding_free.tree_inputs(spans, positions).items()}
+    inputs = {k: v.to("cuda") for k, v in padding_free.tree_inputs(spans).items()}
     q = torch.zeros(1, 4, 8, 16, dtype=torch.bfloat16, device="cuda")
     if not padding_free.varlen_applies(q, q, inputs[padding_free.LAYOUT_KWARG], {}):
         pytest.skip("this GPU or torch has no variable-length flash attention that gives a tree's attention")
-    ids = torch.randint(7, 200, (1, len(positions)), device="cuda")
+    ids = torch.randint(7, 200, (1, sum(map(sum, spans))), device="cuda")
     got = model(input_ids=ids, **inputs).logits[0]
     monkeypatch.setattr(padding_free, "varlen_applies", lambda *args: False)
     want = model(input_ids=ids, **inputs).logits[0]

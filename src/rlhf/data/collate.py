@@ -112,10 +112,15 @@ def tree_rows(
         prompt, responses = ex["prompt_ids"], [ex[key] for key in response_keys]
         spans.append([len(prompt), *(len(r) for r in responses)])
         rows.append([*prompt, *(t for r in responses for t in r)])
-        positions.append(
-            [*range(len(prompt)), *(i for r in responses for i in range(len(prompt), len(prompt) + len(r)))]
-        )
+        positions.append(tree_positions(spans[-1]))
     return spans, rows, positions
+
+
+def tree_positions(span: Sequence[int]) -> list[int]:
+    """Positions of a sequence [prompt | response 1 | ... | response k] of these lengths: 0..P-1, then P..P+R_j-1
+    for every response j."""
+    prompt, *responses = span
+    return [*range(prompt), *(i for r in responses for i in range(prompt, prompt + r))]
 
 
 def add_margins(batch: dict[str, Any], examples: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -91,9 +91,10 @@ class Unpadded:
             return None
         rows = torch.arange(B)
         first = torch.full((G,), B).scatter_reduce(0, group, rows, "amin")  # (G,) each group's first row
+        by_first = torch.argsort(first)
         rank = torch.empty(G, dtype=torch.long)
-        rank[torch.argsort(first)] = torch.arange(G)
-        group, first = rank[group], first[torch.argsort(first)]  # groups numbered by their first row
+        rank[by_first] = torch.arange(G)
+        group, first = rank[group], first[by_first]  # groups numbered by their first row
         is_first = first[group] == rows  # (B,)
         take = real.clone()
         take[:, :P] &= is_first[:, None]  # the prompt once, from each group's first row
@@ -123,7 +124,7 @@ class Unpadded:
             if self.spans is None:
                 inputs = padding_free.flat_inputs(self.lengths, round_to)
             else:
-                inputs = padding_free.tree_inputs(self.spans, _tree_positions(self.spans), round_to)
+                inputs = padding_free.tree_inputs(self.spans, round_to)
             self._inputs[round_to] = {k: v.to(input_ids.device) for k, v in inputs.items()}
         inputs = self._inputs[round_to]
         ids = input_ids.flatten()[self.tokens]  # (N,)
@@ -131,17 +132,6 @@ class Unpadded:
         if filler:
             ids = torch.cat([ids, ids.new_zeros(filler)])
         return {"input_ids": ids[None], **inputs, "use_cache": False}  # (1, T)
-
-
-def _tree_positions(spans: tuple[tuple[int, ...], ...]) -> list[int]:
-    """Positions of sequences [prompt | response 1 | ... | response k]: the prompt from 0, each response continuing
-    it, as in the row the response was generated in."""
-    positions: list[int] = []
-    for prompt, *responses in spans:
-        positions += range(prompt)
-        for r in responses:
-            positions += range(prompt, prompt + r)
-    return positions
 
 
 class TokenOutputs(NamedTuple):

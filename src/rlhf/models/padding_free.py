@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from rlhf.data.collate import tree_positions
 from rlhf.models import cpu_linear, precision
 from rlhf.models.unwrap import base_model
 
@@ -266,34 +267,28 @@ def flat_inputs(lengths: Sequence[int], round_to: int = 1) -> dict[str, Any]:
 
 
 def flat_tree_inputs(
-    spans: Sequence[Sequence[int]],
-    rows: Sequence[Sequence[int]],
-    positions: Sequence[Sequence[int]],
-    pad_id: int,
-    round_to: int = 1,
+    spans: Sequence[Sequence[int]], rows: Sequence[Sequence[int]], pad_id: int, round_to: int = 1
 ) -> dict[str, Any]:
     """The keyword arguments of the flat forward of tree sequences [trunk | branch 1 | ... | branch k]
-    (`rlhf.data.collate.tree_rows`: their `spans` lengths, token ids and positions): `input_ids` (1, T) and
-    `tree_inputs`' position ids, all-ones mask and layout. With `round_to` > 1 the row ends with a filler of pad ids
-    up to a multiple of it, which no loss reads (`filler_length`)."""
+    (`rlhf.data.collate.tree_rows`: their `spans` lengths and token ids): `input_ids` (1, T) and `tree_inputs`'
+    position ids, all-ones mask and layout. With `round_to` > 1 the row ends with a filler of pad ids up to a
+    multiple of it, which no loss reads (`filler_length`)."""
     ids = [t for r in rows for t in r]
     filler = filler_length(len(ids), round_to)
-    return {
-        "input_ids": torch.tensor(ids + [pad_id] * filler)[None],  # (1, T)
-        **tree_inputs(spans, [i for r in positions for i in r], round_to),
-    }
+    return {"input_ids": torch.tensor(ids + [pad_id] * filler)[None], **tree_inputs(spans, round_to)}  # (1, T)
 
 
-def tree_inputs(spans: Sequence[Sequence[int]], positions: Sequence[int], round_to: int = 1) -> dict[str, Any]:
-    """`position_ids` (these `positions`, the flat row's), an all-ones `attention_mask` (both (1, T)) and the layout
-    of tree sequences [trunk | branch 1 | ... | branch k] of these `spans` lengths, back to back (a sequence with
-    fewer branches has zero-length ones): its blocks carry each sequence's `tree_mask`, or plain causal attention
-    where no sequence has more than one branch. With `round_to` > 1, T is the next multiple of it: the row ends
-    with a trunk-only filler (positions from 0) that the caller fills with any ids and no loss reads."""
+def tree_inputs(spans: Sequence[Sequence[int]], round_to: int = 1) -> dict[str, Any]:
+    """`position_ids` (every branch continuing its trunk, `rlhf.data.collate.tree_positions`), an all-ones
+    `attention_mask` (both (1, T)) and the layout of tree sequences [trunk | branch 1 | ... | branch k] of these
+    `spans` lengths, back to back (a sequence with fewer branches has zero-length ones): its blocks carry each
+    sequence's `tree_mask`, or plain causal attention where no sequence has more than one branch. With `round_to`
+    > 1, T is the next multiple of it: the row ends with a trunk-only filler (positions from 0) that the caller fills
+    with any ids and no loss reads."""
     width = max(len(s) for s in spans)
     spans_t = torch.tensor([[*s, *[0] * (width - len(s))] for s in spans])  # (B, 1 + k)
+    positions = [i for s in spans for i in tree_positions(s)]
     filler = filler_length(len(positions), round_to)
-    positions = list(positions)
     if filler:
         spans_t = torch.cat([spans_t, torch.tensor([[filler] + [0] * (width - 1)])])
         positions += range(filler)
@@ -380,7 +375,7 @@ def _varlen_trees_agree(device: torch.device, dtype: torch.dtype) -> bool:
     Where not, tree layouts keep the sdpa blocks (with a warning)."""
     gen = torch.Generator().manual_seed(0)
     spans = [[5, 3, 4]]
-    layout = tree_inputs(spans, list(range(5)) + list(range(5, 8)) + list(range(5, 9)))[LAYOUT_KWARG].to(device)
+    layout = tree_inputs(spans)[LAYOUT_KWARG].to(device)
     q, k, v = (torch.randn(1, 2, 12, 16, generator=gen).to(device) for _ in range(3))
     want = torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=tree_mask(torch.tensor(spans), 12).to(device)

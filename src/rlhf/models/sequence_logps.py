@@ -120,7 +120,7 @@ def collate_flat(
     first token, else the token before it; a first token after an empty prompt is not scored), `targets` (N,)
     the token, `token_rows` (N,) its row; `response_tokens` (k*B,) float, each row's response length.
     """
-    spans, rows, positions = tree_rows(examples, response_keys)
+    spans, rows, _ = tree_rows(examples, response_keys)
     n = len(examples)
     predict_at, targets, token_rows = [], [], []
     start = 0
@@ -137,7 +137,7 @@ def collate_flat(
             offset += len(response)
         start += sum(span)
     return {
-        **padding_free.flat_tree_inputs(spans, rows, positions, pad_id, round_to),
+        **padding_free.flat_tree_inputs(spans, rows, pad_id, round_to),
         "predict_at": torch.tensor(predict_at, dtype=torch.long),  # (N,)
         "targets": torch.tensor(targets, dtype=torch.long),  # (N,)
         "token_rows": torch.tensor(token_rows, dtype=torch.long),  # (N,)

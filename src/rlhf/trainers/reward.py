@@ -181,12 +181,12 @@ def collate_shared_prompt_flat(examples: Sequence[dict[str, Any]], pad_id: int, 
     `flat_layout` whose blocks carry each pair's tree mask (`padding_free.flat_layout`), and `score_index` (B, 2)
     as flat indices. The linear layers then run on real tokens only; attention pads within its blocks.
     `round_to`: the row ends with a filler of pad ids up to a multiple of it (`padding_free.row_multiple`)."""
-    lengths, rows, positions = tree_rows(examples, PAIR)
+    lengths, rows, _ = tree_rows(examples, PAIR)
     sizes = torch.tensor(lengths).sum(1)  # (B,)
     starts = torch.cumsum(sizes, 0) - sizes
     columns = torch.tensor([_score_columns(ex, pad_id) for ex in examples])  # (B, 2) within each pair's row
     batch = {
-        **padding_free.flat_tree_inputs(lengths, rows, positions, pad_id, round_to),
+        **padding_free.flat_tree_inputs(lengths, rows, pad_id, round_to),
         "score_index": starts[:, None] + columns,  # (B, 2)
     }
     return add_margins(batch, examples)
