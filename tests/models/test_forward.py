@@ -12,6 +12,7 @@ from rlhf.models.forward import (
     Unpadded,
     causal_lm_logprobs,
     position_ids_from_mask,
+    prompt_groups,
     score_index,
     sequence_scores,
     token_scores,
@@ -202,6 +203,15 @@ def test_rows_that_share_a_prompt_run_it_once_with_the_same_results(tiny_dirs):
     got_values = token_scores(critic, ids, mask, flat=flat)
     torch.testing.assert_close(got_values[mask.bool()], want_values[mask.bool()], atol=1e-5, rtol=1e-5)
     assert (got_values[~mask.bool()] == 0).all()
+
+
+def test_prompt_groups_by_hand():
+    """Rows 0 and 2 hold the same prompt (its pads differ in id, not in the mask); row 3 the same tokens as row 1 but
+    one fewer attended: groups numbered by their first rows, 0 1 0 2, first rows 0 1 3."""
+    ids = torch.tensor([[0, 5, 6], [5, 6, 7], [9, 5, 6], [5, 6, 7]])
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1], [0, 1, 1], [0, 1, 1]])
+    group, first = prompt_groups(ids, mask)
+    assert group.tolist() == [0, 1, 0, 2] and first.tolist() == [0, 1, 3]
 
 
 def test_a_shuffled_batch_of_groups_shares_each_prompt_once():

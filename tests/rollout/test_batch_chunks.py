@@ -54,3 +54,19 @@ def test_one_long_response_gets_its_own_chunk_instead_of_padding_the_rest() -> N
     chunks = batch.chunks_by_cost(list(range(8)), 8, overhead_tokens=16)
     assert sorted(len(c) for c in chunks) == [1, 7]
     assert [c.rows.tolist() for c in chunks if len(c) == 1] == [[7]]
+
+
+def test_rows_of_one_prompt_stay_together_in_the_place_of_their_longest() -> None:
+    """Two prompts x 3 rows, interleaved, and a lone prompt: chunks of 3 rows follow the groups (the group with the
+    longest row first, ties in the order of first rows), each chunk's layout runs its prompt once; distinct prompts
+    alone are ordered by length, as before."""
+    batch = _batch([4, 3, 4, 3, 4, 3, 2], [2, 5, 1, 2, 3, 1, 9])
+    batch.input_ids[:, :8] = torch.tensor([[0] * 4 + [7, 8, 9, 10], [0] * 5 + [11, 12, 13]] * 3 + [[0] * 6 + [3, 4]])
+    chunks = batch.chunks_by_length(range(7), 3)
+    assert [c.rows.tolist() for c in chunks] == [[6, 1, 3], [5, 0, 2], [4]]  # 11 tokens; group B's 8; group A's 7
+    chunks = batch.chunks_by_length([1, 0, 2, 3, 5, 4], 3)  # a minibatch's shuffled rows: group B first (its 8)
+    assert [c.rows.tolist() for c in chunks] == [[1, 3, 5], [0, 2, 4]]
+    spans = [c.flat.spans for c in batch.micro_batches([1, 0, 2, 3, 5, 4], 3, flat=True)]
+    assert spans == [((3, 5, 2, 1),), ((4, 2, 1, 3),)]  # one flat sequence each: [prompt | 3 responses]
+    singles = _batch([1, 2, 3], [1, 1, 1])
+    assert [c.rows.tolist() for c in singles.chunks_by_length([0, 1, 2], 3)] == [[2, 1, 0]]

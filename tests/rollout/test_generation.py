@@ -246,7 +246,8 @@ def test_a_prompt_that_several_rows_sample_from_is_prefilled_once(tiny_dirs, mon
 
     shared = sample()
     assert prefills[0] == (3, 4) and len(set(map(tuple, shared.tolist()))) == 12
-    monkeypatch.setattr(generation, "_distinct_rows", lambda ids, mask: (slice(None), None))
+    every_row = torch.arange(12)
+    monkeypatch.setattr(generation, "prompt_groups", lambda ids, mask: (every_row, every_row))  # 12 "prompts"
     prefills.clear()
     assert torch.equal(sample(), shared) and prefills[0] == (12, 4)
 

@@ -36,6 +36,22 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def prompt_groups(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows whose attended prompt tokens are the same (a GRPO group's) as groups: (group (B,), first (G,)), the groups
+    numbered in the order of their first rows, which `first` holds."""
+    B = prompt_ids.shape[0]
+    if B == 0:
+        return prompt_ids.new_zeros(0), prompt_ids.new_zeros(0)
+    _, group = torch.unique(prompt_ids.masked_fill(prompt_mask == 0, -1), dim=0, return_inverse=True)
+    G = int(group.max()) + 1
+    rows = torch.arange(B, device=group.device)
+    first = torch.full((G,), B, device=group.device).scatter_reduce(0, group, rows, "amin")
+    by_first = torch.argsort(first)
+    rank = torch.empty_like(by_first)
+    rank[by_first] = torch.arange(G, device=group.device)
+    return rank[group], first[by_first]
+
+
 @dataclass(frozen=True)
 class Unpadded:
     """Where a padded batch's attended tokens go when it runs as one flat row (`rlhf.models.padding_free`).
@@ -84,18 +100,11 @@ class Unpadded:
         response tokens in row order."""
         B, L = real.shape
         P = prompt_len
-        keyed = input_ids[:, :P].masked_fill(~real[:, :P], -1)
-        _, group = torch.unique(keyed, dim=0, return_inverse=True)  # (B,), groups in sorted order
-        G = int(group.max()) + 1
+        group, first = prompt_groups(input_ids[:, :P], real[:, :P])
+        G = len(first)
         if G == B:
             return None
-        rows = torch.arange(B)
-        first = torch.full((G,), B).scatter_reduce(0, group, rows, "amin")  # (G,) each group's first row
-        by_first = torch.argsort(first)
-        rank = torch.empty(G, dtype=torch.long)
-        rank[by_first] = torch.arange(G)
-        group, first = rank[group], first[by_first]  # groups numbered by their first row
-        is_first = first[group] == rows  # (B,)
+        is_first = first[group] == torch.arange(B)  # (B,)
         take = real.clone()
         take[:, :P] &= is_first[:, None]  # the prompt once, from each group's first row
         b, c = take.nonzero(as_tuple=True)  # row-major

@@ -23,7 +23,7 @@ from typing import Any, Generic, TypeVar
 import torch
 from torch import Tensor
 
-from rlhf.models.forward import Unpadded
+from rlhf.models.forward import Unpadded, prompt_groups
 from rlhf.rollout.generation import Rollout
 
 MICRO_BATCH_OVERHEAD_TOKENS = 128
@@ -92,15 +92,13 @@ class RolloutBatch(Generic[TokensT]):
         their prompt once (`Unpadded.of`). It is a partition of the rows, so an accumulated gradient does not
         depend on it (up to float rounding). Each chunk's `rows` holds its row indices into this batch."""
         rows = torch.as_tensor(rows, dtype=torch.long)
-        lengths = self.attention_mask.sum(-1).cpu()[rows].tolist()
+        lengths = self.attention_mask.sum(-1).cpu()[rows]
         P = self.input_ids.shape[1] - self.response_len
-        prompts = self.input_ids[:, :P].masked_fill(self.attention_mask[:, :P] == 0, -1).cpu()[rows].tolist()
-        longest: dict[tuple[int, ...], tuple[int, int]] = {}  # prompt -> (its longest row's length, first place)
-        for i, (prompt, n) in enumerate(zip(map(tuple, prompts), lengths, strict=True)):
-            most, first = longest.get(prompt, (n, i))
-            longest[prompt] = (max(most, n), first)
-        place = [(-longest[p][0], longest[p][1], i) for i, p in enumerate(map(tuple, prompts))]
-        order = rows[sorted(range(len(place)), key=place.__getitem__)]
+        group, first = prompt_groups(self.input_ids[:, :P].cpu()[rows], self.attention_mask[:, :P].cpu()[rows])
+        longest = torch.zeros(len(first), dtype=lengths.dtype).scatter_reduce(0, group, lengths, "amax")  # (G,)
+        n, G = len(rows), len(first)
+        shorter = int(longest.max()) - longest[group] if n else group  # (n,) >= 0: 0 for the longest group
+        order = rows[torch.argsort((shorter * G + group) * n + torch.arange(n))]  # by length, then first place
         chunks = []
         for start in range(0, len(order), size):
             chunk = self.select(order[start : start + size])

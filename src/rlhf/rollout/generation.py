@@ -32,6 +32,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from rlhf.models.forward import position_ids_from_mask, prompt_groups
 from rlhf.models.precision import generation_autocast
 from rlhf.models.unwrap import base_model
 
@@ -168,11 +169,6 @@ def sampler(sampling: SamplingConfig, keys: Tensor, *, rows_as_ids: bool = True)
     return LogitsProcessorList([*warpers, KeyedDraw(keys, rows_as_ids=rows_as_ids)])
 
 
-def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
-    """(B, L) positions counting only attended tokens; padded positions get 0 (as `rlhf.models.forward`)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 def decodes_itself(model: nn.Module) -> bool:
     """Whether `decode` can drive the model: a `transformers` causal LM (peft-wrapped or not) whose forward
     takes a `cache` and `logits_to_keep`."""
@@ -273,7 +269,7 @@ def decode(
     processors = logits_processor or LogitsProcessorList()
     cache = reserved_cache(model, prompt_ids.shape[1] + max_new_tokens)
     positions = position_ids_from_mask(prompt_mask)
-    first, copies = _distinct_rows(prompt_ids, prompt_mask)
+    copies, first = prompt_groups(prompt_ids, prompt_mask)  # the prefill runs each distinct prompt once
     out = model(
         input_ids=prompt_ids[first],
         attention_mask=prompt_mask[first],
@@ -282,7 +278,7 @@ def decode(
         use_cache=True,
         logits_to_keep=1,
     )
-    if copies is not None:  # each distinct prompt ran once: its cache and last logits go to each of its rows
+    if len(first) < B:  # its cache and last logits go to each of its rows
         cache.reorder_cache(copies)
         out.logits = out.logits[copies]
     tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=prompt_ids.dtype, device=prompt_ids.device)
@@ -307,19 +303,6 @@ def decode(
             input_ids=step[:, None], attention_mask=mask, position_ids=position[:, None], cache=cache, use_cache=True
         )
     return tokens[:, :width]
-
-
-def _distinct_rows(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor | slice, Tensor | None]:
-    """(the first row of each distinct prompt, the index of each row's among them) where rows repeat a prompt (a
-    GRPO group), so that the prefill runs each prompt once; (all rows, None) where none repeats."""
-    keyed = prompt_ids.masked_fill(prompt_mask == 0, -1)
-    _, copies = torch.unique(keyed, dim=0, return_inverse=True)  # (B,) into the distinct rows, sorted
-    distinct = int(copies.max()) + 1
-    if distinct == len(copies):
-        return slice(None), None
-    rows = torch.arange(len(copies), device=copies.device)
-    first = torch.full((distinct,), len(copies), device=copies.device).scatter_reduce(0, copies, rows, "amin")
-    return first, copies
 
 
 class HFGenerationBackend:
