@@ -117,3 +117,43 @@ def test_an_iteration_in_which_the_minutes_passed_ends_with_a_checkpoint(tmp_pat
                 engine.train_step(split(next(batches), 4), token_loss)
             checkpoint_if_due(engine, before)
         assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-4"]
+
+
+class _Steps:
+    """What `run_updates` reads of an engine and a batch, recording the rows of every optimizer step."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.steps = n, []
+        self.train_cfg = type("TrainCfg", (), {"micro_batch_size": n})()
+
+    def __len__(self) -> int:
+        return self.n
+
+    def micro_batches_per_step(self) -> int:
+        return 1
+
+    def micro_batches(self, rows, size, *, flat):  # one micro-batch per step, carrying its rows
+        return [type("Micro", (), {"rows": rows, "attention_mask": torch.ones(len(rows), 1)})()]
+
+    def train_step(self, micro_batches, loss_fn):
+        self.steps.append(micro_batches[0].rows.tolist())
+        return {"policy/approx_kl": 0.0}
+
+
+def test_updates_shuffle_whole_groups_so_a_group_shares_its_minibatch():
+    """16 rows in groups of 4 (a prompt's completions, consecutive), 2 minibatches, 2 epochs: every minibatch holds
+    whole groups and every row comes once an epoch, in another order each epoch. Rows alone (group_size 1, PPO)
+    are shuffled as torch.randperm of the same seed shuffles them."""
+    from rlhf.runtime.online import run_updates
+
+    steps = _Steps(16)
+    run_updates(steps, steps, None, epochs=2, minibatches=2, seed=3, iteration=5, flat=True, group_size=4)
+    assert len(steps.steps) == 4 and all(len(rows) == 8 for rows in steps.steps)
+    for rows in steps.steps:
+        assert sorted(rows) == sorted({r // 4 * 4 + j for r in rows for j in range(4)})  # whole groups
+    assert sorted(steps.steps[0] + steps.steps[1]) == list(range(16)) == sorted(steps.steps[2] + steps.steps[3])
+    assert steps.steps[:2] != steps.steps[2:]
+    rows_alone = _Steps(16)
+    run_updates(rows_alone, rows_alone, None, epochs=1, minibatches=2, seed=3, iteration=5, flat=True)
+    g = torch.Generator().manual_seed((3 * 1_000_003 + 5 * 1_009 + 0) % 2**63)
+    assert rows_alone.steps == [r.tolist() for r in torch.randperm(16, generator=g).tensor_split(2)]

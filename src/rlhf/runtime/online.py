@@ -99,12 +99,15 @@ def run_updates(
     iteration: int,
     flat: bool,
     stop_kl: float | None = None,
+    group_size: int = 1,
 ) -> tuple[list[dict[str, float]], int]:
     """`epochs` shuffled passes over this process's rollout rows, each in `minibatches` optimizer steps of equal
     shares (one apart at most), in micro-batches of at most `train.micro_batch_size` rows
     (`RolloutBatch.micro_batches`; padding-free with `flat`, when the model runs that way).
 
-    The shuffles come from a generator seeded by (seed, iteration, epoch), not from the global RNG. `stop_kl`:
+    The shuffles come from a generator seeded by (seed, iteration, epoch), not from the global RNG. With
+    `group_size` k > 1 (rows in groups of k, a prompt's completions) the groups are shuffled, not the rows, so that a
+    group's rows share a minibatch and with it their prompt's forward (`rlhf.models.forward.Unpadded`). `stop_kl`:
     end the remaining updates once a logged step's `policy/approx_kl` exceeds it. Returns the metrics of the
     steps that logged and the number of tokens (prompt + response) trained on.
     """
@@ -112,10 +115,12 @@ def run_updates(
     engine.micro_batches_per_step()  # checks batch_size against micro_batch_size x processes
     if n < minibatches:
         raise UserError(f"{n} rollout rows per process cannot fill {minibatches} minibatches: raise rollout.batch_size")
+    k = group_size if n % group_size == 0 else 1
     logged, tokens = [], 0
     for epoch in range(epochs):
         g = torch.Generator().manual_seed((seed * 1_000_003 + iteration * 1_009 + epoch) % 2**63)
-        for rows in torch.randperm(n, generator=g).tensor_split(minibatches):
+        order = (torch.randperm(n // k, generator=g)[:, None] * k + torch.arange(k)).flatten()
+        for rows in order.tensor_split(minibatches):
             step_batches = batch.micro_batches(rows, micro, flat=flat)
             tokens += sum(int(m.attention_mask.sum()) for m in step_batches)
             metrics = engine.train_step(step_batches, loss_fn)

@@ -424,6 +424,7 @@ def train(cfg: Config) -> Path:
                 seed=cfg.seed,
                 iteration=it.index,
                 flat=flat,
+                group_size=cfg.group_size,
             )
             train_s = time.perf_counter() - t0
             rollout_s = exp.generation_s + exp.scoring_s
