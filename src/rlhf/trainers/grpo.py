@@ -111,7 +111,8 @@ class Config:
     """Completions to generate in the whole run (rounded up to whole iterations); 0: `train.max_steps` optimizer
     steps (rounded up to whole iterations), or else `train.epochs` passes over the prompts."""
     group_size: int = 4
-    """Completions sampled per prompt (the group its advantages are relative to)."""
+    """Completions sampled per prompt (the group its advantages are relative to). The prompt is computed once per
+    group, not once per completion, in generation, scoring and the updates (docs/algorithms.md)."""
     advantage: Literal["group", "rloo", "reinforce_pp"] = "group"
     """Estimator: group (GRPO; Dr. GRPO without std scaling), rloo (leave-one-out), reinforce_pp (REINFORCE++:
     per-token returns normalised over the batch)."""
