@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.errors import UserError
+from rlhf.evaluation.stats import fixed
 
 DEFAULT_BATCH_SIZE = 16
 
@@ -192,7 +193,7 @@ def format_table(result: dict[str, Any]) -> str:
                 w = r.get(key)
                 cells.append((f"{w['rate']:.3f} [{w['low']:.2f}, {w['high']:.2f}]" if w else "-").rjust(20))
             else:
-                cells.append((f"{round(r[key], 3) + 0.0:.3f}" if key in r else "-").rjust(9))  # no "-0.000"
+                cells.append((fixed(r[key]) if key in r else "-").rjust(9))
         lines.append(name.ljust(width) + "".join(cells))
     judge = f", judged by {result['judge']}" if result.get("baseline") else ""
     base = f"; win rate against {result['baseline']}{judge} (ties half, 95% interval)" if result.get("baseline") else ""

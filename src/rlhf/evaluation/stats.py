@@ -5,6 +5,7 @@ interval, a mean with its standard error, the sequence KL from samples, and the 
     mean_and_se(values)          the mean and its standard error sd / sqrt(n)
     distinct_n(sequences, n)     corpus-level distinct n-grams / all n-grams (Li et al. 2016)
     repetition(sequence, n)      1 - distinct n-grams / n-grams of one sequence (seq-rep-n, Welleck et al. 2019)
+    fixed(value, digits)         a number as the tables print it (never "-0.000")
 """
 
 from __future__ import annotations
@@ -87,3 +88,9 @@ def repetition(sequence: Sequence[object], n: int = 2) -> float:
     with Unlikelihood Training", Sec. 5): 0 without a repeated n-gram, near 1 for a loop."""
     grams = _ngrams(sequence, n)
     return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def fixed(value: float, digits: int = 3) -> str:
+    """`value` with `digits` decimals, "0.000" and never "-0.000" for a tiny negative (a policy's sampled KL to an equal
+    reference is about -1e-7): the tables of `rlhf eval` and of the report."""
+    return f"{round(value, digits) + 0.0:.{digits}f}"

@@ -40,8 +40,6 @@ def prompt_groups(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tens
     """Rows whose attended prompt tokens are the same (a GRPO group's) as groups: (group (B,), first (G,)), the groups
     numbered in the order of their first rows, which `first` holds."""
     B = prompt_ids.shape[0]
-    if B == 0:
-        return prompt_ids.new_zeros(0), prompt_ids.new_zeros(0)
     _, group = torch.unique(prompt_ids.masked_fill(prompt_mask == 0, -1), dim=0, return_inverse=True)
     G = int(group.max()) + 1
     rows = torch.arange(B, device=group.device)

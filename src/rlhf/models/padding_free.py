@@ -104,7 +104,7 @@ class FlatLayout:
     def varlen_tree(self) -> VarlenTree:
         """The tree sequences as `varlen_attn`'s query and key sequences (`VarlenTree`); needs `spans`."""
         assert self.spans is not None
-        return VarlenTree.of(self.spans, self.starts.device)
+        return VarlenTree.of(self.spans, self.starts)
 
 
 @dataclass(frozen=True)
@@ -125,21 +125,22 @@ class VarlenTree:
     max_k: int
 
     @classmethod
-    def of(cls, spans: Tensor, device: torch.device) -> VarlenTree:
+    def of(cls, spans: Tensor, starts: Tensor) -> VarlenTree:
+        """Of trees of these (B, 1 + k) `spans` at these (B + 1,) `starts` in the flat row (`FlatLayout`'s)."""
         trunk = spans[:, :1]  # (B, 1)
         key_len = torch.cat([trunk, trunk + spans[:, 1:]], 1).flatten()  # (B * (1 + k),)
         q_len = spans.flatten()
         key_len, q_len = key_len[q_len > 0], q_len[q_len > 0]  # zero-length branches are no sequence
         q_start = torch.cumsum(q_len, 0) - q_len  # each query sequence's offset in the flat row
-        seq_start = torch.cumsum(spans.sum(1), 0) - spans.sum(1)  # (B,) each tree's offset
         owner = torch.repeat_interleave(torch.arange(len(spans)), (spans > 0).sum(1))  # the tree of each query seq
-        p, o = trunk[owner, 0], seq_start[owner]
+        p, o = trunk[owner, 0], starts[:-1].cpu().long()[owner]
         seq = torch.repeat_interleave(torch.arange(len(key_len)), key_len)  # the query sequence of each key slot
         j = torch.arange(int(key_len.sum())) - torch.repeat_interleave(torch.cumsum(key_len, 0) - key_len, key_len)
         keys = torch.where(j < p[seq], o[seq] + j, q_start[seq] + j - p[seq])  # trunk first, then the branch
         cu = [
             torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(x, 0)]).to(torch.int32) for x in (q_len, key_len)
         ]
+        device = starts.device
         return cls(cu[0].to(device), cu[1].to(device), keys.to(device), int(q_len.max()), int(key_len.max()))
 
 

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rlhf.evaluation.stats import fixed
 from rlhf.report import plots
 from rlhf.runtime.run_dir import EVAL_FILE, is_run_dir, read_run
 
@@ -65,8 +66,7 @@ def prompt_text(prompt: Any) -> str:
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
-    """`value` to `digits` decimals ("0.000", never "-0.000", for a tiny negative such as a sampled KL), or "-"."""
-    return f"{round(value, digits) + 0.0:.{digits}f}" if isinstance(value, int | float) else "-"
+    return fixed(value, digits) if isinstance(value, int | float) else "-"
 
 
 def collect(paths: Sequence[Path]) -> dict[str, Any]:

@@ -92,12 +92,14 @@ class RolloutBatch(Generic[TokensT]):
         their prompt once (`Unpadded.of`). It is a partition of the rows, so an accumulated gradient does not
         depend on it (up to float rounding). Each chunk's `rows` holds its row indices into this batch."""
         rows = torch.as_tensor(rows, dtype=torch.long)
+        if not len(rows):
+            return []
         lengths = self.attention_mask.sum(-1).cpu()[rows]
         P = self.input_ids.shape[1] - self.response_len
         group, first = prompt_groups(self.input_ids[:, :P].cpu()[rows], self.attention_mask[:, :P].cpu()[rows])
         longest = torch.zeros(len(first), dtype=lengths.dtype).scatter_reduce(0, group, lengths, "amax")  # (G,)
         n, G = len(rows), len(first)
-        shorter = int(longest.max()) - longest[group] if n else group  # (n,) >= 0: 0 for the longest group
+        shorter = int(longest.max()) - longest[group]  # (n,) >= 0: 0 for the longest group
         order = rows[torch.argsort((shorter * G + group) * n + torch.arange(n))]  # by length, then first place
         chunks = []
         for start in range(0, len(order), size):
