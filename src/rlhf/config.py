@@ -135,7 +135,8 @@ class DataConfig:
     padding_free: bool = True
     """SFT, the reward model, DPO (with its shared prompt) and KTO: run each micro-batch as one row of its
     examples back to back, attention kept within each example, so no compute goes to padding; the loss is that
-    of padded batches. Needs a `transformers` model on sdpa attention (others use padded batches)."""
+    of padded batches. Needs a `transformers` model on sdpa attention whose layers mix tokens by attention alone,
+    checked on loading (others use padded batches)."""
 
     def validate(self) -> None:
         check(0 <= self.eval_fraction < 1, "eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")

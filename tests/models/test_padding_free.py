@@ -146,16 +146,16 @@ def test_the_varlen_route_gives_the_padded_batch(
         assert torch.equal(args[3], args[4])  # causal sequences: the same offsets for queries and keys
         return kernel(*args, **kwargs)
 
-    monkeypatch.setattr(varlen, "varlen_attn", causal)
-    monkeypatch.setattr(padding_free, "varlen_applies", lambda *args: True)
-    monkeypatch.setattr(padding_free, "_attention_dtype", lambda value: torch.float32)
-    monkeypatch.setattr(padding_free, "_sdpa", None)  # the block route would fail
     padded_model = _models(tiny_dirs, style)
     for module in padded_model.modules():  # a scale other than the kernel's default 1 / sqrt(d)
         if hasattr(module, "scaling"):
             module.scaling = 1.5 * module.scaling
     flat_model = copy.deepcopy(padded_model)
     assert padding_free.enable(flat_model)
+    monkeypatch.setattr(varlen, "varlen_attn", causal)
+    monkeypatch.setattr(padding_free, "varlen_applies", lambda *args: True)
+    monkeypatch.setattr(padding_free, "_attention_dtype", lambda value: torch.float32)
+    monkeypatch.setattr(padding_free, "_sdpa", None)  # the block route would fail
     want = torch.cat(_padded_logits(padded_model))
     flat_ids = torch.tensor([t for s in SEQS for t in s])[None]
     got = flat_model(input_ids=flat_ids, **flat_inputs([len(s) for s in SEQS])).logits[0]
@@ -363,6 +363,40 @@ def test_eager_models_keep_padded_batches(tiny_dirs: dict[str, str]) -> None:
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], attn_implementation="eager")
     assert not padding_free.enable(model)
     assert model.config._attn_implementation == "eager"
+
+
+TINY = {"vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("model_type", "kwargs"),
+    [
+        ("stablelm", {}),  # its decoder layers drop the keyword arguments: the layout never reaches attention
+        ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2}),  # tests for the name "sdpa"
+        ("lfm2", {"full_attn_idxs": [1]}),  # a convolution layer carries state along the row
+    ],
+)
+def test_models_whose_sequences_would_meet_in_a_flat_row_keep_padded_batches(model_type: str, kwargs: Any) -> None:
+    """`enable` declines them, leaving sdpa as it was, and a scoring pass handed a flat layout gives each row the
+    log-probs it has alone (a flat row gave StableLM's 0.09-0.16 off, before `enable` checked)."""
+    from transformers import AutoConfig
+
+    from rlhf.models.forward import Unpadded, causal_lm_logprobs
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **TINY, **kwargs)).eval()
+    assert model.config._attn_implementation == "sdpa"
+    assert not padding_free.enable(model) and model.config._attn_implementation == "sdpa"
+    width = max(map(len, SEQS))
+    ids = torch.tensor([s + [0] * (width - len(s)) for s in SEQS])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in SEQS])
+    with torch.no_grad():
+        got = causal_lm_logprobs(model, ids, mask, flat=Unpadded.of(mask)).logprobs
+        for row, seq in enumerate(SEQS[:3]):  # the last has no token to score
+            logits = model(input_ids=torch.tensor([seq])).logits[0, :-1]
+            want = torch.log_softmax(logits, -1).gather(-1, torch.tensor(seq[1:])[:, None]).squeeze(-1)
+            torch.testing.assert_close(got[row, : len(seq) - 1], want, atol=1e-5, rtol=1e-5)
 
 
 def test_models_run_padding_free_only_when_every_one_given_is_switched(tiny_dirs: dict[str, str]) -> None:

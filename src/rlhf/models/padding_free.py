@@ -17,9 +17,11 @@ sequences; tree sequences (a shared prompt and its continuations) gather each br
 through `rlhf.models.loading` is switched. Calls without a layout (generation, evaluation, any padded batch)
 go to `sdpa` unchanged, with `sdpa`'s own masks (short half-precision attention on the CPU runs in fp32:
 `UPCAST_BELOW`), so the switch is safe for every other use of the model, gradient-checkpointing recomputation
-included (it replays the layer with the same keyword arguments). Only models on `sdpa` that route attention
-through `transformers`' attention interface (every model shipped in `transformers` v5) can do this; `enable`
-returns False for others (remote code, eager, flash-attention), and callers keep padded batches.
+included (it replays the layer with the same keyword arguments). Only models on `sdpa` whose layers pass the
+layout down to `transformers`' attention interface and mix tokens by attention alone can do this: `enable` checks
+a model by a flat forward of two short sequences (`_keeps_sequences_apart`) and returns False for others (remote
+code, eager, flash-attention, state-space and convolution layers, layers that drop keyword arguments), whose
+callers keep padded batches.
 """
 
 from __future__ import annotations
@@ -523,7 +525,8 @@ def enabled(*models: nn.Module | None) -> bool:
 
 
 def enable(model: nn.Module) -> bool:
-    """Route the model's attention through `attention` (registered once); False if the model cannot use it."""
+    """Route the model's attention through `attention` (registered once); False, the model left as it was, if it
+    cannot use it: not on sdpa, or its sequences do not stay apart in a flat row (`_keeps_sequences_apart`)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -531,9 +534,54 @@ def enable(model: nn.Module) -> bool:
     config = getattr(base, "config", None)
     if config is None or not type(base).__module__.startswith("transformers."):
         return False
-    if getattr(config, "_attn_implementation", None) not in ("sdpa", ATTENTION):
+    was = getattr(config, "_attn_implementation", None)
+    if was == ATTENTION:
+        return True
+    if was != "sdpa":
         return False  # eager (often chosen for what sdpa lacks, e.g. soft-capping) and flash-attention stay as they are
     AttentionInterface.register(ATTENTION, attention)
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)
     config._attn_implementation = ATTENTION
-    return True
+    if _keeps_sequences_apart(base):
+        return True
+    config._attn_implementation = was
+    logger.warning(
+        "%s: padding-free batches are off (in one flat row its sequences would see each other, so it runs padded "
+        "batches: same results, more compute on pads)",
+        type(base).__name__,
+    )
+    return False
+
+
+def _keeps_sequences_apart(model: nn.Module) -> bool:
+    """Whether the second of two sequences in a flat row gives the last hidden states it gives alone (relative
+    difference under 1e-4 in fp32, 8 machine epsilons in half precision), the model in eval mode for the check.
+
+    A padding-free forward is only right where every token-mixing step of the model is attention that gets the
+    layout, and positions come from `position_ids`. Not so where a decoder layer drops the keyword arguments it
+    should pass down (the layout never reaches attention: `transformers`' StableLM and Nemotron), where a model tests
+    for the name "sdpa" instead of calling the attention interface (Falcon), or where layers other than attention
+    carry state along the row (Mamba, convolution and linear-attention layers of hybrids such as Qwen3-Next, Qwen3.5,
+    Jamba, LFM2). On tiny random models those differ from the sequence alone by 1e-3 to 1 relative, and models that
+    keep them apart by under 5e-7."""
+    backbone = model.base_model
+    weight = next(backbone.parameters(), None)
+    if weight is None or weight.device.type == "meta":
+        return False
+    vocab = backbone.get_input_embeddings().num_embeddings
+    first, second = [(i % (vocab - 1)) + 1 for i in range(4)], [(i % (vocab - 1)) + 1 for i in range(4, 7)]
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            ids = torch.tensor([first + second], device=weight.device)
+            inputs = {k: v.to(weight.device) for k, v in flat_inputs([len(first), len(second)]).items()}
+            flat = backbone(input_ids=ids, **inputs, use_cache=False).last_hidden_state[0, len(first) :].float()
+            alone = backbone(input_ids=ids[:, len(first) :], use_cache=False).last_hidden_state[0].float()
+    except Exception as exc:  # a model whose forward needs more than token ids
+        logger.debug("padding-free check of %s failed: %s", type(model).__name__, exc)
+        return False
+    finally:
+        backbone.train(was_training)
+    tolerance = max(1e-4, 8 * torch.finfo(weight.dtype).eps)
+    return bool((flat - alone).abs().max() <= tolerance * alone.abs().max())
