@@ -167,6 +167,30 @@ def test_decode_drives_transformers_models_with_a_cache_and_peft_wrappers(tiny_d
     assert not decodes_itself(torch.nn.Linear(2, 2))
 
 
+def test_state_space_models_sample_through_generate():
+    """Mamba's own `prepare_inputs_for_generation` drops the attention mask after the prefill, which `decode` keeps
+    (and then drew other tokens than the model's). Such models sample through `generate`: the backend's greedy
+    rollout equals greedy decoding that recomputes the whole sequence at every step, with no cache."""
+    from transformers import AutoConfig
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        "mamba", vocab_size=300, hidden_size=64, num_hidden_layers=4, state_size=16, tie_word_embeddings=False
+    )  # tied embeddings repeat the last token whatever the state
+    model = AutoModelForCausalLM.from_config(config).eval()
+    assert not decodes_itself(model)
+    prompts = [[1, 221, 5, 9, 17], [1, 40, 41]]
+    prompt_ids = torch.tensor([[0] * (5 - len(p)) + p for p in prompts])  # left-padded
+    backend = HFGenerationBackend(model, eos_token_id=-1, pad_token_id=0)
+    got = backend.generate(prompt_ids, (prompt_ids != 0).long(), SamplingConfig(max_new_tokens=6, greedy=True), None)
+    for row, prompt in enumerate(prompt_ids):
+        seq = prompt[prompt != 0].tolist()
+        for _ in range(6):
+            with torch.no_grad():
+                seq.append(int(model(input_ids=torch.tensor([seq]), use_cache=False).logits[0, -1].argmax()))
+        assert got[row].tolist() == seq[-6:]
+
+
 def test_keyed_uniforms_are_uniform_and_independent_over_rows_and_steps():
     """keyed_uniform is a pure function of (key, step), in (0, 1), with the moments of U(0, 1) and no correlation
     between neighbouring keys or steps (the ones a counter hash could get wrong); streams do not overlap."""

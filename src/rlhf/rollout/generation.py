@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
-from transformers import DynamicCache, GenerationConfig, LogitsProcessorList
+from transformers import DynamicCache, GenerationConfig, GenerationMixin, LogitsProcessorList
 from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import (
     LogitsProcessor,
@@ -171,9 +171,18 @@ def sampler(sampling: SamplingConfig, keys: Tensor, *, rows_as_ids: bool = True)
 
 def decodes_itself(model: nn.Module) -> bool:
     """Whether `decode` can drive the model: a `transformers` causal LM (peft-wrapped or not) whose forward
-    takes a `cache` and `logits_to_keep`."""
+    takes a `cache` and `logits_to_keep`, that decodes with a `DynamicCache` and `generate`'s standard inputs. A
+    model class with its own `prepare_inputs_for_generation` is left to `generate`: state-space models (Mamba,
+    Falcon-Mamba, Bamba, Zamba, Nemotron-H) drop the attention mask after the prefill, and `decode`, which keeps
+    it, drew other tokens than `generate` on a tiny Mamba after two steps; Phi-3 recomputes its cache where its
+    rotary scaling switches."""
     base = base_model(model)
-    if not type(base).__module__.startswith("transformers.") or getattr(base.config, "is_encoder_decoder", False):
+    cls = type(base)
+    if not cls.__module__.startswith("transformers.") or getattr(base.config, "is_encoder_decoder", False):
+        return False
+    if cls.prepare_inputs_for_generation is not GenerationMixin.prepare_inputs_for_generation:
+        return False
+    if not getattr(cls, "_supports_default_dynamic_cache", lambda: True)():  # a cache of its own (MiniMax)
         return False
     params = inspect.signature(base.forward).parameters
     return "cache" in params and "logits_to_keep" in params
