@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from rlhf.config import ModelConfig
+from rlhf.models.loading import load_scalar_model
 
 
 def test_missing_or_empty_model_directory_is_a_one_line_user_error(tmp_path):
@@ -73,3 +75,36 @@ def test_lora_adapters_are_added_without_a_deprecation_warning(tiny_dirs):
         warnings.simplefilter("error", FutureWarning)
         wrapped = apply_lora(model, LoraConfig(r=4))
     assert any("lora_A" in name for name, _ in wrapped.named_parameters())
+
+
+def test_an_architecture_without_a_scalar_class_gets_transformers_generic_one(tmp_path):
+    """Granite has a causal LM but no `AutoModelForSequenceClassification` class in `transformers`: it gets the
+    generic one over its backbone. The backbone keeps the checkpoint's weights, the score is the new head on the
+    last hidden state of the last token, and a saved reward model loads back with the same scores."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from rlhf.models.forward import sequence_scores
+    from rlhf.tasks.tiny import build_tokenizer
+
+    tok = build_tokenizer("llama")
+    config = AutoConfig.for_model(
+        "granite", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(config)
+    lm.save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    rm = load_scalar_model(ModelConfig(path=str(tmp_path / "lm")), trainable=False)
+    assert type(rm).__name__ == "GraniteForSequenceClassification"
+    for name, weight in lm.model.state_dict().items():
+        assert torch.equal(rm.model.state_dict()[name], weight), name
+    ids = torch.tensor([[5, 70, 71, tok.eos_token_id]])
+    with torch.no_grad():
+        want = lm.model(input_ids=ids).last_hidden_state[0, -1] @ rm.score.weight[0]
+        got = sequence_scores(rm, ids, torch.ones_like(ids))
+    torch.testing.assert_close(got, want[None])
+    rm.save_pretrained(tmp_path / "rm")
+    again = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits[:, 0], got)

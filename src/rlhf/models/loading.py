@@ -17,9 +17,11 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -151,6 +153,8 @@ def load_scalar_model(cfg: ModelConfig, *, trainable: bool = True) -> PreTrained
     """
     _check_dir(cfg.path, "model")
     with _loading(cfg.path, "model"):
+        if not cfg.trust_remote_code:
+            register_scalar_class(AutoConfig.from_pretrained(cfg.path))
         model = AutoModelForSequenceClassification.from_pretrained(
             cfg.path, num_labels=1, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
         )
@@ -158,6 +162,39 @@ def load_scalar_model(cfg: ModelConfig, *, trainable: bool = True) -> PreTrained
         tokenizer = load_tokenizer(cfg.tokenizer_path, trust_remote_code=cfg.trust_remote_code)
         model.config.pad_token_id = tokenizer.pad_token_id
     return _finish(model, cfg, trainable)
+
+
+def register_scalar_class(config: PretrainedConfig) -> None:
+    """Give `AutoModelForSequenceClassification` a class for a causal-LM architecture that `transformers` ships
+    without one (Granite, Cohere, OLMoE, ERNIE 4.5, ...): its backbone under `transformers`' own scalar head
+    (`GenericForSequenceClassification`, the class its Llama-family models are built from), named as that
+    architecture's would be (`GraniteForSequenceClassification`). A checkpoint saved from it loads again with
+    `AutoModelForSequenceClassification` in a process where this has run (`load_scalar_model` runs it). Nothing
+    for an architecture that has its class; a one-line error for one that has no causal LM either, or keeps its
+    backbone elsewhere than under `model`."""
+    from transformers.modeling_layers import GenericForSequenceClassification
+
+    kind = type(config)
+    if kind in AutoModelForSequenceClassification._model_mapping:
+        return
+    name = config.model_type
+    if kind not in AutoModelForCausalLM._model_mapping:
+        raise ModelLoadError(f"model: a {name} model is no causal LM that transformers knows of")
+    causal = AutoModelForCausalLM._model_mapping[kind]
+    if causal.base_model_prefix != "model":
+        raise ModelLoadError(
+            f"model: transformers has no sequence-classification class for {name} models, and their backbone is "
+            f"not where a generic one looks for it, so a {name} model cannot be a reward model or critic"
+        )
+    pretrained = next(c for c in causal.__mro__[1:] if issubclass(c, PreTrainedModel))
+    scalar = type(
+        causal.__name__.replace("ForCausalLM", "") + "ForSequenceClassification",
+        (GenericForSequenceClassification, pretrained),
+        # built of transformers' own parts (so padding-free attention applies), for this config (a text model's
+        # base class may name its multimodal parent's)
+        {"__module__": causal.__module__, "config_class": kind},
+    )
+    AutoModelForSequenceClassification.register(kind, scalar, exist_ok=True)  # else skipped for a config of theirs
 
 
 def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:

@@ -1,7 +1,8 @@
 """What every stage does at its end: the trained model saved as one plain `transformers` checkpoint.
 
 `final/` is always loadable by `AutoModelForCausalLM` (or `AutoModelForSequenceClassification` for reward
-models) with no adapter library and from any working directory: a LoRA model is merged into its weights
+models; for an architecture `transformers` has no such class for, once `rlhf.models.loading.register_scalar_class`
+has run) with no adapter library and from any working directory: a LoRA model is merged into its weights
 first. The adapter itself is kept beside it, in `final_adapter/`, with `base_model_name_or_path` made
 absolute, so `PeftModel.from_pretrained` finds its base from anywhere too.
 """

@@ -19,7 +19,8 @@ Otherwise the responses are stacked as rows 0..B-1 (chosen) and B..2B-1 (rejecte
 with the margin only when `use_margin` (the data's `margin` field; Llama 2) and the centering term of
 Eisenstein et al. 2023 (formulas in `rlhf.losses.reward`). One unit per pair. Evaluation on the held-out
 pairs logs accuracy, mean margin and expected calibration error and writes the reliability bins to
-`calibration.json`. `final/` loads with `AutoModelForSequenceClassification.from_pretrained`.
+`calibration.json`. `final/` loads with `AutoModelForSequenceClassification.from_pretrained` (architectures without
+such a class in `transformers`: `rlhf.models.loading.register_scalar_class`).
 """
 
 from __future__ import annotations
