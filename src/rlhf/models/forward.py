@@ -203,6 +203,23 @@ def _padded(x: Tensor, keep: Tensor) -> Tensor:
     return out
 
 
+def mixes_by_attention_alone(model: nn.Module) -> bool:
+    """Whether attention is the model's only way of passing information along the sequence, so that an attention
+    mask (a 4-D one that keeps [prompt | chosen | rejected] apart) or a KV cache (a prompt's, continued by its
+    responses) says all of who sees whom. Not so where `transformers`' cache gives some layer a recurrent state
+    (`LinearAttentionCacheLayerMixin`: state-space, convolution and linear-attention layers of Mamba, Qwen3-Next,
+    Qwen3.5, Jamba, LFM2 and others): their state runs through masked positions, and updating it in place when
+    a response continues from a prompt's cache broke the backward pass."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import LinearAttentionCacheLayerMixin
+
+    config = getattr(base_model(model), "config", None)
+    if config is None:
+        return True
+    cache = DynamicCache(config=config.get_text_config(decoder=True))
+    return not any(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in cache.layers)
+
+
 def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """The transformer body and the scalar head of an `AutoModelForSequenceClassification` (or peft wrapper)."""
     base = base_model(model)

@@ -46,6 +46,7 @@ from rlhf.data import collate_responses, to_device
 from rlhf.data.collate import Collate
 from rlhf.losses.preference import PREFERENCE_LOSSES, dpo_loss, orpo_odds_ratio_loss, simpo_loss
 from rlhf.models import padding_free
+from rlhf.models.forward import mixes_by_attention_alone
 from rlhf.models.loading import (
     apply_lora,
     disable_dropout,
@@ -219,13 +220,14 @@ def loss_fn(cfg: Config, model: nn.Module, batch: dict[str, Any]) -> tuple[Tenso
 # ---------------------------------------------------------------------------------------------- batches
 
 
-def pair_collator(cfg: Config, pad_id: int, flat: bool = False, round_to: int = 1) -> Collate:
+def pair_collator(cfg: Config, pad_id: int, flat: bool = False, round_to: int = 1, kv_cache: bool = True) -> Collate:
     """Examples -> a batch of [chosen; rejected] rows (2B): with `flat` (padding-free, needs `share_prompt`) each
     pair as one tree sequence [prompt | chosen | rejected] (`collate_flat`, filled up to a multiple of
-    `round_to`); else padded, the prompt shared through a KV cache or repeated (`share_prompt`)."""
+    `round_to`); else padded, the prompt shared through a KV cache (`share_prompt`, where the models allow it:
+    `kv_cache`, see `mixes_by_attention_alone`) or repeated."""
     if flat:
         return partial(collate_flat, pad_id=pad_id, response_keys=RESPONSES, round_to=round_to)
-    share = cfg.share_prompt and not cfg.model.gradient_checkpointing
+    share = cfg.share_prompt and kv_cache and not cfg.model.gradient_checkpointing
     return partial(collate_responses, pad_id=pad_id, response_keys=RESPONSES, share_prompt=share)
 
 
@@ -352,7 +354,8 @@ def train(cfg: Config) -> Path:
         device = engine.device
         flat = cfg.share_prompt and cfg.data.padding_free and padding_free.enabled(policy, ref_model)
         round_to = padding_free.row_multiple(policy, device) if flat else 1
-        collate = pair_collator(cfg, tokenizer.pad_token_id, flat, round_to)
+        kv_cache = all(mixes_by_attention_alone(m) for m in (policy, ref_model) if m is not None)
+        collate = pair_collator(cfg, tokenizer.pad_token_id, flat, round_to, kv_cache)
         splits = {"train": data.train, **({"eval": data.eval} if data.eval else {})}
         reference = setup_reference(cfg, engine, ref_model, splits, collate)
         order = DataOrder(len(data.train), cfg.train.batch_size, seed=cfg.seed)

@@ -53,7 +53,7 @@ from rlhf.errors import UserError
 from rlhf.evaluation.calibration import preference_calibration
 from rlhf.losses.reward import bradley_terry_loss, reward_centering_penalty
 from rlhf.models import padding_free
-from rlhf.models.forward import backbone_and_head, sequence_scores
+from rlhf.models.forward import backbone_and_head, mixes_by_attention_alone, sequence_scores
 from rlhf.models.loading import apply_lora, disable_dropout, load_model_tokenizer, load_scalar_model
 from rlhf.runtime.data_order import DataOrder
 from rlhf.runtime.engine import Engine
@@ -150,9 +150,10 @@ class SequenceScorer(nn.Module):
 
 def supports_shared_prompt(model: nn.Module) -> bool:
     """Whether the attention implementation takes a custom 4-D mask (eager, sdpa and ours on sdpa do; flash-attention
-    not)."""
+    not) and the mask is all that keeps the rows' parts apart (`mixes_by_attention_alone`)."""
     config = getattr(model, "config", None)
-    return getattr(config, "_attn_implementation", None) in ("eager", "sdpa", padding_free.ATTENTION)
+    attention = getattr(config, "_attn_implementation", None) in ("eager", "sdpa", padding_free.ATTENTION)
+    return attention and mixes_by_attention_alone(model)
 
 
 def collate_shared_prompt(examples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Tensor]:
@@ -334,7 +335,10 @@ def train(cfg: Config) -> Path:
     scalar_model = apply_lora(scalar_model, cfg.model.lora, task_type="SEQ_CLS")
     share_prompt = cfg.share_prompt and supports_shared_prompt(scalar_model)
     if cfg.share_prompt and not share_prompt:
-        logger.warning("share_prompt: the attention implementation takes no 4-D mask; scoring two rows per pair")
+        logger.warning(
+            "share_prompt: this model's attention takes no 4-D mask, or layers other than attention carry state "
+            "along the row; scoring two rows per pair"
+        )
     flat = share_prompt and cfg.data.padding_free and padding_free.enabled(scalar_model)
     engine = make_engine(SequenceScorer(scalar_model), cfg, total, data_report=splits.report)
     round_to = padding_free.row_multiple(scalar_model, engine.device) if flat else 1

@@ -36,10 +36,13 @@ from rlhf.config import (
     check,
 )
 from rlhf.data import IGNORE_INDEX, collate_sft, pack_sft, to_device
+from rlhf.errors import ConfigError
 from rlhf.losses.sft import sft_loss
 from rlhf.models import padding_free
+from rlhf.models.forward import mixes_by_attention_alone
 from rlhf.models.loading import apply_lora, load_causal_lm, load_model_tokenizer
 from rlhf.models.padding_free import LAYOUT_KWARG, flat_inputs
+from rlhf.models.unwrap import base_model
 from rlhf.runtime.data_order import DataOrder
 from rlhf.runtime.engine import Engine
 from rlhf.runtime.finish import save_final
@@ -205,9 +208,15 @@ def train(cfg: Config) -> Path:
         logger.warning("no held-out data (set data.eval or data.eval_fraction): eval/* metrics are not logged")
     total = count_steps(cfg.train, len(examples))
     model = apply_lora(load_causal_lm(cfg.model, trainable=True), cfg.model.lora)
+    if cfg.data.packing and not mixes_by_attention_alone(model):
+        raise ConfigError(
+            f"{type(base_model(model)).__name__} carries state along the sequence in layers other than attention, "
+            "so packed examples would see each other: set it to false",
+            key="data.packing",
+        )
     flat = cfg.data.padding_free and padding_free.enabled(model)
     if cfg.data.padding_free and not flat:
-        logger.info("padding-free batches need a transformers model on sdpa attention: using padded batches")
+        logger.info("padding-free batches need a model that runs them (see padding_free.enable): using padded batches")
     engine = make_engine(model, cfg, total, data_report=splits.report)
     round_to = padding_free.row_multiple(model, engine.device) if flat else 1
     with engine:
