@@ -399,6 +399,39 @@ def test_models_whose_sequences_would_meet_in_a_flat_row_keep_padded_batches(mod
             torch.testing.assert_close(got[row, : len(seq) - 1], want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(("model_type", "kwargs"), [("mistral", {}), ("gemma3_text", {"head_dim": 8})])
+def test_sliding_window_layers_see_the_window_in_flat_rows_and_trees(model_type: str, kwargs: Any) -> None:
+    """A window of 3 positions on sequences of up to 10 tokens (Mistral: every layer; Gemma 3: its sliding layers):
+    the flat row and the shared-prompt trees give the padded batch's log-probs and gradients, which the window
+    changes (0.05 here, against a window of 100). Before, a sequence longer than the window was refused."""
+    from transformers import AutoConfig
+
+    from rlhf.models.forward import Unpadded, causal_lm_logprobs
+
+    ids = torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11, 12, 0], [0, 1, 20, 21, 22, 23, 24, 25, 26, 27],
+                        [0, 1, 20, 21, 22, 30, 31, 0, 0, 0]])  # fmt: skip
+    mask = (ids != 0).long()  # rows 1 and 2 share the prompt [1 20 21 22] (the first 5 columns)
+    scored = (mask[:, 1:] * mask[:, :-1]).bool()  # tokens predicted from a token
+    results = []
+    for window in (3, 100):
+        config = AutoConfig.for_model(model_type, **TINY, sliding_window=window, **kwargs)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+        grads = []
+        for flat in (None, Unpadded.of(mask), Unpadded.of(mask, ids, prompt_len=5)):
+            assert flat is None or padding_free.enable(model)
+            model.zero_grad()
+            logprobs = causal_lm_logprobs(model, ids, mask, flat=flat).logprobs
+            logprobs[scored].sum().backward()
+            grads.append((logprobs[scored], torch.cat([p.grad.flatten() for p in model.parameters()])))
+        (want, want_grad), *flat_ones = grads
+        for got, got_grad in flat_ones:
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got_grad, want_grad, atol=1e-5, rtol=1e-4)
+        results.append(want)
+    assert (results[0] - results[1]).abs().max() > 0.01
+
+
 def test_models_run_padding_free_only_when_every_one_given_is_switched(tiny_dirs: dict[str, str]) -> None:
     eager = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], attn_implementation="eager")
     flat = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"])

@@ -11,7 +11,9 @@ gradient either. The result equals the padded forward up to float summation orde
 torch's variable-length flash attention (`torch.nn.attention.varlen`, sm80 and newer), half-precision layouts
 skip the blocks: one `varlen_attn` call per layer over the flat row (`varlen_applies`), no gathers for causal
 sequences; tree sequences (a shared prompt and its continuations) gather each branch's keys after its trunk's
-(`VarlenTree`), where a check on the device found its kernel aligns causal attention as they need.
+(`VarlenTree`), where a check on the device found its kernel aligns causal attention as they need. A
+sliding-window layer (Mistral's, Gemma 3's local ones) whose window is shorter than a sequence runs the blocks with
+masks narrowed to the window by position (`FlatLayout.windowed`).
 
 `enable(model)` registers the function under `ATTENTION` and switches the model to it; every model loaded
 through `rlhf.models.loading` is switched. Calls without a layout (generation, evaluation, any padded batch)
@@ -31,7 +33,7 @@ import functools
 import inspect
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -78,6 +80,7 @@ class FlatLayout:
     starts:  (B + 1,) int32 offset of each sequence in the flat row, then T (`varlen_attn`'s cumulative lengths).
     spans:   (B, 1 + k) lengths of [trunk | branch 1 | ... | branch k] of tree sequences (`tree_inputs`, whose
              blocks carry their `tree_mask`), None for causal ones: `varlen_tree` lays them out for `varlen_attn`.
+    positions: (T,) position of each flat token (`flat_inputs`, `tree_inputs`): `windowed` narrows attention by it.
     """
 
     blocks: tuple[Block, ...]
@@ -86,6 +89,8 @@ class FlatLayout:
     pads: Tensor
     starts: Tensor
     spans: Tensor | None = None
+    positions: Tensor | None = None
+    _windowed: dict[int, tuple[Tensor | None, ...]] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def length(self) -> int:
@@ -100,7 +105,28 @@ class FlatLayout:
     def to(self, device: torch.device | str) -> FlatLayout:
         blocks = tuple(Block(b.rows, b.length, None if b.mask is None else b.mask.to(device)) for b in self.blocks)
         indices = (self.gather, self.scatter, self.pads, self.starts)
-        return FlatLayout(blocks, *(x.to(device) for x in indices), self.spans)
+        positions = None if self.positions is None else self.positions.to(device)
+        return FlatLayout(blocks, *(x.to(device) for x in indices), self.spans, positions)
+
+    def windowed(self, window: int) -> tuple[Tensor | None, ...]:
+        """Each block's mask for a sliding-window layer, where a query sees only keys fewer than `window` positions
+        back (`transformers`' rule: key position > query position - window): the block's own mask (or causal) and
+        that, (rows, 1, L, L) bool; None (the block's causal attention as it is) where the block is no longer than
+        the window. Built once per layout and window."""
+        if window not in self._windowed:
+            if self.positions is None:
+                raise ValueError("a sliding-window layer needs the layout's positions (flat_inputs or tree_inputs)")
+            masks: list[Tensor | None] = []
+            for block, gather in zip(self.blocks, self.gather.split(self.sizes), strict=True):
+                if block.length <= window:
+                    masks.append(block.mask)
+                    continue
+                p = self.positions[gather].view(block.rows, block.length)  # pads: token 0's, which they see
+                near = (p[:, :, None] - p[:, None, :]) < window  # (rows, L, L)
+                causal = torch.ones(block.length, block.length, dtype=torch.bool, device=p.device).tril()
+                masks.append((block.mask if block.mask is not None else causal) & near[:, None])
+            self._windowed[window] = tuple(masks)
+        return self._windowed[window]
 
     @functools.cached_property
     def varlen_tree(self) -> VarlenTree:
@@ -262,10 +288,11 @@ def flat_inputs(lengths: Sequence[int], round_to: int = 1) -> dict[str, Any]:
     """
     filler = filler_length(sum(lengths), round_to)
     lengths = [*lengths, filler] if filler else lengths
+    positions = flat_position_ids(lengths)  # (1, T)
     return {
-        "position_ids": flat_position_ids(lengths),
+        "position_ids": positions,
         "attention_mask": torch.ones(1, sum(lengths), dtype=torch.long),
-        LAYOUT_KWARG: flat_layout(lengths),
+        LAYOUT_KWARG: dataclasses.replace(flat_layout(lengths), positions=positions[0]),
     }
 
 
@@ -301,10 +328,11 @@ def tree_inputs(spans: Sequence[Sequence[int]], round_to: int = 1) -> dict[str, 
 
     branched = width > 2 and bool((spans_t[:, 2:] > 0).any())
     layout = flat_layout(spans_t.sum(1).tolist(), tree if branched else None)
+    position_ids = torch.tensor(positions)
     return {
-        "position_ids": torch.tensor(positions)[None],  # (1, T)
+        "position_ids": position_ids[None],  # (1, T)
         "attention_mask": torch.ones(1, len(positions), dtype=torch.long),  # says nothing: see `flat_inputs`
-        LAYOUT_KWARG: dataclasses.replace(layout, spans=spans_t) if branched else layout,
+        LAYOUT_KWARG: dataclasses.replace(layout, spans=spans_t if branched else None, positions=position_ids),
     }
 
 
@@ -452,10 +480,9 @@ def attention(
         return _sdpa(module, query, key, value, attention_mask, **kwargs)
 
     window = kwargs.get("sliding_window")
-    if window is not None and layout.length > window:
-        raise ValueError(f"padding-free attention has no sliding window: a sequence of {layout.length} > {window}")
+    windowed = window is not None and layout.length > window  # a sliding-window layer whose window matters here
     kwargs.pop("is_causal", None)
-    if varlen_applies(query, value, layout, kwargs):
+    if not windowed and varlen_applies(query, value, layout, kwargs):
         try:
             return _varlen(query, key, value, layout, kwargs.get("scaling")), None
         except torch.OutOfMemoryError:
@@ -465,13 +492,14 @@ def attention(
             logger.warning("varlen flash attention failed on %s (%s); using sdpa blocks instead", query.device, exc)
 
     rows = (x.squeeze(0).transpose(0, 1) for x in (query, key, value))  # (T, H, d) views (x[0]'s gradient zero-fills)
+    masks = layout.windowed(window) if windowed else tuple(b.mask for b in layout.blocks)
     outs = []
-    for block, q, k, v in zip(layout.blocks, *(_IntoBlocks.apply(x, layout) for x in rows), strict=True):
+    for block, mask, q, k, v in zip(layout.blocks, masks, *(_IntoBlocks.apply(x, layout) for x in rows), strict=True):
         q, k, v = (x.view(block.rows, block.length, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
-        if block.mask is None:
+        if mask is None:
             out, _ = _sdpa(module, q, k, v, None, is_causal=True, **kwargs)  # (rows, length, H, d)
         else:
-            out, _ = _sdpa(module, q, k, v, block.mask, is_causal=False, **kwargs)
+            out, _ = _sdpa(module, q, k, v, mask, is_causal=False, **kwargs)
         outs.append(out.reshape(block.rows * block.length, *out.shape[2:]))
     return _OutOfBlocks.apply(layout, *outs)[None], None  # (1, T, H, d)
 
