@@ -17,6 +17,7 @@ from rlhf.data import load_records, tokenize_records
 from rlhf.errors import ConfigError
 from rlhf.models.forward import mixes_by_attention_alone, sequence_scores
 from rlhf.models.loading import load_scalar_model, load_tokenizer
+from rlhf.rollout.generation import decodes_itself
 from rlhf.tasks.tiny import build_tokenizer
 from rlhf.trainers import dpo, reward, sft
 
@@ -40,9 +41,12 @@ def hybrid(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_attention_alone_is_told_from_the_cache_layers(tiny_dirs: dict[str, str], hybrid: Path) -> None:
+    """...and only such models sample through our KV-cache `decode` (RecurrentGemma's tokens left `generate`'s)."""
     for style in ("llama", "gpt2"):
-        assert mixes_by_attention_alone(AutoModelForCausalLM.from_pretrained(tiny_dirs[style]))
-    assert not mixes_by_attention_alone(AutoModelForCausalLM.from_pretrained(hybrid))
+        model = AutoModelForCausalLM.from_pretrained(tiny_dirs[style])
+        assert mixes_by_attention_alone(model) and decodes_itself(model)
+    model = AutoModelForCausalLM.from_pretrained(hybrid)
+    assert not mixes_by_attention_alone(model) and not decodes_itself(model)
     mamba = AutoConfig.for_model("mamba", vocab_size=64, hidden_size=16, num_hidden_layers=1, state_size=4)
     assert not mixes_by_attention_alone(AutoModelForCausalLM.from_config(mamba))
 

@@ -32,7 +32,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from rlhf.models.forward import position_ids_from_mask, prompt_groups
+from rlhf.models.forward import mixes_by_attention_alone, position_ids_from_mask, prompt_groups
 from rlhf.models.precision import generation_autocast
 from rlhf.models.unwrap import base_model
 
@@ -171,16 +171,18 @@ def sampler(sampling: SamplingConfig, keys: Tensor, *, rows_as_ids: bool = True)
 
 def decodes_itself(model: nn.Module) -> bool:
     """Whether `decode` can drive the model: a `transformers` causal LM (peft-wrapped or not) whose forward
-    takes a `cache` and `logits_to_keep`, that decodes with a `DynamicCache` and `generate`'s standard inputs. A
-    model class with its own `prepare_inputs_for_generation` is left to `generate`: state-space models (Mamba,
-    Falcon-Mamba, Bamba, Zamba, Nemotron-H) drop the attention mask after the prefill, and `decode`, which keeps
-    it, drew other tokens than `generate` on a tiny Mamba after two steps; Phi-3 recomputes its cache where its
-    rotary scaling switches."""
+    takes a `cache` and `logits_to_keep`, that mixes tokens by attention alone (`mixes_by_attention_alone`: its
+    cache holds keys and values only) and decodes with a `DynamicCache` and `generate`'s standard inputs. Others
+    are left to `generate`: state-space models (Mamba, RecurrentGemma) read the attention mask their own way, and
+    `decode` drew other tokens than `generate` on tiny ones after two steps; Phi-3 recomputes its cache where its
+    rotary scaling switches (its own `prepare_inputs_for_generation`)."""
     base = base_model(model)
     cls = type(base)
     if not cls.__module__.startswith("transformers.") or getattr(base.config, "is_encoder_decoder", False):
         return False
     if cls.prepare_inputs_for_generation is not GenerationMixin.prepare_inputs_for_generation:
+        return False
+    if not mixes_by_attention_alone(base):
         return False
     if not getattr(cls, "_supports_default_dynamic_cache", lambda: True)():  # a cache of its own (MiniMax)
         return False
@@ -247,7 +249,7 @@ class _ReservedLayer(DynamicLayer):
 
 def reserved_cache(model: nn.Module, capacity: int) -> DynamicCache:
     """The model's `DynamicCache` with every plain `DynamicLayer` reserving `capacity` positions (`_ReservedLayer`);
-    other layer kinds (sliding windows, linear attention) stay as `transformers` makes them."""
+    other layer kinds (sliding windows) stay as `transformers` makes them."""
     cache = DynamicCache(config=getattr(model, "config", None))
     if cache.layer_class_to_replicate is DynamicLayer:  # no config: layers are made as the forward reaches them
         cache.layer_class_to_replicate = functools.partial(_ReservedLayer, capacity)
