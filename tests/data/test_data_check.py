@@ -162,3 +162,20 @@ def test_conversational_data_with_a_template_less_tokenizer(tmp_path: Path, caps
     err = capsys.readouterr().err
     assert f"error: {path}: the tokenizer has no chat template, but the data is conversational" in err
     assert f"(tokenizer {tmp_path / 'tok'})" in err
+
+
+def test_rows_the_chat_template_refuses_are_listed_and_not_called_truncated(tmp_path: Path, capsys: Any) -> None:
+    from rlhf.tasks.tiny import build_tokenizer
+
+    tok = build_tokenizer("gpt2")
+    refuse = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    tok.chat_template = refuse + tok.chat_template
+    tok.save_pretrained(tmp_path / "tok")
+    rows = sorting.prompt_rows(3)
+    rows[1]["prompt"] = [{"role": "system", "content": "be brief"}, *rows[1]["prompt"]]
+    path = _jsonl(tmp_path / "p.jsonl", rows)
+    assert data_check(path, "prompt", str(tmp_path / "tok")) == 0
+    out = capsys.readouterr().out
+    assert "  refused by the chat template: 1\n" in out
+    assert f"  e.g. {path}:2: prompt: the chat template refuses it: System role not supported\n" in out
+    assert "lost to truncation" not in out

@@ -106,6 +106,29 @@ def test_template_whose_prompt_is_not_a_prefix_is_dropped_and_counted(cfg: DataC
     assert examples == [] and dict(report.dropped) == {"chat template mismatch": 1}
 
 
+def test_rows_the_chat_template_refuses_are_dropped_and_counted_under_their_field(cfg: DataConfig) -> None:
+    """A template that raises (Gemma's on a system message, Mistral's on roles that do not alternate) drops the row,
+    counted and named by the field that made it raise: the prompt, or the response where the prompt renders."""
+    tok = build_tokenizer("gpt2")
+    refusals = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        "{% if messages[-1]['content'] == 'zzz' %}{{ raise_exception('no zzz') }}{% endif %}"
+    )
+    tok.chat_template = refusals + tok.chat_template
+    user, answer = {"role": "user", "content": "sort: cba"}, [{"role": "assistant", "content": "abc"}]
+    rows = [
+        {"prompt": [user], "completion": answer},
+        {"prompt": [{"role": "system", "content": "be brief"}, user], "completion": answer},
+        {"prompt": [user], "completion": [{"role": "assistant", "content": "zzz"}]},
+    ]
+    examples, report = tokenize_records([parse_row(r, "sft") for r in rows], "sft", tok, cfg)
+    assert len(examples) == 1 and dict(report.dropped) == {"refused by the chat template": 2}
+    assert [e.split(": ", 1)[1] for e in report.dropped_examples] == [
+        "prompt: the chat template refuses it: System role not supported",
+        "response: the chat template refuses it: no zzz",
+    ]
+
+
 @pytest.mark.parametrize("style", STYLES)
 def test_keep_end_and_keep_start_prompt_truncation(style: str, tokenizers: dict[str, Any]) -> None:
     rec = parse_row({"prompt": "abcdefghijklmnopqrst", "completion": "xyz"}, "sft")  # 20 prompt tokens

@@ -22,7 +22,14 @@ from typing import Any
 from rlhf.config import DataConfig
 from rlhf.data.errors import DataError
 from rlhf.data.formats import Record, SkipReport, check_kind, iter_records
-from rlhf.data.tokenize import IGNORE_INDEX, TOKENIZE_FNS, SkipExample, TokenizeReport, tokenize_records
+from rlhf.data.tokenize import (
+    IGNORE_INDEX,
+    TOKENIZE_FNS,
+    TRUNCATION_DROPS,
+    SkipExample,
+    TokenizeReport,
+    tokenize_records,
+)
 
 MAX_PRINTED_ERRORS = 50
 _DEFAULTS = DataConfig()
@@ -220,9 +227,9 @@ def _warnings(
             f"pad == eos (id {eos}): rlhf's collate masks padding by length, not by id, so EOS stays in the "
             "loss; a collator that masks labels where input_ids == pad_id would drop every EOS"
         )
-    dropped = sum(report.dropped.values())
-    if dropped:
-        out.append(f"{dropped} row(s) lost to truncation; raise --max-length or lower --max-prompt-length")
+    truncated = sum(report.dropped[category] for category in TRUNCATION_DROPS)
+    if truncated:
+        out.append(f"{truncated} row(s) lost to truncation; raise --max-length or lower --max-prompt-length")
     if cfg.max_prompt_length >= cfg.max_length and report.kind != "prompt":
         out.append("max_prompt_length >= max_length: a prompt at its limit leaves no room for the response")
     if report.template_fallbacks:

@@ -53,6 +53,12 @@ IGNORE_INDEX = -100
 TRUNCATION_SIDES = ("keep_end", "keep_start")
 
 
+TRUNCATED = "response truncated to nothing"
+TRUNCATED_TO_TWINS = "identical after truncation"
+TRUNCATION_DROPS = (TRUNCATED, TRUNCATED_TO_TWINS)
+"""The drop categories that `data.max_length` / `data.max_prompt_length` cause (others: the rows themselves)."""
+
+
 class SkipExample(Exception):
     """This record cannot become a training example (e.g. its response was truncated to nothing).
 
@@ -115,20 +121,30 @@ def _with_bos(ids: list[int], sp: _Special) -> list[int]:
     return ids
 
 
-def _render(tokenizer: PreTrainedTokenizerBase, messages: list[Message], *, add_generation_prompt: bool) -> str:
+def _render(
+    tokenizer: PreTrainedTokenizerBase, messages: list[Message], *, add_generation_prompt: bool, field: str
+) -> str:
+    """The chat template's text of `messages`; a row the template refuses (Gemma's "System role not supported",
+    Mistral's "Conversation roles must alternate ...") is dropped and counted under `field` (the prompt, or the
+    response where the prompt alone renders)."""
+    from jinja2 import TemplateError
+
     if not getattr(tokenizer, "chat_template", None):
         raise TokenizerSetupError(
             "the tokenizer has no chat template, but the data is conversational (message lists); give a "
             "tokenizer that has one (model.tokenizer), set chat_template in its tokenizer_config.json, or use "
             "plain-string rows"
         )
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateError as exc:
+        raise SkipExample(field, f"the chat template refuses it: {exc}", "refused by the chat template") from None
     return str(text)
 
 
 def _encode_prompt(prompt: Text, tokenizer: PreTrainedTokenizerBase, sp: _Special) -> tuple[str, list[int]]:
     """(rendered text, ids) of the prompt; a conversational prompt ends with the generation prompt."""
-    text = prompt if isinstance(prompt, str) else _render(tokenizer, prompt, add_generation_prompt=True)
+    text = prompt if isinstance(prompt, str) else _render(tokenizer, prompt, add_generation_prompt=True, field="prompt")
     return text, _with_bos(_encode(tokenizer, text), sp)
 
 
@@ -155,7 +171,7 @@ def _encode_response(
             ids.append(sp.eos)
         return ids, False
     assert isinstance(prompt, list)
-    full_text = _render(tokenizer, [*prompt, *response], add_generation_prompt=False)
+    full_text = _render(tokenizer, [*prompt, *response], add_generation_prompt=False, field="response")
     full_ids = _with_bos(_encode(tokenizer, full_text), sp)
     fallback = False
     if full_ids[: len(prompt_ids)] == prompt_ids:
@@ -189,7 +205,7 @@ def _fit_response(ids: list[int], prompt_len: int, max_length: int) -> tuple[lis
     budget = max_length - prompt_len
     if budget <= 0:
         reason = f"truncated to nothing (the prompt takes {prompt_len} of max_length {max_length} tokens)"
-        raise SkipExample("response", reason, "response truncated to nothing")
+        raise SkipExample("response", reason, TRUNCATED)
     return ids[:budget], len(ids) > budget
 
 
@@ -241,7 +257,7 @@ def tokenize_sft(
     ids = ids[: cfg.max_length]
     if len(ids) <= prompt_len:
         reason = "truncated to nothing (max_length leaves room for BOS only)"
-        raise SkipExample("text", reason, "response truncated to nothing")
+        raise SkipExample("text", reason, TRUNCATED)
     labels = [IGNORE_INDEX] * prompt_len + ids[prompt_len:]
     flags = {"prompt_truncated": False, "response_truncated": truncated, "template_fallback": False}
     return {"input_ids": ids, "labels": labels, "prompt_len": prompt_len, **flags}
@@ -270,7 +286,7 @@ def tokenize_preference(
         record.prompt, [record.chosen, record.rejected], tokenizer, cfg, whole_turns
     )
     if chosen == rejected:
-        raise SkipExample("rejected", "identical to chosen after truncation", "identical after truncation")
+        raise SkipExample("rejected", "identical to chosen after truncation", TRUNCATED_TO_TWINS)
     return {"prompt_ids": prompt_ids, "chosen_ids": chosen, "rejected_ids": rejected, "margin": record.margin, **flags}
 
 
