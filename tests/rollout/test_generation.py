@@ -21,6 +21,7 @@ from rlhf.rollout.generation import (
     mask_after_eos,
     reserved_cache,
     sampler,
+    stop_tokens,
     stream_keys,
 )
 
@@ -189,6 +190,32 @@ def test_state_space_models_sample_through_generate():
             with torch.no_grad():
                 seq.append(int(model(input_ids=torch.tensor([seq]), use_cache=False).logits[0, -1].argmax()))
         assert got[row].tolist() == seq[-6:]
+
+
+@pytest.mark.parametrize("through_generate", [False, True])
+def test_rollouts_end_at_every_end_token_the_model_names(tiny_dirs, monkeypatch, through_generate):
+    """An instruct model's turn can end at a token other than its tokenizer's EOS (Gemma's <end_of_turn>), which its
+    generation config names: rollouts end at the first of either, through `decode` and through `generate`."""
+    import rlhf.rollout.generation as generation
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"]).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_dirs["llama"])
+    prompt_ids = torch.tensor([[0, 0, 5, 70, 71], [5, 80, 81, 82, 83]])
+    prompt_mask = (prompt_ids != 0).long()
+    free = _greedy_hf(model, prompt_ids, prompt_mask, eos=-1, n=8)
+    end_of_turn = int(free[0, 2])  # row 0's third token
+    assert stop_tokens(tok, model) == (tok.eos_token_id,)
+    model.generation_config.eos_token_id = [end_of_turn, tok.eos_token_id]
+    stops = stop_tokens(tok, model)
+    assert stops == (tok.eos_token_id, end_of_turn)
+    monkeypatch.setattr(generation, "decodes_itself", lambda model: not through_generate)
+    backend = HFGenerationBackend(model, eos_token_id=stops, pad_token_id=0)
+    greedy = SamplingConfig(max_new_tokens=8, greedy=True)
+    rollout = generate_rollout(backend, prompt_ids, prompt_mask, greedy, eos_token_id=stops, pad_token_id=0)
+    want, mask, ended = mask_after_eos(free, stops, 0)
+    assert rollout.response_mask.sum(-1).tolist() == mask.sum(-1).tolist() and mask[0].sum() == 3
+    assert torch.equal(rollout.response_ids, want[:, : rollout.response_ids.shape[1]])
+    assert rollout.ended_with_eos.tolist() == ended.tolist() and bool(ended[0])
 
 
 def test_keyed_uniforms_are_uniform_and_independent_over_rows_and_steps():

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
-from transformers import DynamicCache, GenerationConfig, GenerationMixin, LogitsProcessorList
+from transformers import DynamicCache, GenerationConfig, GenerationMixin, LogitsProcessorList, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import (
     LogitsProcessor,
@@ -264,12 +265,12 @@ def decode(
     prompt_mask: Tensor,
     *,
     max_new_tokens: int,
-    eos_token_id: int,
+    eos_token_id: int | Sequence[int],
     pad_token_id: int,
     logits_processor: LogitsProcessorList | None = None,
 ) -> Tensor:
     """Response tokens (B, T'), T' <= max_new_tokens, of left-padded prompts; `pad_token_id` after each row's
-    first EOS.
+    first EOS (any of `eos_token_id`'s, as `stop_tokens` gives them).
 
     Each step takes the next token as the argmax of the last logits after `logits_processor` (with `sampler`'s
     processors: a draw from the sampling distribution; with none: greedy decoding). Rows that sampled EOS are
@@ -292,6 +293,7 @@ def decode(
     if len(first) < B:  # its cache and last logits go to each of its rows
         cache.reorder_cache(copies)
         out.logits = out.logits[copies]
+    stops = torch.tensor(eos_token_id, device=prompt_ids.device).flatten()
     tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=prompt_ids.dtype, device=prompt_ids.device)
     alive = torch.arange(B, device=prompt_ids.device)  # rows still generating, as indices into the batch
     mask, position = prompt_mask, positions[:, -1]
@@ -302,7 +304,7 @@ def decode(
             scores = process(alive[:, None], scores)  # the warpers never read the ids
         step = scores.argmax(-1)  # (b,)
         tokens[alive, t], width = step, t + 1
-        going = (step != eos_token_id).nonzero().squeeze(1)
+        going = (~torch.isin(step, stops)).nonzero().squeeze(1)
         if t == max_new_tokens - 1 or going.numel() == 0:
             break
         if going.numel() < alive.numel():
@@ -324,7 +326,7 @@ class HFGenerationBackend:
     log-probs the losses use are those of the sampler.
     """
 
-    def __init__(self, model: nn.Module, *, eos_token_id: int, pad_token_id: int) -> None:
+    def __init__(self, model: nn.Module, *, eos_token_id: int | Sequence[int], pad_token_id: int) -> None:
         self.model = model
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
@@ -333,7 +335,8 @@ class HFGenerationBackend:
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, sampling: SamplingConfig, keys: Tensor) -> Tensor:
         was_training = self.model.training
         self.model.eval()
-        ids = {"eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id}
+        eos = self.eos_token_id if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
+        ids = {"eos_token_id": eos, "pad_token_id": self.pad_token_id}
         try:
             with generation_autocast(self.model, prompt_ids.device):  # weights cast once, not at every token
                 if decodes_itself(self.model):
@@ -345,7 +348,7 @@ class HFGenerationBackend:
                 # the draw is `sampler`'s last processor, so generate runs in greedy mode
                 config = GenerationConfig(
                     do_sample=False, max_new_tokens=sampling.max_new_tokens, use_cache=True, **ids
-                )
+                )  # a sequence of EOS ids: generate stops at any
                 out = generate_as_configured(
                     self.model, prompt_ids, prompt_mask, config, sampler(sampling, keys, rows_as_ids=False)
                 )
@@ -379,9 +382,24 @@ def generate_as_configured(
         model.generation_config = shipped
 
 
-def mask_after_eos(response_ids: Tensor, eos_token_id: int, pad_token_id: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(ids with pad after the first EOS, float mask up to and including the first EOS, ended_with_eos (B,))."""
-    is_eos = response_ids == eos_token_id  # (B, T)
+def stop_tokens(tokenizer: PreTrainedTokenizerBase, model: nn.Module) -> tuple[int, ...]:
+    """The tokens that end a response: the tokenizer's EOS, then any other that the model's generation config
+    names. An instruct model's turn can end elsewhere than at its tokenizer's EOS (Gemma's `<end_of_turn>`,
+    Phi-3's `<|end|>`): `generate` and vLLM stop there, and so do our rollouts."""
+    ids = [tokenizer.eos_token_id]
+    shipped = getattr(getattr(base_model(model), "generation_config", None), "eos_token_id", None)
+    for token in [shipped] if isinstance(shipped, int) else shipped or []:
+        if token not in ids:
+            ids.append(token)
+    return tuple(ids)
+
+
+def mask_after_eos(
+    response_ids: Tensor, eos_token_id: int | Sequence[int], pad_token_id: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(ids with pad after the first EOS, float mask up to and including the first EOS, ended_with_eos (B,)); an
+    EOS is any of `eos_token_id`'s."""
+    is_eos = torch.isin(response_ids, torch.tensor(eos_token_id, device=response_ids.device))  # (B, T)
     # Tokens strictly after the first EOS: at least one EOS among the earlier columns.
     eos_before = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
     mask = ~eos_before
@@ -396,7 +414,7 @@ def generate_rollout(
     prompt_mask: Tensor,
     sampling: SamplingConfig,
     *,
-    eos_token_id: int,
+    eos_token_id: int | Sequence[int],
     pad_token_id: int,
     chunk_size: int | None = None,
     keys: Tensor | None = None,
