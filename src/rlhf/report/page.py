@@ -174,7 +174,7 @@ def over_optimisation_section(runs: list[dict[str, Any]]) -> str:
             f"(KL {last['eval/kl']:.2f}), while the proxy reward went from {rows[0]['eval/proxy']:.3f} to "
             f"{last['eval/proxy']:.3f}: past the peak, the policy learns what the reward model overrates, not what "
             "the labellers meant (Gao et al. 2023). The KL penalty and early stopping on the hacking signals "
-            "(`stop_when`) are the guards against it."
+            "(<code>stop_when</code>) are the guards against it."
         )
         samples = [s for s in run["samples"] if s.get("iteration") == run["samples"][-1].get("iteration")]
         table = "".join(
