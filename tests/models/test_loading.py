@@ -77,10 +77,14 @@ def test_lora_adapters_are_added_without_a_deprecation_warning(tiny_dirs):
     assert any("lora_A" in name for name, _ in wrapped.named_parameters())
 
 
-def test_an_architecture_without_a_scalar_class_gets_transformers_generic_one(tmp_path):
-    """Granite has a causal LM but no `AutoModelForSequenceClassification` class in `transformers`: it gets the
-    generic one over its backbone. The backbone keeps the checkpoint's weights, the score is the new head on the
-    last hidden state of the last token, and a saved reward model loads back with the same scores."""
+@pytest.mark.parametrize(
+    ("model_type", "backbone", "kwargs"), [("granite", "model", {}), ("mamba", "backbone", {"state_size": 8})]
+)
+def test_an_architecture_without_a_scalar_class_gets_transformers_generic_one(tmp_path, model_type, backbone, kwargs):
+    """Granite and Mamba have a causal LM but no `AutoModelForSequenceClassification` class in `transformers`: they
+    get the generic one over their backbone (Mamba's kept under `backbone`). The backbone keeps the checkpoint's
+    weights, the score is the new head on the last hidden state of the last token, and a saved reward model loads
+    back with the same scores."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from rlhf.models.forward import sequence_scores
@@ -88,23 +92,43 @@ def test_an_architecture_without_a_scalar_class_gets_transformers_generic_one(tm
 
     tok = build_tokenizer("llama")
     config = AutoConfig.for_model(
-        "granite", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        model_type, vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        **kwargs,
     )  # fmt: skip
     torch.manual_seed(0)
     lm = AutoModelForCausalLM.from_config(config)
     lm.save_pretrained(tmp_path / "lm")
     tok.save_pretrained(tmp_path / "lm")
     rm = load_scalar_model(ModelConfig(path=str(tmp_path / "lm")), trainable=False)
-    assert type(rm).__name__ == "GraniteForSequenceClassification"
-    for name, weight in lm.model.state_dict().items():
-        assert torch.equal(rm.model.state_dict()[name], weight), name
+    assert type(rm).__name__ == type(lm).__name__.replace("ForCausalLM", "ForSequenceClassification")
+    for name, weight in getattr(lm, backbone).state_dict().items():
+        assert torch.equal(getattr(rm, backbone).state_dict()[name], weight), name
     ids = torch.tensor([[5, 70, 71, tok.eos_token_id]])
     with torch.no_grad():
-        want = lm.model(input_ids=ids).last_hidden_state[0, -1] @ rm.score.weight[0]
+        want = getattr(lm, backbone)(input_ids=ids).last_hidden_state[0, -1] @ rm.score.weight[0]
         got = sequence_scores(rm, ids, torch.ones_like(ids))
     torch.testing.assert_close(got, want[None])
     rm.save_pretrained(tmp_path / "rm")
     again = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=ids).logits[:, 0], got)
+
+
+def test_a_checkpoint_without_some_backbone_weights_is_refused(tiny_dirs, tmp_path):
+    """A reward model or critic whose backbone would start partly from random values (a checkpoint that lacks
+    weights, or an architecture whose backbone the generic head looks for elsewhere: Llama 4's) is a one-line
+    error, not a warning in the log: only the new scalar head may be fresh."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from rlhf.models.loading import ModelLoadError
+
+    shutil.copytree(tiny_dirs["llama"], tmp_path / "lm")
+    weights = load_file(tmp_path / "lm" / "model.safetensors")
+    del weights["model.layers.0.mlp.up_proj.weight"]
+    save_file(weights, tmp_path / "lm" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=r"lacks 1 weights of the LlamaForSequenceClassification backbone \(e\.g\. "
+                       r"model\.layers\.0\.mlp\.up_proj\.weight\)"):  # fmt: skip
+        load_scalar_model(ModelConfig(path=str(tmp_path / "lm")), trainable=False)

@@ -25,10 +25,12 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 
 from rlhf.config import LoraConfig, ModelConfig
 from rlhf.errors import UserError
 from rlhf.models import cpu_linear, padding_free
+from rlhf.models.forward import sequence_scores
 
 logger = logging.getLogger(__name__)
 
@@ -155,8 +157,18 @@ def load_scalar_model(cfg: ModelConfig, *, trainable: bool = True) -> PreTrained
     with _loading(cfg.path, "model"):
         if not cfg.trust_remote_code:
             register_scalar_class(AutoConfig.from_pretrained(cfg.path))
-        model = AutoModelForSequenceClassification.from_pretrained(
-            cfg.path, num_labels=1, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            cfg.path,
+            num_labels=1,
+            dtype=DTYPES[cfg.dtype],
+            trust_remote_code=cfg.trust_remote_code,
+            output_loading_info=True,
+        )
+    backbone = [k for k in info["missing_keys"] if k.startswith(f"{model.base_model_prefix}.")]
+    if backbone:  # only the new head may start from random weights
+        raise ModelLoadError(
+            f"model: {cfg.path} lacks {len(backbone)} weights of the {type(model).__name__} backbone (e.g. "
+            f"{backbone[0]}): they would start from random values"
         )
     if model.config.pad_token_id is None:
         tokenizer = load_tokenizer(cfg.tokenizer_path, trust_remote_code=cfg.trust_remote_code)
@@ -170,31 +182,37 @@ def register_scalar_class(config: PretrainedConfig) -> None:
     (`GenericForSequenceClassification`, the class its Llama-family models are built from), named as that
     architecture's would be (`GraniteForSequenceClassification`). A checkpoint saved from it loads again with
     `AutoModelForSequenceClassification` in a process where this has run (`load_scalar_model` runs it). Nothing
-    for an architecture that has its class; a one-line error for one that has no causal LM either, or keeps its
-    backbone elsewhere than under `model`."""
+    for an architecture that has its class; a one-line error for one that has no causal LM either."""
     from transformers.modeling_layers import GenericForSequenceClassification
 
     kind = type(config)
     if kind in AutoModelForSequenceClassification._model_mapping:
         return
-    name = config.model_type
     if kind not in AutoModelForCausalLM._model_mapping:
-        raise ModelLoadError(f"model: a {name} model is no causal LM that transformers knows of")
+        raise ModelLoadError(f"model: a {config.model_type} model is no causal LM that transformers knows of")
     causal = AutoModelForCausalLM._model_mapping[kind]
-    if causal.base_model_prefix != "model":
-        raise ModelLoadError(
-            f"model: transformers has no sequence-classification class for {name} models, and their backbone is "
-            f"not where a generic one looks for it, so a {name} model cannot be a reward model or critic"
-        )
     pretrained = next(c for c in causal.__mro__[1:] if issubclass(c, PreTrainedModel))
     scalar = type(
         causal.__name__.replace("ForCausalLM", "") + "ForSequenceClassification",
         (GenericForSequenceClassification, pretrained),
-        # built of transformers' own parts (so padding-free attention applies), for this config (a text model's
-        # base class may name its multimodal parent's)
-        {"__module__": causal.__module__, "config_class": kind},
+        {
+            "__module__": causal.__module__,  # built of transformers' own parts: padding-free attention applies
+            "config_class": kind,  # a text model's base class may name its multimodal parent's config
+            "base_model_prefix": causal.base_model_prefix,  # the backbone where the checkpoint keeps it
+            "forward": _scalar_forward,
+        },
     )
     AutoModelForSequenceClassification.register(kind, scalar, exist_ok=True)  # else skipped for a config of theirs
+
+
+def _scalar_forward(
+    self: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: object
+) -> SequenceClassifierOutputWithPast:
+    """The forward of `register_scalar_class`'s classes: each row's score, read where `transformers` reads it
+    (`forward.sequence_scores`), as (B, 1) logits. `GenericForSequenceClassification`'s own needs a backbone output
+    with attention weights, which Mamba's lacks."""
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    return SequenceClassifierOutputWithPast(logits=sequence_scores(self, input_ids, mask)[:, None])
 
 
 def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
