@@ -28,7 +28,7 @@ from transformers import (
 from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 
 from rlhf.config import LoraConfig, ModelConfig
-from rlhf.errors import UserError
+from rlhf.errors import ConfigError, UserError
 from rlhf.models import cpu_linear, padding_free
 from rlhf.models.forward import sequence_scores
 
@@ -117,7 +117,10 @@ def apply_lora(model: PreTrainedModel, lora: LoraConfig, task_type: str = "CAUSA
     )
     with warnings.catch_warnings():  # peft 0.21 reads transformers' deprecated is_gradient_checkpointing
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        return get_peft_model(model, peft_cfg)
+        try:
+            return get_peft_model(model, peft_cfg)
+        except ValueError as exc:  # modules peft cannot adapt (Mamba's out_proj, conv1d) or names the model lacks
+            raise ConfigError(f"peft cannot add LoRA adapters here: {exc}", key="model.lora.target_modules") from None
 
 
 def _finish(model: PreTrainedModel, cfg: ModelConfig, trainable: bool) -> PreTrainedModel:
