@@ -132,3 +132,14 @@ def test_a_checkpoint_without_some_backbone_weights_is_refused(tiny_dirs, tmp_pa
     with pytest.raises(ModelLoadError, match=r"lacks 1 weights of the LlamaForSequenceClassification backbone \(e\.g\. "
                        r"model\.layers\.0\.mlp\.up_proj\.weight\)"):  # fmt: skip
         load_scalar_model(ModelConfig(path=str(tmp_path / "lm")), trainable=False)
+
+
+def test_modules_peft_cannot_adapt_are_a_config_error(tiny_dirs):
+    """A target the model lacks, or one peft refuses (Mamba's out_proj), names the key to change, not a traceback."""
+    from rlhf.config import LoraConfig
+    from rlhf.errors import ConfigError
+    from rlhf.models.loading import apply_lora, load_causal_lm
+
+    model = load_causal_lm(ModelConfig(path=tiny_dirs["llama"]))
+    with pytest.raises(ConfigError, match=r"^model\.lora\.target_modules: peft cannot add LoRA adapters here: .*nope"):
+        apply_lora(model, LoraConfig(r=4, target_modules=["nope"]))
