@@ -143,3 +143,26 @@ def test_modules_peft_cannot_adapt_are_a_config_error(tiny_dirs):
     model = load_causal_lm(ModelConfig(path=tiny_dirs["llama"]))
     with pytest.raises(ConfigError, match=r"^model\.lora\.target_modules: peft cannot add LoRA adapters here: .*nope"):
         apply_lora(model, LoraConfig(r=4, target_modules=["nope"]))
+
+
+@pytest.mark.parametrize("remote", [True, False])
+def test_custom_code_or_an_unknown_architecture_is_a_one_line_error(tiny_dirs, tmp_path, remote):
+    """A checkpoint with code of its own (its config's auto_map) asks for model.trust_remote_code, with no prompt on
+    the terminal; one of a model type this `transformers` lacks says so. Both for a policy and for a reward model."""
+    import json
+    import shutil
+
+    from rlhf.models.loading import ModelLoadError, load_causal_lm
+
+    shutil.copytree(tiny_dirs["llama"], tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["model_type"] = "mymodel"
+    if remote:
+        config["auto_map"] = {"AutoConfig": "configuration_my.MyConfig", "AutoModelForCausalLM": "modeling_my.MyLM"}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    want = (
+        "holds code of its own .*set model.trust_remote_code true" if remote else "does not recognize this architecture"
+    )
+    for load in (load_causal_lm, load_scalar_model):
+        with pytest.raises(ModelLoadError, match=f"^model: {tmp_path / 'm'}.*{want}"):
+            load(ModelConfig(path=str(tmp_path / "m")), trainable=False)

@@ -88,7 +88,7 @@ def data_check(
     try:  # any failure to load is the user's path or checkpoint, reported without a traceback
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=False)
     except Exception as e:
         _err(f"error: cannot load a tokenizer from {tokenizer_path}: {type(e).__name__}: {e}")
         return 1

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import transformers
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -76,11 +77,22 @@ def _check_dir(path: str, what: str, name: str | None = None) -> None:
 
 @contextmanager
 def _loading(path: str, what: str) -> Iterator[None]:
-    """Turn `from_pretrained`'s OSError (missing files, no network for a hub id) into a one-line user error."""
+    """Turn `from_pretrained`'s OSError (missing files, no network for a hub id), and its ValueErrors for a checkpoint
+    with code of its own or of an architecture `transformers` does not know, into one-line user errors."""
     try:
         yield
     except OSError as exc:
         raise ModelLoadError(f"{what}: cannot load {path}: {exc}") from exc
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise ModelLoadError(
+                f"{what}: {path} holds code of its own (its config's auto_map): set model.trust_remote_code true "
+                "to run it, if you trust it"
+            ) from None
+        if "does not recognize this architecture" in str(exc):
+            first = str(exc).split(". ")[0]
+            raise ModelLoadError(f"{what}: {path}: {first} (transformers {transformers.__version__})") from None
+        raise
 
 
 def load_tokenizer(path: str, *, trust_remote_code: bool = False, name: str = "tokenizer") -> PreTrainedTokenizerBase:
@@ -159,7 +171,7 @@ def load_scalar_model(cfg: ModelConfig, *, trainable: bool = True) -> PreTrained
     _check_dir(cfg.path, "model")
     with _loading(cfg.path, "model"):
         if not cfg.trust_remote_code:
-            register_scalar_class(AutoConfig.from_pretrained(cfg.path))
+            register_scalar_class(AutoConfig.from_pretrained(cfg.path, trust_remote_code=False))
         model, info = AutoModelForSequenceClassification.from_pretrained(
             cfg.path,
             num_labels=1,
