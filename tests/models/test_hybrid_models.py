@@ -41,14 +41,16 @@ def hybrid(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_attention_alone_is_told_from_the_cache_layers(tiny_dirs: dict[str, str], hybrid: Path) -> None:
-    """...and only such models sample through our KV-cache `decode` (RecurrentGemma's tokens left `generate`'s)."""
+    """Llama and GPT-2 mix tokens by attention alone and sample through our KV-cache `decode`; the Qwen3.5 hybrid and
+    Mamba do not, and sample through `generate` (under `decode`, RecurrentGemma's tokens left `generate`'s)."""
     for style in ("llama", "gpt2"):
         model = AutoModelForCausalLM.from_pretrained(tiny_dirs[style])
         assert mixes_by_attention_alone(model) and decodes_itself(model)
     model = AutoModelForCausalLM.from_pretrained(hybrid)
     assert not mixes_by_attention_alone(model) and not decodes_itself(model)
     mamba = AutoConfig.for_model("mamba", vocab_size=64, hidden_size=16, num_hidden_layers=1, state_size=4)
-    assert not mixes_by_attention_alone(AutoModelForCausalLM.from_config(mamba))
+    model = AutoModelForCausalLM.from_config(mamba)
+    assert not mixes_by_attention_alone(model) and not decodes_itself(model)
 
 
 def test_reward_pairs_of_a_hybrid_score_as_each_response_alone(hybrid: Path, tmp_path: Path) -> None:

@@ -35,7 +35,7 @@ from rlhf.models.forward import Unpadded, causal_lm_logprobs
 from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.rollout.batch import RolloutBatch, score_in_chunks
 from rlhf.rollout.experience import decode_responses, score_responses
-from rlhf.rollout.generation import HFGenerationBackend, SamplingConfig, generate_rollout, stop_tokens
+from rlhf.rollout.generation import HFGenerationBackend, SamplingConfig, generate_rollout, token_ids
 from rlhf.rollout.rewards import RewardSource
 
 Judge = Callable[..., Sequence[float]]
@@ -107,7 +107,7 @@ def greedy_answers(
     batch_size: int = 64,
 ) -> Answers:
     """The most likely token at every step (`rollout.generation.decode`), in batches of left-padded prompts."""
-    ids = {"eos_token_id": stop_tokens(tokenizer, model), "pad_token_id": tokenizer.pad_token_id}
+    ids = token_ids(tokenizer, model)
     backend = HFGenerationBackend(model, **ids)
     device = next(model.parameters()).device
     texts: list[str] = []
@@ -143,7 +143,7 @@ def sampled_kl(
     """Per prompt, the mean over `samples` completions y ~ pi (temperature 1) of
     sum_t [log pi(y_t) - log pi_ref(y_t)]: each an unbiased estimate of KL(pi(.|x) || pi_ref(.|x))."""
     rows = [ex for ex in examples for _ in range(samples)]
-    ids = {"eos_token_id": stop_tokens(tokenizer, policy), "pad_token_id": tokenizer.pad_token_id}
+    ids = token_ids(tokenizer, policy)
     device = next(policy.parameters()).device
     kl: list[float] = []
     for start in range(0, len(rows), batch_size):

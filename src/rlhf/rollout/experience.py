@@ -30,7 +30,7 @@ from rlhf.models.forward import Unpadded, causal_lm_logprobs
 from rlhf.models.value import PolicyWithValue
 from rlhf.rollout.batch import RolloutBatch, score_in_chunks
 from rlhf.rollout.config import RolloutConfig
-from rlhf.rollout.generation import HFGenerationBackend, generate_rollout, stop_tokens
+from rlhf.rollout.generation import HFGenerationBackend, generate_rollout, token_ids
 from rlhf.rollout.rewards import EnsembleReward, Prompt, RewardSource, checked_scores, source_name
 
 
@@ -108,7 +108,7 @@ def make_experience(
     device = next(policy.parameters()).device
     rows = [ex for ex in examples for _ in range(group_size)]
     prompts = collate_prompts(rows, tokenizer.pad_token_id)
-    ids = {"eos_token_id": stop_tokens(tokenizer, policy), "pad_token_id": tokenizer.pad_token_id}
+    ids = token_ids(tokenizer, policy)
     t0 = time.perf_counter()
     rollout = generate_rollout(
         HFGenerationBackend(policy, **ids),

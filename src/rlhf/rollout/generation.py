@@ -394,6 +394,12 @@ def stop_tokens(tokenizer: PreTrainedTokenizerBase, model: nn.Module) -> tuple[i
     return tuple(ids)
 
 
+def token_ids(tokenizer: PreTrainedTokenizerBase, model: nn.Module) -> dict[str, Any]:
+    """`eos_token_id` (`stop_tokens`) and `pad_token_id`: the keyword arguments `HFGenerationBackend` and
+    `generate_rollout` take."""
+    return {"eos_token_id": stop_tokens(tokenizer, model), "pad_token_id": tokenizer.pad_token_id}
+
+
 def mask_after_eos(
     response_ids: Tensor, eos_token_id: int | Sequence[int], pad_token_id: int
 ) -> tuple[Tensor, Tensor, Tensor]:
