@@ -91,9 +91,15 @@ def mixed_precision(precision: str) -> str:
 
 
 def add_context_argument(parser: Any) -> None:
-    """--context: filler tokens before every prompt, for longer sequences (`write_data`, `lengths`)."""
+    """--context: filler tokens before every prompt, for longer sequences (`write_data`, `lengths`); --context-spread:
+    a filler of random length up to --context instead, for lengths that vary as in real data."""
     parser.add_argument(
         "--context", type=int, default=0, help="filler tokens before every prompt (0: the task's short prompts)"
+    )
+    parser.add_argument(
+        "--context-spread",
+        action="store_true",
+        help="each prompt's filler a random length from 0 to --context tokens (lengths that vary as in real data)",
     )
 
 
@@ -102,10 +108,13 @@ def lengths(context: int) -> tuple[int, int]:
     return 64 + context, 32 + context
 
 
-def write_data(out_dir: str | Path, *, n_train: int, n_eval: int, context: int = 0, seed: int = 0) -> dict[str, Path]:
+def write_data(
+    out_dir: str | Path, *, n_train: int, n_eval: int, context: int = 0, spread: bool = False, seed: int = 0
+) -> dict[str, Path]:
     """The built-in task's files (`write_task_files`), each prompt preceded by `context` random letters and a
     space (the tiny tokenizer is byte-level: one token per letter), so a benchmark can lengthen every sequence
-    without changing what is learnt. Rows keep their other fields, so reward functions still see `letters`."""
+    without changing what is learnt; with `spread`, by a random number of letters from 0 to `context` (uniform),
+    so that lengths vary from row to row. Rows keep their other fields, so reward functions still see `letters`."""
     import random
 
     from rlhf.tasks.sorting import ALPHABET, write_task_files
@@ -117,7 +126,8 @@ def write_data(out_dir: str | Path, *, n_train: int, n_eval: int, context: int =
             rows = [json.loads(line) for line in path.read_text().splitlines()]
             for row in rows:
                 message = row["prompt"][0]
-                message["content"] = "".join(rng.choice(ALPHABET) for _ in range(context)) + " " + message["content"]
+                n = rng.randint(0, context) if spread else context
+                message["content"] = "".join(rng.choice(ALPHABET) for _ in range(n)) + " " + message["content"]
             path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return files
 
@@ -479,10 +489,11 @@ def make_setup(
     heads: int = 4,
     n_train: int = 4096,
     context: int = 0,
+    spread: bool = False,
     seed: int = 0,
 ) -> Setup:
     """A tiny llama (rlhf.tasks.tiny), its reward-model initialisation, and the built-in task's data files
-    (`write_data`: `context` filler tokens before each prompt)."""
+    (`write_data`: `context` filler tokens before each prompt, or up to `context` with `spread`)."""
     from rlhf.config import ModelConfig
     from rlhf.models.loading import load_scalar_model, load_tokenizer
     from rlhf.tasks.tiny import make_tiny_checkpoint
@@ -495,7 +506,7 @@ def make_setup(
     rm = load_scalar_model(ModelConfig(path=str(model_dir)), trainable=False)
     rm.save_pretrained(out / "rm_init")
     load_tokenizer(str(model_dir)).save_pretrained(out / "rm_init")
-    data = write_data(out / "data", n_train=n_train, n_eval=64, context=context, seed=seed)
+    data = write_data(out / "data", n_train=n_train, n_eval=64, context=context, spread=spread, seed=seed)
     return Setup(str(model_dir), str(out / "rm_init"), {k: str(v) for k, v in data.items()})
 
 

@@ -265,7 +265,7 @@ def child(args: argparse.Namespace) -> None:
 def prepare(root: Path, args: argparse.Namespace) -> tuple[str, str]:
     from rlhf.tasks.tiny import make_tiny_checkpoint
 
-    files = write_data(root / "data", n_train=args.pairs, n_eval=8, context=args.context)
+    files = write_data(root / "data", n_train=args.pairs, n_eval=8, context=args.context, spread=args.context_spread)
     model = make_tiny_checkpoint(
         root / "model", "llama", hidden_size=args.hidden, num_layers=args.layers, num_heads=4, seed=0
     )

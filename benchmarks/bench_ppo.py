@@ -206,7 +206,7 @@ def prepare(root: Path, args: argparse.Namespace) -> tuple[str, str, str]:
     from rlhf.tasks.tiny import make_tiny_checkpoint
 
     n_train = max(BATCH * args.iterations, 512)
-    files = write_data(root / "data", n_train=n_train, n_eval=8, context=args.context)
+    files = write_data(root / "data", n_train=n_train, n_eval=8, context=args.context, spread=args.context_spread)
     base = make_tiny_checkpoint(root / "base", "llama", hidden_size=args.hidden, num_layers=args.layers, seed=0)
     policy = base
     if args.sft_steps:

@@ -70,6 +70,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=32, help="examples (SFT) or pairs (RM) per step")
+    p.add_argument(
+        "--micro-batch-size",
+        type=int,
+        default=0,
+        help="examples per forward pass (ours train.micro_batch_size, TRL per_device_train_batch_size with gradient "
+        "accumulation); 0: the whole batch",
+    )
     p.add_argument("--steps", type=int, default=60, help="optimizer steps per timed trial")
     p.add_argument("--log-every", type=int, default=10, help="logging interval of both sides; the window starts here")
     p.add_argument("--rounds", type=int, default=3, help="trials per side, alternating ABBA")
@@ -184,7 +191,7 @@ def worker_ours(args: argparse.Namespace, setup: Setup, stage: str, run_dir: Pat
         "optim.max_grad_norm": 1.0,
         "schedule.name": "constant",
         "train.batch_size": args.batch_size,
-        "train.micro_batch_size": args.batch_size,
+        "train.micro_batch_size": micro_batch_size(args),
         "train.max_steps": args.steps,
         "logging.every": args.log_every,
         "logging.progress": False,
@@ -214,12 +221,16 @@ def worker_ours(args: argparse.Namespace, setup: Setup, stage: str, run_dir: Pat
     }
 
 
+def micro_batch_size(args: argparse.Namespace) -> int:
+    return args.micro_batch_size or args.batch_size
+
+
 def trl_settings(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     """TRL config values that make its run the same computation as ours (see the module docstring)."""
     return {
         "output_dir": str(run_dir),
-        "per_device_train_batch_size": args.batch_size,
-        "gradient_accumulation_steps": 1,
+        "per_device_train_batch_size": micro_batch_size(args),
+        "gradient_accumulation_steps": args.batch_size // micro_batch_size(args),
         "max_steps": args.steps,
         "learning_rate": args.lr,
         "lr_scheduler_type": "constant",
@@ -310,6 +321,7 @@ def trial(
         "rows": files[f"{stage}_rows"],
         "result": files["result"],
         "batch-size": args.batch_size,
+        "micro-batch-size": micro_batch_size(args),
         "steps": args.steps,
         "log-every": args.log_every,
         "lr": args.lr,
@@ -456,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.steps % args.log_every or args.steps <= args.log_every:
         raise SystemExit("--steps must be a multiple of --log-every and larger than it")
+    if args.batch_size % micro_batch_size(args):
+        raise SystemExit("--batch-size must be a multiple of --micro-batch-size")
     if args.attribute and device() == "cuda":
         raise SystemExit("--attribute times each op on the host, which on a GPU only launches it: use --profile")
     set_threads(args.threads)
@@ -468,6 +482,7 @@ def main(argv: list[str] | None = None) -> int:
         heads=args.heads,
         n_train=args.n_train,
         context=args.context,
+        spread=args.context_spread,
         seed=args.seed,
     )
     files = {"setup": workdir / "setup.json", "result": workdir / "result.json"}
@@ -492,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
             "context": args.context,
             "max_length": lengths(args.context)[0],
             "batch_size": args.batch_size,
+            "micro_batch_size": micro_batch_size(args),
+            "context_spread": args.context_spread,
             "steps": args.steps,
             "timed_steps": args.steps - args.log_every,
             "torch": __import__("torch").__version__,

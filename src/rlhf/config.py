@@ -199,7 +199,8 @@ class TrainConfig:
     batch_size: int = 8
     """Global batch: examples per optimizer step, summed over processes and accumulation."""
     micro_batch_size: int = 8
-    """Examples per forward pass on one process."""
+    """Examples per forward pass on one process; where padded, a batch split into several micro-batches is cut
+    longest first, so that each holds examples of like length (the step's gradient is the same for any split)."""
     epochs: int = 1
     """Passes over the training data (ignored when max_steps is set)."""
     max_steps: int = 0

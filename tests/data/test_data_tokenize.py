@@ -23,7 +23,7 @@ from rlhf.data import (
     tokenize_sft,
     tokenize_unpaired,
 )
-from rlhf.data.tokenize import percentile
+from rlhf.data.tokenize import example_tokens, percentile
 from rlhf.tasks.tiny import STYLES, build_tokenizer
 
 BOS, EOS, USER, ASSISTANT = 1, 2, 5, 6
@@ -242,6 +242,18 @@ def test_report_lengths_and_percentiles(tokenizers: dict[str, Any], cfg: DataCon
     assert report.percentiles("prompt") == {"p50": 5, "p90": 9, "p99": 10, "max": 10}
     assert report.as_dict()["data/response_len_p50"] == 6
     assert report.as_dict()["data/examples"] == 10
+
+
+def test_example_tokens_counts_every_id_list(tokenizers: dict[str, Any], cfg: DataConfig) -> None:
+    """An example's tokens: an SFT example's input ids; a pair's prompt, chosen and rejected ids together (the
+    byte-level tokenizer: one token a character, plus the EOS each response ends with)."""
+    sft = tokenize_records(
+        [parse_row({"prompt": "p" * 3, "completion": "c" * 4}, "sft")], "sft", tokenizers["gpt2"], cfg
+    )
+    assert example_tokens(sft[0][0]) == len(sft[0][0]["input_ids"]) == 3 + 4 + 1
+    row = {"prompt": "p" * 3, "chosen": "c" * 4, "rejected": "r" * 6}
+    pair = tokenize_records([parse_row(row, "preference")], "preference", tokenizers["gpt2"], cfg)[0][0]
+    assert example_tokens(pair) == 3 + (4 + 1) + (6 + 1)
 
 
 def test_percentile_nearest_rank() -> None:

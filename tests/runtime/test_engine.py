@@ -257,6 +257,31 @@ def test_micro_batches_and_local_indices(tmp_path: Path) -> None:
         engine.world_size, engine.rank = 1, 0
 
 
+def test_local_indices_group_examples_of_like_length(tmp_path: Path) -> None:
+    """With the examples' lengths, a batch that is split is cut longest first (ties in draw order): each micro-batch
+    holds like lengths, and the processes' shares together are the batch; a batch that is one micro-batch on one
+    process keeps its draw order."""
+    lengths = {10: 5, 11: 30, 12: 7, 13: 30, 14: 1, 15: 12, 16: 9, 17: 40}
+    with make_engine(TokenModel(), tmp_path, batch_size=8, micro_batch_size=2) as engine:
+        batch = list(range(10, 18))
+        assert engine.local_indices(batch, lengths) == [[17, 11], [13, 15], [16, 12], [10, 14]]
+        padded = sum(len(mb) * max(lengths[i] for i in mb) for mb in engine.local_indices(batch, lengths))
+        assert (
+            padded
+            == 2 * (40 + 30 + 9 + 5)
+            < sum(len(mb) * max(lengths[i] for i in mb) for mb in engine.local_indices(batch))
+        )
+        engine.train_cfg.micro_batch_size = 8
+        assert engine.local_indices(batch, lengths) == [batch]
+        engine.world_size = 2
+        shares = []
+        for engine.rank in (0, 1):
+            shares.append(engine.local_indices(batch, lengths))
+        assert shares == [[[17, 13, 16, 10]], [[11, 15, 12, 14]]]
+        assert sorted(i for share in shares for mb in share for i in mb) == batch
+        engine.world_size, engine.rank = 1, 0
+
+
 MP_ARGS = ["--steps", "6", "--batch-size", "8", "--micro-batch-size", "4", "--ckpt-every", "2"]
 
 

@@ -177,3 +177,36 @@ def test_lora_run_saves_a_merged_plain_checkpoint(tiny_dirs: dict[str, str], tas
     assert not any("lora" in k for k in final.state_dict())
     changed = [k for k, v in final.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
     assert changed and all("attn" in k or "mlp" in k for k in changed)
+
+
+def test_padded_micro_batches_hold_like_lengths_and_train_as_one_batch(
+    tiny_dirs: dict[str, str], task: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Padded micro-batches are cut from the batch longest first (`Engine.local_indices` with lengths), and the step
+    is the same as over the whole batch at once; a batch not split, or split into padding-free micro-batches, keeps
+    the draw order."""
+    seen: list[tuple[bool, list[int]]] = []
+    make_batch = sft.make_batch
+
+    def spy(exs: list[dict], pad_id: int, **kw: object) -> dict:
+        seen.append((bool(kw.get("flat")), [len(e["input_ids"]) for e in exs]))
+        return make_batch(exs, pad_id, **kw)
+
+    monkeypatch.setattr(sft, "make_batch", spy)
+    weights = {}
+    for flat, micro in ((False, 2), (False, 8), (True, 2)):
+        seen.clear()
+        overrides = {"data.padding_free": flat, "train.batch_size": 8, "train.micro_batch_size": micro}
+        cfg = make_cfg(tiny_dirs["llama"], task, tmp_path / f"{flat}-{micro}", **overrides, **{"train.max_steps": 3})
+        model = AutoModelForCausalLM.from_pretrained(sft.train(cfg) / "final")
+        weights[flat, micro] = torch.cat([p.detach().flatten() for p in model.parameters()])
+        steps = [[lengths for f, lengths in seen[i : i + 8 // micro]] for i in range(0, 3 * 8 // micro, 8 // micro)]
+        assert all(f == flat for f, _ in seen[: 3 * 8 // micro])  # the training steps' batches, before evaluation
+        cuts = [
+            sorted((x for mb in step for x in mb), reverse=True) == [x for mb in step for x in mb] for step in steps
+        ]
+        if flat or micro == 8:  # no split, or no padding: the draw order, not longest first in every step by chance
+            assert not all(cuts), steps
+        else:
+            assert all(cuts), steps
+    torch.testing.assert_close(weights[False, 2], weights[False, 8], atol=2e-6, rtol=0)

@@ -321,6 +321,12 @@ TOKENIZE_FNS: dict[str, Callable[..., dict[str, Any]]] = {
 }
 
 
+def example_tokens(example: dict[str, Any]) -> int:
+    """The tokens a tokenized example holds, all its `*_ids` lists together (a packed SFT row's `input_ids`; a
+    preference pair's prompt, chosen and rejected): what a batch of it costs, to group examples of like length."""
+    return sum(len(v) for k, v in example.items() if k.endswith("_ids"))
+
+
 def percentile(values: list[int], q: float) -> int:
     """Nearest-rank percentile (an actual value of the data): the smallest v with at least q% of values <= v."""
     if not values:

@@ -242,16 +242,29 @@ class Engine:
             )
         return self.train_cfg.batch_size // per_pass
 
-    def local_indices(self, global_indices: Sequence[int]) -> list[list[int]]:
+    def local_indices(self, global_indices: Sequence[int], lengths: Sequence[int] | None = None) -> list[list[int]]:
         """This process's micro-batches of a global batch: rank r takes items r, r+W, ... in chunks of micro size.
 
         Every process passes the same global batch. Its length must be a multiple of the world size; a final
         micro-batch may be shorter when the share is not a multiple of micro_batch_size.
+
+        `lengths`: the token count of each dataset index (`rlhf.data.tokenize.example_tokens`), for micro-batches that
+        are padded. A batch that is split at all (over processes, or into several micro-batches) is then first put
+        longest first (a stable sort), so that each micro-batch holds examples of like length and pads little, and the
+        first micro-batch is the largest, so a micro_batch_size too large for memory fails at once. Random micro-batches
+        of 4 out of 64 examples of a long-tailed length distribution hold ~1.9x their real tokens, sorted ones ~1.14x;
+        padded SFT at hidden 256 with lengths spread over 20-280 tokens trained 1.56x faster (benchmarks/README.md).
+        Padding-free micro-batches gain nothing measurable from it (their attention blocks already group lengths) and
+        would meet more distinct row counts, which oneDNN builds kernels for: trainers pass no lengths for them.
+        The step's gradient is the same for any split (`train_step`): only the float summation order changes.
         """
         if len(global_indices) % self.world_size:
             raise ValueError(f"a global batch of {len(global_indices)} does not split over {self.world_size} processes")
-        mine = list(global_indices)[self.rank :: self.world_size]
         size = self.train_cfg.micro_batch_size
+        batch = list(global_indices)
+        if lengths is not None and (self.world_size > 1 or len(batch) > size):
+            batch.sort(key=lambda i: -lengths[i])
+        mine = batch[self.rank :: self.world_size]
         return [mine[i : i + size] for i in range(0, len(mine), size)]
 
     def register_state(self, name: str, obj: Any, *, per_rank: bool = False) -> None:

@@ -38,7 +38,7 @@ from rlhf.config import (
     TrainConfig,
     check,
 )
-from rlhf.data import collate_responses, to_device
+from rlhf.data import collate_responses, example_tokens, to_device
 from rlhf.data.collate import Collate
 from rlhf.losses.preference import kto_loss
 from rlhf.models import padding_free
@@ -322,6 +322,8 @@ def train(cfg: Config) -> Path:
         batch_of = partial(collate, pad_id=tokenizer.pad_token_id, flat=flat, round_to=round_to)
         splits = {"train": data.train, **({"eval": data.eval} if data.eval else {})}
         reference = setup_reference(cfg, engine, ref_model, splits, batch_of)
+        # each example's tokens: padded micro-batches are cut longest first
+        lengths = [example_tokens(e) for e in data.train]
         order = DataOrder(len(data.train), cfg.train.batch_size, seed=cfg.seed)
         engine.register_state("data_order", order)
         engine.resume()
@@ -335,7 +337,7 @@ def train(cfg: Config) -> Path:
                 engine, reference, [data.train[i] for i in idx], batch_size=cfg.scoring_batch, **score_kw
             )
             mbs = []
-            for local in engine.local_indices(idx):
+            for local in engine.local_indices(idx, None if flat else lengths):
                 batch = to_device(batch_of([data.train[i] for i in local]), device)
                 batch["ref_logps"] = reference.logps(batch, "train", local, 1)  # (b, 1)
                 mbs.append(batch | {"kl_ref": kl_ref})

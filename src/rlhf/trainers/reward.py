@@ -47,7 +47,7 @@ from rlhf.config import (
     TrainConfig,
     check,
 )
-from rlhf.data import collate_pairs, pad_sequences, to_device
+from rlhf.data import collate_pairs, example_tokens, pad_sequences, to_device
 from rlhf.data.collate import add_margins, tree_rows
 from rlhf.errors import UserError
 from rlhf.evaluation.calibration import preference_calibration
@@ -344,6 +344,8 @@ def train(cfg: Config) -> Path:
     round_to = padding_free.row_multiple(scalar_model, engine.device) if flat else 1
     collate = make_collate(share_prompt, flat, round_to)
     with engine:
+        # each example's tokens: padded micro-batches are cut longest first
+        lengths = [example_tokens(e) for e in splits.train]
         order = DataOrder(len(splits.train), cfg.train.batch_size, seed=cfg.seed)
         engine.register_state("data_order", order)
         engine.resume()
@@ -354,7 +356,7 @@ def train(cfg: Config) -> Path:
                 engine.interrupt()
             micro_batches = [
                 to_device(collate([splits.train[i] for i in idx], pad_id), engine.device)
-                for idx in engine.local_indices(order.next_batch())
+                for idx in engine.local_indices(order.next_batch(), None if flat else lengths)
             ]
             metrics = engine.train_step(micro_batches, loss_fn) or {}
             if splits.eval and eval_due(engine.step, total, cfg.train.eval_every):
