@@ -137,6 +137,10 @@ class DataConfig:
     examples back to back, attention kept within each example, so no compute goes to padding; the loss is that
     of padded batches. Needs a `transformers` model on sdpa attention whose layers mix tokens by attention alone,
     checked on loading (others use padded batches)."""
+    group_by_length: bool = False
+    """Draw each batch from examples of like length (as `transformers`' group_by_length; the online trainers:
+    prompts), so that padded batches pad little. It changes which examples share a step, not how often each is
+    drawn."""
 
     def validate(self) -> None:
         check(0 <= self.eval_fraction < 1, "eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")

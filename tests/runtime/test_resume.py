@@ -34,7 +34,8 @@ def test_data_order_is_the_seeded_permutation_with_the_remainder_dropped() -> No
         perm = torch.randperm(10, generator=torch.Generator().manual_seed(5 * 1_000_003 + epoch)).tolist()
         assert batches[3 * epoch : 3 * epoch + 3] == [perm[0:3], perm[3:6], perm[6:9]]  # perm[9] dropped
     assert batches[:3] != batches[3:]
-    assert order.state_dict() == {"epoch": 1, "position": 3, "seed": 5, "num_samples": 10, "batch_size": 3}
+    state = {"epoch": 1, "position": 3, "seed": 5, "num_samples": 10, "batch_size": 3, "group_by_length": False}
+    assert order.state_dict() == state
     assert DataOrder(10, 3, seed=6).next_batch() != batches[0]
     assert DataOrder(7, 3, seed=0, shuffle=False).next_batch() == [0, 1, 2]
 
@@ -54,6 +55,34 @@ def test_data_order_rejects_bad_sizes() -> None:
     state = DataOrder(50, 4, seed=1).state_dict()
     with pytest.raises(ValueError, match="num_samples=50"):
         DataOrder(60, 4, seed=1).load_state_dict(state)
+
+
+def test_data_order_grouped_by_length_draws_batches_of_like_length() -> None:
+    """`lengths` (data.group_by_length): each epoch's kept permutation in groups of 50 batches, each group sorted
+    longest first and cut into batches, the batches in a shuffled order; a padded batch then pads little."""
+    rng = random.Random(0)
+    lengths = [min(2048, int(rng.lognormvariate(5.5, 0.8)) + 1) for _ in range(1003)]  # long-tailed, like real data
+    grouped, plain = DataOrder(1003, 8, seed=2, lengths=lengths), DataOrder(1003, 8, seed=2)
+    epoch = [grouped.next_batch() for _ in range(grouped.steps_per_epoch)]  # 125 batches, 3 examples dropped
+    kept = torch.randperm(1003, generator=torch.Generator().manual_seed(2 * 1_000_003)).tolist()[:1000]
+    expected = []
+    for start in range(0, 1000, 400):
+        group = sorted(kept[start : start + 400], key=lambda i: -lengths[i])
+        expected += [group[b : b + 8] for b in range(0, len(group), 8)]
+    assert sorted(epoch) == sorted(expected)
+    assert epoch[:50] != expected[:50]  # shuffled, not the groups' longest-first order
+
+    def padded(batches: list[list[int]]) -> float:
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches) / sum(lengths[i] for b in batches for i in b)
+
+    assert padded(epoch) < 1.1 < 2.0 < padded([plain.next_batch() for _ in range(plain.steps_per_epoch)])
+    assert grouped.next_batch() not in epoch  # the next epoch's batches are others
+
+    resumed = DataOrder(1003, 8, seed=2, lengths=lengths)
+    resumed.load_state_dict(json.loads(json.dumps(grouped.state_dict())))
+    assert [resumed.next_batch() for _ in range(130)] == [grouped.next_batch() for _ in range(130)]
+    with pytest.raises(ValueError, match="group_by_length=True"):
+        DataOrder(1003, 8, seed=2).load_state_dict(grouped.state_dict())
 
 
 # ---------------------------------------------------------------- log truncation

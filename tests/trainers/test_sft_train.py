@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -210,3 +211,27 @@ def test_padded_micro_batches_hold_like_lengths_and_train_as_one_batch(
         else:
             assert all(cuts), steps
     torch.testing.assert_close(weights[False, 2], weights[False, 8], atol=2e-6, rtol=0)
+
+
+def test_group_by_length_draws_batches_of_like_length(
+    tiny_dirs: dict[str, str], task: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """data.group_by_length: every step's batch holds examples of like length (the task's 17-23 tokens: at most one
+    apart, where drawn at random they span 4 or more), and the run trains."""
+    spans = []
+    make_batch = sft.make_batch
+
+    def spy(exs: list[dict], pad_id: int, **kw: object) -> dict:
+        spans.append(max(len(e["input_ids"]) for e in exs) - min(len(e["input_ids"]) for e in exs))
+        return make_batch(exs, pad_id, **kw)
+
+    monkeypatch.setattr(sft, "make_batch", spy)
+    for grouped in (False, True):
+        spans.clear()
+        overrides = {"data.group_by_length": grouped, "train.batch_size": 8, "train.micro_batch_size": 8}
+        cfg = make_cfg(tiny_dirs["llama"], task, tmp_path / str(grouped), **overrides, **{"train.max_steps": 4})
+        run = sft.train(cfg)
+        steps = spans[:4]  # the training steps' batches, before evaluation
+        assert max(steps) <= 1 if grouped else min(steps) >= 3, steps
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert math.isfinite(lines[-1]["train/loss"])

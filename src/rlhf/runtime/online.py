@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from rlhf.data import example_tokens
 from rlhf.errors import ConfigError, UserError
 from rlhf.evaluation.policies import evaluate_policy
 from rlhf.evaluation.stats import repetition
@@ -360,7 +361,8 @@ class IterationLoop:
         self.name = name
         self.group_size = cfg.episodes_per_iteration // cfg.rollout.batch_size  # completions per prompt
         self.evaluator, self.reference, self.tokenizer = evaluator, reference, tokenizer
-        self.order = DataOrder(len(prompts), cfg.rollout.batch_size, seed=cfg.seed)
+        lengths = [example_tokens(p) for p in prompts] if cfg.data.group_by_length else None
+        self.order = DataOrder(len(prompts), cfg.rollout.batch_size, seed=cfg.seed, lengths=lengths)
         self.kl = kl_controller(cfg.kl)
         self.hacking = HackingMonitor()
         engine.register_state("data_order", self.order)

@@ -358,9 +358,10 @@ def train(cfg: Config) -> Path:
         collate = pair_collator(cfg, tokenizer.pad_token_id, flat, round_to, kv_cache)
         splits = {"train": data.train, **({"eval": data.eval} if data.eval else {})}
         reference = setup_reference(cfg, engine, ref_model, splits, collate)
-        # each example's tokens: padded micro-batches are cut longest first
+        # batches of like length (data.group_by_length); padded micro-batches cut longest first
         lengths = [example_tokens(e) for e in data.train]
-        order = DataOrder(len(data.train), cfg.train.batch_size, seed=cfg.seed)
+        grouped = lengths if cfg.data.group_by_length else None
+        order = DataOrder(len(data.train), cfg.train.batch_size, seed=cfg.seed, lengths=grouped)
         engine.register_state("data_order", order)
         engine.resume()
         step_loss = partial(loss_fn, cfg)

@@ -344,9 +344,10 @@ def train(cfg: Config) -> Path:
     round_to = padding_free.row_multiple(scalar_model, engine.device) if flat else 1
     collate = make_collate(share_prompt, flat, round_to)
     with engine:
-        # each example's tokens: padded micro-batches are cut longest first
+        # batches of like length (data.group_by_length); padded micro-batches cut longest first
         lengths = [example_tokens(e) for e in splits.train]
-        order = DataOrder(len(splits.train), cfg.train.batch_size, seed=cfg.seed)
+        grouped = lengths if cfg.data.group_by_length else None
+        order = DataOrder(len(splits.train), cfg.train.batch_size, seed=cfg.seed, lengths=grouped)
         engine.register_state("data_order", order)
         engine.resume()
         pad_id = tokenizer.pad_token_id

@@ -220,9 +220,10 @@ def train(cfg: Config) -> Path:
     engine = make_engine(model, cfg, total, data_report=splits.report)
     round_to = padding_free.row_multiple(model, engine.device) if flat else 1
     with engine:
-        # each example's tokens: padded micro-batches are cut longest first
+        # batches of like length (data.group_by_length); padded micro-batches cut longest first
         lengths = [example_tokens(e) for e in examples]
-        order = DataOrder(len(examples), cfg.train.batch_size, seed=cfg.seed)
+        grouped = lengths if cfg.data.group_by_length else None
+        order = DataOrder(len(examples), cfg.train.batch_size, seed=cfg.seed, lengths=grouped)
         engine.register_state("data_order", order)
         engine.resume()
         pad_id = tokenizer.pad_token_id
