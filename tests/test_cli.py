@@ -72,7 +72,10 @@ def test_train_help_lists_every_dotted_field(trainer: dict[str, Any], capsys: An
     )
     assert "  --beta float  (default: 0.1)\n      KL coefficient.\n" in out
     assert "\noptim:  Optimizer.\n  --optim.lr float  (default: 1e-05)\n      Peak learning rate of AdamW.\n" in out
-    assert "  --train.epochs int  (default: 1)\n      Passes over the training data (ignored when max_steps is set).\n" in out
+    assert (
+        "  --train.epochs int  (default: 1)\n      Passes over the training data (ignored when max_steps is set).\n"
+        in out
+    )
     assert "exit status:" in out and "cfg" not in trainer  # help does not train
     assert cli.main(["train", "rloo", "-h"]) == 0
     assert 'rloo presets (applied before the config file): {"beta": 0.5}' in capsys.readouterr().out

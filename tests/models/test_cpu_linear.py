@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,3 +173,49 @@ def test_a_switched_model_trains_like_the_stock_one(monkeypatch: pytest.MonkeyPa
     reloaded = type(stock).from_pretrained(tmp_path)
     for name, tensor in stock.state_dict().items():
         assert torch.equal(reloaded.state_dict()[name], tensor), name
+
+
+# 400 products at as many row counts: oneDNN builds (and caches) a primitive for each. The process's growth in MiB.
+PRODUCTS_AT_NEW_ROW_COUNTS = """
+import os, sys
+import torch
+from rlhf.models import cpu_linear
+if sys.argv[1] == "bounded":
+    cpu_linear.bound_primitive_caches()
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+w = torch.randn(1024, 256)
+cpu_linear._product(torch.randn(16, 256), w)
+base = rss()
+for rows in range(32, 32 + 8 * 400, 8):
+    cpu_linear._product(torch.randn(rows, 256), w)
+print(rss() - base)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the resident set from /proc")
+def test_bounded_primitive_caches_bound_what_new_row_counts_cost() -> None:
+    """With both primitive caches at `PRIMITIVE_CACHE_CAPACITY` entries, 400 products at new row counts grow the
+    process by less than half of what the default 1024 entries let them (~85 against ~235 MiB on the machines of
+    benchmarks/README.md)."""
+    env = {k: v for k, v in os.environ.items() if k not in cpu_linear.PRIMITIVE_CACHES}
+
+    def growth(mode: str) -> float:
+        cmd = [sys.executable, "-c", PRODUCTS_AT_NEW_ROW_COUNTS, mode]
+        return float(subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout)
+
+    assert growth("bounded") < 0.5 * growth("default")
+
+
+def test_loading_a_model_bounds_the_caches_unless_the_environment_sizes_them(
+    monkeypatch: pytest.MonkeyPatch, tiny_dirs: dict[str, str]
+) -> None:
+    from rlhf.config import ModelConfig
+    from rlhf.models.loading import load_causal_lm
+
+    for name in cpu_linear.PRIMITIVE_CACHES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "300")
+    load_causal_lm(ModelConfig(path=tiny_dirs["llama"]), trainable=False)
+    assert os.environ["LRU_CACHE_CAPACITY"] == "300"
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(cpu_linear.PRIMITIVE_CACHE_CAPACITY)

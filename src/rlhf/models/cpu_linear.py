@@ -21,6 +21,10 @@ unfilled, 54 ms and 631 MiB filled (84 ms and 528 MiB through MKL).
 
 `RLHF_CPU_MATMUL` chooses (`ENV`): `auto` (the default) uses oneDNN on AMD CPUs only, where it was measured faster;
 `onednn` wherever torch has oneDNN; `blas` never.
+
+Every oneDNN product (these layers', and half-precision ones under autocast) is a primitive built for its shape and
+kept in two caches of 1024 entries each by default, ~1 MiB an entry: with the row counts of varying lengths a
+training process grew by a gigabyte (`bound_primitive_caches`).
 """
 
 from __future__ import annotations
@@ -49,6 +53,18 @@ MIN_MACS = 1 << 22
 products gain less. Forward + backward of (rows, d) @ (d, d), oneDNN against MKL on the Zen 5 (1 and 2 threads):
 0.4-0.5x at 2^18 multiply-adds, 0.7-0.9x at 2^20, 1.0-1.4x at 2^22, 1.5-1.9x at 2^24; forward alone 1.0-1.1x at
 2^20 and 1.4-1.8x at 2^22."""
+
+PRIMITIVE_CACHES = ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+"""The environment variables that size ideep's and oneDNN's caches of primitives (torch's oneDNN products pass
+through both), read at the process's first oneDNN product."""
+
+PRIMITIVE_CACHE_CAPACITY = 64
+"""Entries of each cache (`bound_primitive_caches`). A (256 -> 1024) layer's forward and backward at 140 row counts
+grew the process by 460 MiB with 1024 entries (MKL: 75), by 270 MiB with 64. Padded SFT at hidden 256 x 4 on rows of
+20-280 tokens: 776 against 1436 MiB and 78.4 against 73.6 samples/s; padding-free at 512 x 6: 1419-1458 against
+1789-1810 MiB, 21.4-21.9 against 19.9-20.3 samples/s; bf16 at 256 x 4: 735 against 906 MiB, 122 against 103
+(2-core AMD EPYC Zen 5, benchmarks/README.md). Fewer entries did not cost speed where the same shapes recur (the
+SFT benchmark's short rows: 482-603 against 553-566 samples/s)."""
 
 MIN_WEIGHT = 1 << 16
 """in x out below which a layer keeps `nn.Linear` (`enable`). oneDNN builds a kernel for every new shape, and that
@@ -143,6 +159,14 @@ class Linear(nn.Linear):
         else:
             y = _product(rows, weight, bias)
         return y.view(*x.shape[:-1], self.out_features)
+
+
+def bound_primitive_caches() -> None:
+    """Size both caches of oneDNN primitives (`PRIMITIVE_CACHES`) to `PRIMITIVE_CACHE_CAPACITY` entries, unless the
+    environment sizes them. It takes effect when called before the process's first oneDNN product: the model loading
+    of `rlhf.models.loading` calls it first."""
+    for name in PRIMITIVE_CACHES:
+        os.environ.setdefault(name, str(PRIMITIVE_CACHE_CAPACITY))
 
 
 def enable(model: nn.Module) -> int:

@@ -155,6 +155,7 @@ def _finish(model: PreTrainedModel, cfg: ModelConfig, trainable: bool) -> PreTra
 def load_causal_lm(cfg: ModelConfig, *, trainable: bool = True) -> PreTrainedModel:
     """A causal LM from `cfg.path` in `cfg.dtype`; frozen and in eval mode unless `trainable`."""
     _check_dir(cfg.path, "model")
+    cpu_linear.bound_primitive_caches()
     with _loading(cfg.path, "model"):
         model = AutoModelForCausalLM.from_pretrained(
             cfg.path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
@@ -169,6 +170,7 @@ def load_scalar_model(cfg: ModelConfig, *, trainable: bool = True) -> PreTrained
     copied into the config so the model is usable by `transformers` pipelines too.
     """
     _check_dir(cfg.path, "model")
+    cpu_linear.bound_primitive_caches()
     with _loading(cfg.path, "model"):
         if not cfg.trust_remote_code:
             register_scalar_class(AutoConfig.from_pretrained(cfg.path, trust_remote_code=False))
