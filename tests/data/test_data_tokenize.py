@@ -16,6 +16,7 @@ from rlhf.config import DataConfig
 from rlhf.data import (
     IGNORE_INDEX,
     SkipExample,
+    pack_sft,
     parse_row,
     tokenize_preference,
     tokenize_prompt,
@@ -251,6 +252,7 @@ def test_example_tokens_counts_every_id_list(tokenizers: dict[str, Any], cfg: Da
         [parse_row({"prompt": "p" * 3, "completion": "c" * 4}, "sft")], "sft", tokenizers["gpt2"], cfg
     )
     assert example_tokens(sft[0][0]) == len(sft[0][0]["input_ids"]) == 3 + 4 + 1
+    assert example_tokens(pack_sft([sft[0][0]] * 2, 64)[0]) == 2 * 8  # a packed row: its input ids
     row = {"prompt": "p" * 3, "chosen": "c" * 4, "rejected": "r" * 6}
     pair = tokenize_records([parse_row(row, "preference")], "preference", tokenizers["gpt2"], cfg)[0][0]
     assert example_tokens(pair) == 3 + (4 + 1) + (6 + 1)

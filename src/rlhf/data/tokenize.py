@@ -322,8 +322,11 @@ TOKENIZE_FNS: dict[str, Callable[..., dict[str, Any]]] = {
 
 
 def example_tokens(example: dict[str, Any]) -> int:
-    """The tokens a tokenized example holds, all its `*_ids` lists together (a packed SFT row's `input_ids`; a
-    preference pair's prompt, chosen and rejected): what a batch of it costs, to group examples of like length."""
+    """The tokens a tokenized example holds: an SFT example's (or packed row's) `input_ids`, else all its `*_ids`
+    lists together (a preference pair's prompt, chosen and rejected): what a batch of it costs, to group examples of
+    like length."""
+    if "input_ids" in example:  # a packed row's position_ids are no tokens
+        return len(example["input_ids"])
     return sum(len(v) for k, v in example.items() if k.endswith("_ids"))
 
 
