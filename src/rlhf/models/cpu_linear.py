@@ -64,7 +64,8 @@ grew the process by 460 MiB with 1024 entries (MKL: 75), by 270 MiB with 64. Pad
 20-280 tokens: 776 against 1436 MiB and 78.4 against 73.6 samples/s; padding-free at 512 x 6: 1419-1458 against
 1789-1810 MiB, 21.4-21.9 against 19.9-20.3 samples/s; bf16 at 256 x 4: 735 against 906 MiB, 122 against 103
 (2-core AMD EPYC Zen 5, benchmarks/README.md). Fewer entries did not cost speed where the same shapes recur (the
-SFT benchmark's short rows: 482-603 against 553-566 samples/s)."""
+SFT benchmark's short rows: 482-603 against 553-566 samples/s); at 1024 x 8, where a new kernel costs more, they
+cost ~1.5% (4.67-4.70 against 4.72-4.80 samples/s) for 2723-2748 against 3046-3093 MiB."""
 
 MIN_WEIGHT = 1 << 16
 """in x out below which a layer keeps `nn.Linear` (`enable`). oneDNN builds a kernel for every new shape, and that
