@@ -62,7 +62,7 @@ def test_data_order_grouped_by_length_draws_batches_of_like_length() -> None:
     longest first and cut into batches, the batches in a shuffled order; a padded batch then pads little."""
     rng = random.Random(0)
     lengths = [min(2048, int(rng.lognormvariate(5.5, 0.8)) + 1) for _ in range(1003)]  # long-tailed, like real data
-    grouped, plain = DataOrder(1003, 8, seed=2, lengths=lengths), DataOrder(1003, 8, seed=2)
+    grouped, plain = DataOrder(1003, 8, seed=2, lengths=lengths, group_by_length=True), DataOrder(1003, 8, seed=2)
     epoch = [grouped.next_batch() for _ in range(grouped.steps_per_epoch)]  # 125 batches, 3 examples dropped
     kept = torch.randperm(1003, generator=torch.Generator().manual_seed(2 * 1_000_003)).tolist()[:1000]
     expected = []
@@ -78,7 +78,7 @@ def test_data_order_grouped_by_length_draws_batches_of_like_length() -> None:
     assert padded(epoch) < 1.1 < 2.0 < padded([plain.next_batch() for _ in range(plain.steps_per_epoch)])
     assert grouped.next_batch() not in epoch  # the next epoch's batches are others
 
-    resumed = DataOrder(1003, 8, seed=2, lengths=lengths)
+    resumed = DataOrder(1003, 8, seed=2, lengths=lengths, group_by_length=True)
     resumed.load_state_dict(json.loads(json.dumps(grouped.state_dict())))
     assert [resumed.next_batch() for _ in range(130)] == [grouped.next_batch() for _ in range(130)]
     with pytest.raises(ValueError, match="group_by_length=True"):

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from rlhf.data import example_tokens
+
 
 class DataOrder:
     """Global batches of `batch_size` indices into a dataset of `num_samples` examples, forever.
@@ -25,8 +27,9 @@ class DataOrder:
 
     `shuffle=False` walks 0..num_samples-1 in order (still dropping the remainder).
 
-    `lengths` (each example's tokens; `data.group_by_length`): batches of like length, as `transformers`'
-    `group_by_length` draws them. The epoch's kept permutation is cut into groups of `GROUP_BATCHES` batches, each
+    `lengths`: each example's tokens (`of_examples`), which `Engine.local_indices` cuts padded micro-batches by.
+    With `group_by_length` (`data.group_by_length`), batches of like length, as `transformers`' `group_by_length`
+    draws them. The epoch's kept permutation is cut into groups of `GROUP_BATCHES` batches, each
     group sorted longest first (stably) and cut into batches, and the batches of the epoch shuffled by the same
     generator. Every epoch still sees each kept example once, in batches that change from epoch to epoch; a padded
     batch then pads little, where random ones of a long-tailed length distribution hold up to ~2.5x their tokens.
@@ -45,6 +48,7 @@ class DataOrder:
         seed: int,
         shuffle: bool = True,
         lengths: Sequence[int] | None = None,
+        group_by_length: bool = False,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -59,11 +63,21 @@ class DataOrder:
         self.shuffle = shuffle
         if lengths is not None and len(lengths) != num_samples:
             raise ValueError(f"{len(lengths)} lengths for {num_samples} examples")
-        self.lengths = lengths
+        if group_by_length and lengths is None:
+            raise ValueError("group_by_length needs the examples' lengths")
+        self.lengths, self.group_by_length = lengths, group_by_length
         self.epoch = 0
         self.position = 0  # batches already drawn in the current epoch
         self._perm: list[int] | None = None
         self._perm_epoch = -1
+
+    @classmethod
+    def of_examples(
+        cls, examples: Sequence[dict[str, Any]], batch_size: int, *, seed: int, group_by_length: bool
+    ) -> DataOrder:
+        """The order of these tokenized examples, with their `lengths` (`rlhf.data.example_tokens`)."""
+        lengths = [example_tokens(e) for e in examples]
+        return cls(len(examples), batch_size, seed=seed, lengths=lengths, group_by_length=group_by_length)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -77,7 +91,7 @@ class DataOrder:
                 self._perm = torch.randperm(self.num_samples, generator=g).tolist()
             else:
                 self._perm = list(range(self.num_samples))
-            if self.lengths is not None:
+            if self.group_by_length:
                 self._perm = self._grouped(self._perm, g)
             self._perm_epoch = self.epoch
         return self._perm
@@ -111,7 +125,7 @@ class DataOrder:
             "seed": self.seed,
             "num_samples": self.num_samples,
             "batch_size": self.batch_size,
-            "group_by_length": self.lengths is not None,
+            "group_by_length": self.group_by_length,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -119,7 +133,7 @@ class DataOrder:
         here = {
             "num_samples": self.num_samples,
             "batch_size": self.batch_size,
-            "group_by_length": self.lengths is not None,
+            "group_by_length": self.group_by_length,
         }
         for key, value in here.items():
             if key in state and state[key] != value:

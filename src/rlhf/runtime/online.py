@@ -31,7 +31,6 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from rlhf.data import example_tokens
 from rlhf.errors import ConfigError, UserError
 from rlhf.evaluation.policies import evaluate_policy
 from rlhf.evaluation.stats import repetition
@@ -361,8 +360,8 @@ class IterationLoop:
         self.name = name
         self.group_size = cfg.episodes_per_iteration // cfg.rollout.batch_size  # completions per prompt
         self.evaluator, self.reference, self.tokenizer = evaluator, reference, tokenizer
-        lengths = [example_tokens(p) for p in prompts] if cfg.data.group_by_length else None
-        self.order = DataOrder(len(prompts), cfg.rollout.batch_size, seed=cfg.seed, lengths=lengths)
+        group = cfg.data.group_by_length
+        self.order = DataOrder.of_examples(prompts, cfg.rollout.batch_size, seed=cfg.seed, group_by_length=group)
         self.kl = kl_controller(cfg.kl)
         self.hacking = HackingMonitor()
         engine.register_state("data_order", self.order)

@@ -42,7 +42,7 @@ from rlhf.config import (
     TrainConfig,
     check,
 )
-from rlhf.data import collate_responses, example_tokens, to_device
+from rlhf.data import collate_responses, to_device
 from rlhf.data.collate import Collate
 from rlhf.losses.preference import PREFERENCE_LOSSES, dpo_loss, orpo_odds_ratio_loss, simpo_loss
 from rlhf.models import padding_free
@@ -358,10 +358,8 @@ def train(cfg: Config) -> Path:
         collate = pair_collator(cfg, tokenizer.pad_token_id, flat, round_to, kv_cache)
         splits = {"train": data.train, **({"eval": data.eval} if data.eval else {})}
         reference = setup_reference(cfg, engine, ref_model, splits, collate)
-        # batches of like length (data.group_by_length); padded micro-batches cut longest first
-        lengths = [example_tokens(e) for e in data.train]
-        grouped = lengths if cfg.data.group_by_length else None
-        order = DataOrder(len(data.train), cfg.train.batch_size, seed=cfg.seed, lengths=grouped)
+        group = cfg.data.group_by_length
+        order = DataOrder.of_examples(data.train, cfg.train.batch_size, seed=cfg.seed, group_by_length=group)
         engine.register_state("data_order", order)
         engine.resume()
         step_loss = partial(loss_fn, cfg)
@@ -374,7 +372,7 @@ def train(cfg: Config) -> Path:
             scale = len(idx) / max(1, chosen_tokens(data.train, idx))  # ORPO: token mean over the global batch
             mbs = [
                 make_batch(data.train, i, sft_scale=scale, **batch_kw)
-                for i in engine.local_indices(idx, None if flat else lengths)
+                for i in engine.local_indices(idx, None if flat else order.lengths)
             ]
             metrics = engine.train_step(mbs, step_loss) or {}
             if data.eval and eval_due(engine.step, total, cfg.train.eval_every):

@@ -38,7 +38,7 @@ from rlhf.config import (
     TrainConfig,
     check,
 )
-from rlhf.data import collate_responses, example_tokens, to_device
+from rlhf.data import collate_responses, to_device
 from rlhf.data.collate import Collate
 from rlhf.losses.preference import kto_loss
 from rlhf.models import padding_free
@@ -322,10 +322,8 @@ def train(cfg: Config) -> Path:
         batch_of = partial(collate, pad_id=tokenizer.pad_token_id, flat=flat, round_to=round_to)
         splits = {"train": data.train, **({"eval": data.eval} if data.eval else {})}
         reference = setup_reference(cfg, engine, ref_model, splits, batch_of)
-        # batches of like length (data.group_by_length); padded micro-batches cut longest first
-        lengths = [example_tokens(e) for e in data.train]
-        grouped = lengths if cfg.data.group_by_length else None
-        order = DataOrder(len(data.train), cfg.train.batch_size, seed=cfg.seed, lengths=grouped)
+        group = cfg.data.group_by_length
+        order = DataOrder.of_examples(data.train, cfg.train.batch_size, seed=cfg.seed, group_by_length=group)
         engine.register_state("data_order", order)
         engine.resume()
         step_loss = partial(loss_fn, cfg)
@@ -338,7 +336,7 @@ def train(cfg: Config) -> Path:
                 engine, reference, [data.train[i] for i in idx], batch_size=cfg.scoring_batch, **score_kw
             )
             mbs = []
-            for local in engine.local_indices(idx, None if flat else lengths):
+            for local in engine.local_indices(idx, None if flat else order.lengths):
                 batch = to_device(batch_of([data.train[i] for i in local]), device)
                 batch["ref_logps"] = reference.logps(batch, "train", local, 1)  # (b, 1)
                 mbs.append(batch | {"kl_ref": kl_ref})

@@ -47,7 +47,7 @@ from rlhf.config import (
     TrainConfig,
     check,
 )
-from rlhf.data import collate_pairs, example_tokens, pad_sequences, to_device
+from rlhf.data import collate_pairs, pad_sequences, to_device
 from rlhf.data.collate import add_margins, tree_rows
 from rlhf.errors import UserError
 from rlhf.evaluation.calibration import preference_calibration
@@ -344,10 +344,8 @@ def train(cfg: Config) -> Path:
     round_to = padding_free.row_multiple(scalar_model, engine.device) if flat else 1
     collate = make_collate(share_prompt, flat, round_to)
     with engine:
-        # batches of like length (data.group_by_length); padded micro-batches cut longest first
-        lengths = [example_tokens(e) for e in splits.train]
-        grouped = lengths if cfg.data.group_by_length else None
-        order = DataOrder(len(splits.train), cfg.train.batch_size, seed=cfg.seed, lengths=grouped)
+        group = cfg.data.group_by_length
+        order = DataOrder.of_examples(splits.train, cfg.train.batch_size, seed=cfg.seed, group_by_length=group)
         engine.register_state("data_order", order)
         engine.resume()
         pad_id = tokenizer.pad_token_id
@@ -357,7 +355,7 @@ def train(cfg: Config) -> Path:
                 engine.interrupt()
             micro_batches = [
                 to_device(collate([splits.train[i] for i in idx], pad_id), engine.device)
-                for idx in engine.local_indices(order.next_batch(), None if flat else lengths)
+                for idx in engine.local_indices(order.next_batch(), None if flat else order.lengths)
             ]
             metrics = engine.train_step(micro_batches, loss_fn) or {}
             if splits.eval and eval_due(engine.step, total, cfg.train.eval_every):

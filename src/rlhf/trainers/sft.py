@@ -35,7 +35,7 @@ from rlhf.config import (
     TrainConfig,
     check,
 )
-from rlhf.data import IGNORE_INDEX, collate_sft, example_tokens, pack_sft, to_device
+from rlhf.data import IGNORE_INDEX, collate_sft, pack_sft, to_device
 from rlhf.errors import ConfigError
 from rlhf.losses.sft import sft_loss
 from rlhf.models import padding_free
@@ -220,10 +220,8 @@ def train(cfg: Config) -> Path:
     engine = make_engine(model, cfg, total, data_report=splits.report)
     round_to = padding_free.row_multiple(model, engine.device) if flat else 1
     with engine:
-        # batches of like length (data.group_by_length); padded micro-batches cut longest first
-        lengths = [example_tokens(e) for e in examples]
-        grouped = lengths if cfg.data.group_by_length else None
-        order = DataOrder(len(examples), cfg.train.batch_size, seed=cfg.seed, lengths=grouped)
+        group = cfg.data.group_by_length
+        order = DataOrder.of_examples(examples, cfg.train.batch_size, seed=cfg.seed, group_by_length=group)
         engine.register_state("data_order", order)
         engine.resume()
         pad_id = tokenizer.pad_token_id
@@ -232,7 +230,7 @@ def train(cfg: Config) -> Path:
                 engine.interrupt()
             micro_batches = [
                 to_device(make_batch([examples[i] for i in idx], pad_id, flat=flat, round_to=round_to), engine.device)
-                for idx in engine.local_indices(order.next_batch(), None if flat else lengths)
+                for idx in engine.local_indices(order.next_batch(), None if flat else order.lengths)
             ]
             metrics = engine.train_step(micro_batches, loss_fn) or {}
             if splits.eval and eval_due(engine.step, total, cfg.train.eval_every):
