@@ -32,13 +32,16 @@ print(json.dumps({"kept": kept, "faults": faults}))
 
 @glibc
 def test_kept_memory_is_reused_without_page_faults() -> None:
-    """A fresh 8 MiB output faults in 2048 pages; with freed memory kept, no call after the warm-up (10 calls; 3-5
-    on the Intel machine of benchmarks/README.md) faults in even a quarter of that. glibc's defaults there: 1,900
-    to 4,300 faults in every other or third call."""
+    """A fresh 8 MiB output faults in 2048 pages. With freed memory kept, the calls after the warm-up (10 calls;
+    3-5 on the Intel machine of benchmarks/README.md) reuse the freed output: at most 2 of the 20 fault in even a
+    quarter of that. One may: a small allocation made between calls can split the freed block, and the next
+    output then comes from fresh heap (once in CI: [..., 0, 2048, 0, ...]). glibc's defaults fault in 1,900 to
+    4,300 pages in 13 or 14 of those 20 calls (AMD EPYC), in every other or third call (Intel Xeon)."""
     env = {k: v for k, v in os.environ.items() if k not in allocator.ENV}
     out = subprocess.run([sys.executable, "-c", REPEATED_PRODUCTS], env=env, capture_output=True, text=True, check=True)
     result = json.loads(out.stdout)
-    assert result["kept"] and max(result["faults"][10:]) < 512, result
+    faulting = [n for n in result["faults"][10:] if n >= 512]
+    assert result["kept"] and len(faulting) <= 2, result
 
 
 @glibc
