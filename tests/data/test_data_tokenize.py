@@ -24,7 +24,7 @@ from rlhf.data import (
     tokenize_sft,
     tokenize_unpaired,
 )
-from rlhf.data.tokenize import example_tokens, percentile
+from rlhf.data.tokenize import example_tokens, longest_first, percentile
 from rlhf.tasks.tiny import STYLES, build_tokenizer
 
 BOS, EOS, USER, ASSISTANT = 1, 2, 5, 6
@@ -256,6 +256,14 @@ def test_example_tokens_counts_every_id_list(tokenizers: dict[str, Any], cfg: Da
     row = {"prompt": "p" * 3, "chosen": "c" * 4, "rejected": "r" * 6}
     pair = tokenize_records([parse_row(row, "preference")], "preference", tokenizers["gpt2"], cfg)[0][0]
     assert example_tokens(pair) == 3 + (4 + 1) + (6 + 1)
+
+
+def test_longest_first_is_a_stable_sort_by_tokens() -> None:
+    """Indices by descending `example_tokens`; examples of equal length keep their order."""
+    lengths = [3, 5, 3, 7, 5, 1]
+    exs = [{"prompt_ids": [0] * (n - 1), "chosen_ids": [0]} for n in lengths]
+    assert longest_first(exs) == [3, 1, 4, 0, 2, 5]
+    assert longest_first([]) == []
 
 
 def test_percentile_nearest_rank() -> None:

@@ -185,7 +185,8 @@ def test_padded_micro_batches_hold_like_lengths_and_train_as_one_batch(
 ) -> None:
     """Padded micro-batches are cut from the batch longest first (`Engine.local_indices` with lengths), and the step
     is the same as over the whole batch at once; a batch not split, or split into padding-free micro-batches, keeps
-    the draw order."""
+    the draw order. The evaluation's padded batches are cut from the held-out examples longest first too, and its
+    loss is the one computed in file order."""
     seen: list[tuple[bool, list[int]]] = []
     make_batch = sft.make_batch
 
@@ -199,10 +200,16 @@ def test_padded_micro_batches_hold_like_lengths_and_train_as_one_batch(
         seen.clear()
         overrides = {"data.padding_free": flat, "train.batch_size": 8, "train.micro_batch_size": micro}
         cfg = make_cfg(tiny_dirs["llama"], task, tmp_path / f"{flat}-{micro}", **overrides, **{"train.max_steps": 3})
-        model = AutoModelForCausalLM.from_pretrained(sft.train(cfg) / "final")
+        run = sft.train(cfg)
+        model = AutoModelForCausalLM.from_pretrained(run / "final")
         weights[flat, micro] = torch.cat([p.detach().flatten() for p in model.parameters()])
         steps = [[lengths for f, lengths in seen[i : i + 8 // micro]] for i in range(0, 3 * 8 // micro, 8 // micro)]
         assert all(f == flat for f, _ in seen[: 3 * 8 // micro])  # the training steps' batches, before evaluation
+        held_out = [x for _, lengths in seen[3 * 8 // micro :] for x in lengths]
+        assert len(held_out) == 64 and (held_out == sorted(held_out, reverse=True)) == (not flat), held_out
+        logged = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["eval/loss"]
+        pad_id = load_tokenizer(tiny_dirs["llama"]).pad_token_id
+        assert logged == pytest.approx(eval_loss(model, examples(tiny_dirs["llama"], task["sft_eval"], 64), pad_id))
         cuts = [
             sorted((x for mb in step for x in mb), reverse=True) == [x for mb in step for x in mb] for step in steps
         ]

@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import weakref
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -328,6 +328,13 @@ def example_tokens(example: dict[str, Any]) -> int:
     if "input_ids" in example:  # a packed row's position_ids are no tokens
         return len(example["input_ids"])
     return sum(len(v) for k, v in example.items() if k.endswith("_ids"))
+
+
+def longest_first(examples: Sequence[dict[str, Any]]) -> list[int]:
+    """The indices of `examples` in order of `example_tokens`, longest first (a stable sort): padded batches cut
+    from this order hold examples of like length, and the first is the largest, so one too large for memory fails
+    at once. Scoring passes whose results are sums, or are put back in place, use it."""
+    return sorted(range(len(examples)), key=lambda i: -example_tokens(examples[i]))
 
 
 def percentile(values: list[int], q: float) -> int:

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from rlhf.data.collate import Collate, to_device
+from rlhf.data.tokenize import longest_first
 from rlhf.models.sequence_logps import response_logps
 
 logger = logging.getLogger(__name__)
@@ -126,11 +127,12 @@ def score_examples(
 ) -> Tensor:
     """Summed response log-probs of every example, (N, rows_per_example) float32, e.g. [chosen, rejected].
 
-    Examples are scored in batches sorted by length (less padding); the result is in the original order.
+    Examples are scored in batches of like length, longest first (`longest_first`); the result is in the original
+    order.
     `collate` returns rows laid out as rows_per_example blocks of the batch ([chosen; rejected] for pairs).
     """
     out = torch.zeros(len(examples), rows_per_example)
-    order = sorted(range(len(examples)), key=lambda i: _length(examples[i]))
+    order = longest_first(examples)
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
         batch = to_device(collate([examples[i] for i in idx]), device)
@@ -138,10 +140,6 @@ def score_examples(
             logps = response_logps(model, batch).sum  # (rows_per_example * b,)
         out[idx] = logps.float().cpu().view(rows_per_example, len(idx)).T
     return out
-
-
-def _length(ex: dict[str, Any]) -> int:
-    return sum(len(v) for k, v in ex.items() if k.endswith("_ids"))
 
 
 # ---------------------------------------------------------------------------------------------- the reference

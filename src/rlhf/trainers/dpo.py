@@ -42,7 +42,7 @@ from rlhf.config import (
     TrainConfig,
     check,
 )
-from rlhf.data import collate_responses, to_device
+from rlhf.data import collate_responses, longest_first, to_device
 from rlhf.data.collate import Collate
 from rlhf.losses.preference import PREFERENCE_LOSSES, dpo_loss, orpo_odds_ratio_loss, simpo_loss
 from rlhf.models import padding_free
@@ -263,17 +263,20 @@ def evaluate(
     collate: Collate,
     device: torch.device,
     autocast: Callable[[], Any],
+    flat: bool,
 ) -> dict[str, float]:
     """The loss and every metric as means over the held-out pairs, under `eval/` (no gradient, no RNG drawn).
 
-    Every process evaluates the whole split (the same numbers everywhere; only the main one logs them).
+    Every process evaluates the whole split (the same numbers everywhere; only the main one logs them). Padded
+    batches are cut from it longest first (`longest_first`), flat ones in order.
     """
     if not examples:
         return {}
     scale = len(examples) / max(1, chosen_tokens(examples, range(len(examples))))
+    order = list(range(len(examples))) if flat else longest_first(examples)
     totals: dict[str, Tensor] = {}
-    for s in range(0, len(examples), cfg.scoring_batch):
-        idx = list(range(s, min(s + cfg.scoring_batch, len(examples))))
+    for s in range(0, len(order), cfg.scoring_batch):
+        idx = order[s : s + cfg.scoring_batch]
         batch = make_batch(
             examples, idx, split="eval", collate=collate, device=device, reference=reference, sft_scale=scale
         )
@@ -364,7 +367,7 @@ def train(cfg: Config) -> Path:
         engine.resume()
         step_loss = partial(loss_fn, cfg)
         batch_kw = {"split": "train", "collate": collate, "device": device, "reference": reference}
-        eval_kw = {"collate": collate, "device": device, "autocast": engine.accelerator.autocast}
+        eval_kw = {"collate": collate, "device": device, "autocast": engine.accelerator.autocast, "flat": flat}
         while engine.step < total:
             if engine.should_stop():
                 engine.interrupt()

@@ -47,7 +47,7 @@ from rlhf.config import (
     TrainConfig,
     check,
 )
-from rlhf.data import collate_pairs, pad_sequences, to_device
+from rlhf.data import collate_pairs, longest_first, pad_sequences, to_device
 from rlhf.data.collate import add_margins, tree_rows
 from rlhf.errors import UserError
 from rlhf.evaluation.calibration import preference_calibration
@@ -265,20 +265,21 @@ def score_pairs(
     share_prompt: bool = False,
     flat: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Chosen and rejected rewards and margins (0 where missing) of `examples`, in order, on the CPU: (B,) each."""
+    """Chosen and rejected rewards and margins (0 where missing) of `examples`, in order, on the CPU: (B,) each.
+
+    Padded batches are cut from the examples longest first (`longest_first`), flat ones in order."""
     was_training = model.training
     model.eval()
-    parts: list[tuple[Tensor, Tensor, Tensor]] = []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        batch = to_device(make_collate(share_prompt, flat)(chunk, pad_id), device)
+    order = list(range(len(examples))) if flat else longest_first(examples)
+    out = torch.zeros(3, len(examples))  # [chosen, rejected, margin]
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = to_device(make_collate(share_prompt, flat)([examples[i] for i in idx], pad_id), device)
         chosen, rejected = pair_rewards(model, batch)
-        margin = batch.get("margin", torch.zeros(len(chunk), device=device))
-        parts.append((chosen.float().cpu(), rejected.float().cpu(), margin.float().cpu()))
+        margin = batch.get("margin", torch.zeros(len(idx), device=device))
+        out[:, idx] = torch.stack([chosen.float(), rejected.float(), margin.float()]).cpu()
     model.train(was_training)
-    if not parts:
-        return torch.zeros(0), torch.zeros(0), torch.zeros(0)
-    return tuple(torch.cat(p) for p in zip(*parts, strict=True))  # type: ignore[return-value]
+    return out[0], out[1], out[2]
 
 
 def evaluate(

@@ -35,7 +35,7 @@ from rlhf.config import (
     TrainConfig,
     check,
 )
-from rlhf.data import IGNORE_INDEX, collate_sft, pack_sft, to_device
+from rlhf.data import IGNORE_INDEX, collate_sft, longest_first, pack_sft, to_device
 from rlhf.errors import ConfigError
 from rlhf.losses.sft import sft_loss
 from rlhf.models import padding_free
@@ -172,12 +172,15 @@ def loss_fn(model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, Tensor, di
 
 @torch.no_grad()
 def evaluate(engine: Engine, examples: Sequence[dict[str, Any]], pad_id: int, *, flat: bool) -> dict[str, float]:
-    """Token-mean NLL and perplexity on held-out examples (never packed), each process scoring its share."""
+    """Token-mean NLL and perplexity on held-out examples (never packed), each process scoring its share; padded
+    batches cut from it longest first (`longest_first`), as the sums do not depend on the order."""
     model = engine.unwrapped_model  # no DDP in evaluation: processes run different numbers of forwards
     was_training = model.training
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=engine.device)  # [nll sum, tokens]
     mine = list(examples)[engine.rank :: engine.world_size]
+    if not flat:
+        mine = [mine[i] for i in longest_first(mine)]
     size = engine.train_cfg.micro_batch_size
     for start in range(0, len(mine), size):
         batch = make_batch(mine[start : start + size], pad_id, flat=flat)
