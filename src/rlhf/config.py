@@ -244,7 +244,8 @@ class LoggingConfig:
     """Extra accelerate trackers: tensorboard, wandb (install `rlhf[tensorboard]` / `rlhf[wandb]`; one that cannot
     start is an error)."""
     progress: bool = True
-    """Show a progress bar."""
+    """Show a progress bar of the training steps, and transient ones of the passes beside them (evaluation, the
+    reference log-probs)."""
 
     def validate(self) -> None:
         check(self.every >= 1, "every", f"must be >= 1, got {self.every}")

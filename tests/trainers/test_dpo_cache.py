@@ -155,3 +155,15 @@ def _policy_only(load: Any, model_cfg: Any, trainable: bool) -> Any:
 
 def _refuse(*_: Any, **__: Any) -> Any:
     raise AssertionError("reference log-probs were recomputed despite a cache hit")
+
+
+def test_the_reference_pass_and_each_evaluation_draw_a_bar_only_where_progress_is_on(
+    setup: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The reference log-probs pass and the evaluations show transient bars on stderr with logging.progress on
+    (the main process's), and none with it off."""
+    for shown in (True, False):
+        run = setup["root"] / f"progress-{shown}"
+        dpo.train(config(setup, run, precompute_ref=True, **{"logging.progress": shown}))
+        err = capsys.readouterr().err
+        assert ("reference log-probs:" in err) == shown and ("eval:" in err) == shown, err

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from rlhf.data.collate import Collate, to_device
 from rlhf.data.tokenize import longest_first
 from rlhf.models.sequence_logps import response_logps
+from rlhf.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +125,7 @@ def score_examples(
     device: torch.device,
     rows_per_example: int,
     autocast: Callable[[], Any],
+    show_progress: bool = False,
 ) -> Tensor:
     """Summed response log-probs of every example, (N, rows_per_example) float32, e.g. [chosen, rejected].
 
@@ -133,7 +135,7 @@ def score_examples(
     """
     out = torch.zeros(len(examples), rows_per_example)
     order = longest_first(examples)
-    for s in range(0, len(order), batch_size):
+    for s in progress(range(0, len(order), batch_size), "reference log-probs", show=show_progress):
         idx = order[s : s + batch_size]
         batch = to_device(collate([examples[i] for i in idx]), device)
         with autocast():
@@ -253,6 +255,7 @@ def cached_reference_tables(
                         device=engine.device,
                         rows_per_example=layout.rows_per_example,
                         autocast=ref.autocast,
+                        show_progress=engine.shows_progress,
                     )
             save_cache(path, tables)
         else:

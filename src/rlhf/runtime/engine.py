@@ -227,6 +227,11 @@ class Engine:
     def unwrapped_model(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.model)
 
+    @property
+    def shows_progress(self) -> bool:
+        """Whether this process draws progress bars: the main one, with `logging.progress` on."""
+        return self.is_main and self.logging_cfg.progress
+
     def sum_over_processes(self, x: Tensor) -> Tensor:
         """`x` summed elementwise over the processes (one all-reduce; `x` itself in one process): the
         `rlhf.losses.reduce.SumOver` that makes batch statistics global under data parallelism."""

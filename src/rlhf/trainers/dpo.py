@@ -56,6 +56,7 @@ from rlhf.models.loading import (
 )
 from rlhf.models.reference import ExampleLayout, Reference, cached_reference_tables, reference_cache_key
 from rlhf.models.sequence_logps import ResponseLogps, collate_flat, response_logps
+from rlhf.progress import progress
 from rlhf.runtime.data_order import DataOrder
 from rlhf.runtime.engine import Engine
 from rlhf.runtime.finish import save_final
@@ -264,6 +265,7 @@ def evaluate(
     device: torch.device,
     autocast: Callable[[], Any],
     flat: bool,
+    show_progress: bool,
 ) -> dict[str, float]:
     """The loss and every metric as means over the held-out pairs, under `eval/` (no gradient, no RNG drawn).
 
@@ -275,7 +277,7 @@ def evaluate(
     scale = len(examples) / max(1, chosen_tokens(examples, range(len(examples))))
     order = list(range(len(examples))) if flat else longest_first(examples)
     totals: dict[str, Tensor] = {}
-    for s in range(0, len(order), cfg.scoring_batch):
+    for s in progress(range(0, len(order), cfg.scoring_batch), "eval", show=show_progress):
         idx = order[s : s + cfg.scoring_batch]
         batch = make_batch(
             examples, idx, split="eval", collate=collate, device=device, reference=reference, sft_scale=scale
@@ -367,7 +369,13 @@ def train(cfg: Config) -> Path:
         engine.resume()
         step_loss = partial(loss_fn, cfg)
         batch_kw = {"split": "train", "collate": collate, "device": device, "reference": reference}
-        eval_kw = {"collate": collate, "device": device, "autocast": engine.accelerator.autocast, "flat": flat}
+        eval_kw = {
+            "collate": collate,
+            "device": device,
+            "autocast": engine.accelerator.autocast,
+            "flat": flat,
+            "show_progress": engine.shows_progress,
+        }
         while engine.step < total:
             if engine.should_stop():
                 engine.interrupt()

@@ -51,6 +51,7 @@ from rlhf.models.loading import (
 )
 from rlhf.models.reference import ExampleLayout, Reference, cached_reference_tables, reference_cache_key
 from rlhf.models.sequence_logps import collate_flat, response_logps
+from rlhf.progress import progress
 from rlhf.runtime.data_order import DataOrder
 from rlhf.runtime.engine import Engine
 from rlhf.runtime.finish import save_final
@@ -233,7 +234,13 @@ def pairwise_accuracy(rewards: Tensor, desirable: Tensor) -> float:
 
 @torch.no_grad()
 def evaluate(
-    cfg: Config, model: nn.Module, examples: Sequence[dict[str, Any]], reference: Reference, **kw: Any
+    cfg: Config,
+    model: nn.Module,
+    examples: Sequence[dict[str, Any]],
+    reference: Reference,
+    *,
+    show_progress: bool = False,
+    **kw: Any,
 ) -> dict[str, float]:
     """Loss and metrics over the held-out examples, under `eval/`; z from mismatched pairs within each eval batch.
 
@@ -244,7 +251,7 @@ def evaluate(
         return {}
     bs, policy, refs, labels = cfg.scoring_batch, [], [], []
     kl_sum = torch.zeros((), dtype=torch.float64, device=kw["device"])
-    for s in range(0, len(examples), bs):
+    for s in progress(range(0, len(examples), bs), "eval", show=show_progress):
         chunk = examples[s : s + bs]
         batch = to_device(kw["collate"](chunk), kw["device"])
         with kw["autocast"]():
@@ -343,7 +350,8 @@ def train(cfg: Config) -> Path:
             metrics = engine.train_step(mbs, step_loss)
             metrics = class_means(metrics) if metrics is not None else {}
             if data.eval and eval_due(engine.step, total, cfg.train.eval_every):
-                metrics |= evaluate(cfg, engine.unwrapped_model, data.eval, reference, **score_kw)
+                show = engine.shows_progress
+                metrics |= evaluate(cfg, engine.unwrapped_model, data.eval, reference, show_progress=show, **score_kw)
             if metrics:
                 engine.log(metrics | {"data/epoch": float(order.epoch)})
             engine.maybe_save_checkpoint()

@@ -55,6 +55,7 @@ from rlhf.losses.reward import bradley_terry_loss, reward_centering_penalty
 from rlhf.models import padding_free
 from rlhf.models.forward import backbone_and_head, mixes_by_attention_alone, sequence_scores
 from rlhf.models.loading import apply_lora, disable_dropout, load_model_tokenizer, load_scalar_model
+from rlhf.progress import progress
 from rlhf.runtime.data_order import DataOrder
 from rlhf.runtime.engine import Engine
 from rlhf.runtime.finish import save_final
@@ -264,6 +265,7 @@ def score_pairs(
     *,
     share_prompt: bool = False,
     flat: bool = False,
+    show_progress: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Chosen and rejected rewards and margins (0 where missing) of `examples`, in order, on the CPU: (B,) each.
 
@@ -272,7 +274,7 @@ def score_pairs(
     model.eval()
     order = list(range(len(examples))) if flat else longest_first(examples)
     out = torch.zeros(3, len(examples))  # [chosen, rejected, margin]
-    for start in range(0, len(order), batch_size):
+    for start in progress(range(0, len(order), batch_size), "eval", show=show_progress):
         idx = order[start : start + batch_size]
         batch = to_device(make_collate(share_prompt, flat)([examples[i] for i in idx], pad_id), device)
         chosen, rejected = pair_rewards(model, batch)
@@ -295,7 +297,8 @@ def evaluate(
     mine = list(examples)[engine.rank :: engine.world_size]
     model = engine.unwrapped_model  # no DDP in evaluation: processes run different numbers of forwards
     size = engine.train_cfg.micro_batch_size
-    scored = score_pairs(model, mine, pad_id, size, engine.device, share_prompt=share_prompt, flat=flat)
+    kw = {"share_prompt": share_prompt, "flat": flat, "show_progress": engine.shows_progress}
+    scored = score_pairs(model, mine, pad_id, size, engine.device, **kw)
     if engine.world_size > 1:
         scored = tuple(torch.cat(x) for x in zip(*gather_object([scored]), strict=True))  # type: ignore[assignment]
     chosen, rejected, margin = scored

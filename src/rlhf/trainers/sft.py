@@ -43,6 +43,7 @@ from rlhf.models.forward import mixes_by_attention_alone
 from rlhf.models.loading import apply_lora, load_causal_lm, load_model_tokenizer
 from rlhf.models.padding_free import LAYOUT_KWARG, flat_inputs
 from rlhf.models.unwrap import base_model
+from rlhf.progress import progress
 from rlhf.runtime.data_order import DataOrder
 from rlhf.runtime.engine import Engine
 from rlhf.runtime.finish import save_final
@@ -182,7 +183,7 @@ def evaluate(engine: Engine, examples: Sequence[dict[str, Any]], pad_id: int, *,
     if not flat:
         mine = [mine[i] for i in longest_first(mine)]
     size = engine.train_cfg.micro_batch_size
-    for start in range(0, len(mine), size):
+    for start in progress(range(0, len(mine), size), "eval", show=engine.shows_progress):
         batch = make_batch(mine[start : start + size], pad_id, flat=flat)
         nll = token_nll(model, to_device(batch, engine.device))
         sums[0] += nll.sum().double()
