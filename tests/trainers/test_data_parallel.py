@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -152,3 +153,36 @@ def test_two_processes_killed_and_resumed_are_bit_identical(tiny_dirs, data, tmp
     assert "rlhf: resumed at step" in finish(launch_two("grpo", tmp_path / "killed.yaml"))
     finish(launch_two("grpo", tmp_path / "uninterrupted.yaml"))
     assert_same_run(runs["uninterrupted"], runs["killed"])
+
+
+def test_two_processes_share_the_reference_pass_and_cache_what_one_process_caches(
+    tiny_dirs, data, tmp_path, monkeypatch, capsys
+):
+    """DPO with precompute_ref: on 2 processes each scores half of every split (the main one's progress bar counts
+    4 batches of 8 training pairs where one process alone counts 8) and the main one gathers the halves, so the
+    cache holds what one process computes alone (every row: a share left out would stay 0), and the runs train
+    alike."""
+    runs = {}
+    for name in ("one", "two"):
+        runs[name] = tmp_path / name
+        cfg = config("dpo", tiny_dirs["llama"], data, runs[name]) | {"precompute_ref": True}
+        cfg["data"]["eval"] = str(data["preference_eval"])
+        cfg["logging"]["progress"] = True
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+    p = launch_two("dpo", tmp_path / "two.yaml")
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "support"))
+    assert cli.main(["train", "dpo", "--config", str(tmp_path / "one.yaml")]) == 0
+    bars = {"one": capsys.readouterr().err, "two": finish(p)}
+    totals = {k: re.findall(r"reference log-probs: +0%\|[^|]*\| 0/(\d+)", err) for k, err in bars.items()}
+    assert totals == {"one": ["8", "1"], "two": ["4", "1"]}  # batches of the train and eval splits
+
+    (one,), (two,) = ((runs[n] / "ref_logps").iterdir() for n in ("one", "two"))
+    a, b = load_file(one), load_file(two)
+    assert a.keys() == b.keys() == {"train", "eval"} and a["train"].shape == (64, 2) and a["eval"].shape == (8, 2)
+    assert bool((a["train"] < 0).all() and (a["eval"] < 0).all())  # log-probs of every pair
+    for split in a:
+        torch.testing.assert_close(b[split], a[split], atol=1e-5, rtol=0, msg=split)
+    w1 = load_file(runs["one"] / "final" / "model.safetensors")
+    w2 = load_file(runs["two"] / "final" / "model.safetensors")
+    for key in w1:
+        torch.testing.assert_close(w2[key], w1[key], atol=1e-5, rtol=0, msg=key)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import broadcast_object_list, gather_object
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -233,33 +234,47 @@ def cached_reference_tables(
 ) -> dict[str, Tensor]:
     """Reference log-probs of every example of every split, {split: (N, rows_per_example)}, from the cache.
 
-    On a miss the main process builds the reference (`make_reference`, only then), scores every split in
-    no-grad batches of `batch_size`, and writes `run_dir/ref_logps/<key>.safetensors`; then every process
-    reads that file, so all of them use the same numbers.
+    On a miss every process builds the reference (`make_reference`, only then) and scores its share of every split
+    in no-grad batches of `batch_size`: the examples longest first, dealt out in turn, so that the shares cost
+    alike and N processes take ~1/N of the time (a waiting process could also outlast the collective timeout of
+    its backend). The main process gathers the shares into `run_dir/ref_logps/<key>.safetensors`; then every
+    process reads that file, so all of them use the same numbers.
     """
     path = cache_path(engine.run_dir, key)
-    if engine.is_main:
-        if load_cache(path) is None:
-            logger.info("computing reference log-probs for %s", ", ".join(f"{len(v)} {k}" for k, v in splits.items()))
-            ref = make_reference()
-            tables = {}
-            for name, examples in splits.items():
-                host = ref.adapter_host
-                off = host.disable_adapter() if host is not None else contextlib.nullcontext()  # type: ignore[operator]
-                with off:
-                    tables[name] = score_examples(
-                        ref.model,  # type: ignore[arg-type]
-                        examples,
-                        layout.collate,
-                        batch_size=batch_size,
-                        device=engine.device,
-                        rows_per_example=layout.rows_per_example,
-                        autocast=ref.autocast,
-                        show_progress=engine.shows_progress,
-                    )
-            save_cache(path, tables)
-        else:
+    found = [engine.is_main and load_cache(path) is not None]  # the main process decides for all
+    if engine.world_size > 1:
+        broadcast_object_list(found)
+    if found[0]:
+        if engine.is_main:
             logger.info("reference log-probs from the cache %s", path)
+    else:
+        if engine.is_main:
+            counts = ", ".join(f"{len(v)} {k}" for k, v in splits.items())
+            logger.info("computing reference log-probs for %s on %d process(es)", counts, engine.world_size)
+        ref = make_reference()
+        host = ref.adapter_host
+        shares: dict[str, tuple[list[int], Tensor]] = {}
+        for name, examples in splits.items():
+            mine = longest_first(examples)[engine.rank :: engine.world_size]
+            off = host.disable_adapter() if host is not None else contextlib.nullcontext()  # type: ignore[operator]
+            with off:
+                shares[name] = mine, score_examples(
+                    ref.model,  # type: ignore[arg-type]
+                    [examples[i] for i in mine],
+                    layout.collate,
+                    batch_size=batch_size,
+                    device=engine.device,
+                    rows_per_example=layout.rows_per_example,
+                    autocast=ref.autocast,
+                    show_progress=engine.shows_progress,
+                )
+        gathered = gather_object([shares]) if engine.world_size > 1 else [shares]
+        if engine.is_main:
+            full = {name: torch.zeros(len(examples), layout.rows_per_example) for name, examples in splits.items()}
+            for share in gathered:
+                for name, (idx, scores) in share.items():
+                    full[name][idx] = scores
+            save_cache(path, full)
     engine.accelerator.wait_for_everyone()
     tables = load_cache(path)
     if tables is None:

@@ -87,7 +87,8 @@ class Config:
     orpo_lambda: float = 0.1
     """ORPO weight lambda of the odds-ratio term added to the SFT loss (the paper's and TRL's default 0.1)."""
     precompute_ref: bool = False
-    """Score the data with the reference once before training and cache it in run_dir/ref_logps/ (safetensors)."""
+    """Score the data with the reference once before training and cache it in run_dir/ref_logps/ (safetensors);
+    several processes each score a share."""
     share_prompt: bool = True
     """Run each prompt through the model once for both responses, not twice: padding-free, one tree sequence
     [prompt | chosen | rejected] per pair (`data.padding_free`); else a KV cache, off with gradient

@@ -74,7 +74,8 @@ class Config:
     undesirable_weight: float = 1.0
     """lambda_U, the weight of undesirable examples' losses."""
     precompute_ref: bool = False
-    """Cache the reference log-probs of the examples in run_dir/ref_logps/ (the mismatched pairs are scored live)."""
+    """Cache the reference log-probs of the examples in run_dir/ref_logps/ (the mismatched pairs are scored live);
+    several processes each score a share."""
     score_batch_size: int = 0
     """Examples per no-grad forward when precomputing reference log-probs and evaluating; 0: 4 x micro_batch_size."""
     model: ModelConfig = field(default_factory=ModelConfig)
