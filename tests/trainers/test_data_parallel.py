@@ -155,34 +155,49 @@ def test_two_processes_killed_and_resumed_are_bit_identical(tiny_dirs, data, tmp
     assert_same_run(runs["uninterrupted"], runs["killed"])
 
 
-def test_two_processes_share_the_reference_pass_and_cache_what_one_process_caches(
-    tiny_dirs, data, tmp_path, monkeypatch, capsys
+@pytest.mark.parametrize("algo", ["dpo", "kto"])
+def test_two_processes_share_the_reference_pass_and_the_evaluation(
+    algo, tiny_dirs, data, tmp_path, monkeypatch, capsys
 ):
-    """DPO with precompute_ref: on 2 processes each scores half of every split (the main one's progress bar counts
-    4 batches of 8 training pairs where one process alone counts 8) and the main one gathers the halves, so the
-    cache holds what one process computes alone (every row: a share left out would stay 0), and the runs train
-    alike."""
+    """precompute_ref: on 2 processes each scores half of every split (the main one's progress bar counts 16 batches
+    of 2 of the 64 training examples where one process alone counts 32) and the main one gathers the halves, so the
+    cache holds what one process computes alone (every row: a share left out would stay 0). The evaluation deals its
+    batches out too (2 of the 4 on the main process), and logs what one process logs; the runs train alike."""
+    kind = "preference" if algo == "dpo" else "unpaired"
     runs = {}
     for name in ("one", "two"):
         runs[name] = tmp_path / name
-        cfg = config("dpo", tiny_dirs["llama"], data, runs[name]) | {"precompute_ref": True}
-        cfg["data"]["eval"] = str(data["preference_eval"])
+        cfg = config("dpo", tiny_dirs["llama"], data, runs[name]) | {"precompute_ref": True, "score_batch_size": 2}
+        cfg["data"] |= {"train": str(data[kind]), "eval": str(data[f"{kind}_eval"])}
+        cfg["train"]["eval_every"] = 4
         cfg["logging"]["progress"] = True
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
-    p = launch_two("dpo", tmp_path / "two.yaml")
+    p = launch_two(algo, tmp_path / "two.yaml")
     monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "support"))
-    assert cli.main(["train", "dpo", "--config", str(tmp_path / "one.yaml")]) == 0
+    assert cli.main(["train", algo, "--config", str(tmp_path / "one.yaml")]) == 0
     bars = {"one": capsys.readouterr().err, "two": finish(p)}
-    totals = {k: re.findall(r"reference log-probs: +0%\|[^|]*\| 0/(\d+)", err) for k, err in bars.items()}
-    assert totals == {"one": ["8", "1"], "two": ["4", "1"]}  # batches of the train and eval splits
+    totals = {k: re.findall(r"(reference log-probs|\beval): +0%\|[^|]*\| 0/(\d+)", err) for k, err in bars.items()}
+    ref, ev = "reference log-probs", "eval"  # the cache's train and eval splits, then the evaluations at steps 4, 8
+    assert totals == {
+        "one": [(ref, "32"), (ref, "4"), (ev, "4"), (ev, "4")],
+        "two": [(ref, "16"), (ref, "2"), (ev, "2"), (ev, "2")],
+    }
 
     (one,), (two,) = ((runs[n] / "ref_logps").iterdir() for n in ("one", "two"))
     a, b = load_file(one), load_file(two)
-    assert a.keys() == b.keys() == {"train", "eval"} and a["train"].shape == (64, 2) and a["eval"].shape == (8, 2)
-    assert bool((a["train"] < 0).all() and (a["eval"] < 0).all())  # log-probs of every pair
+    rows_per_example = 2 if algo == "dpo" else 1
+    assert a.keys() == b.keys() == {"train", "eval"}
+    assert a["train"].shape == (64, rows_per_example) and a["eval"].shape == (8, rows_per_example)
+    assert bool((a["train"] < 0).all() and (a["eval"] < 0).all())  # log-probs of every example
     for split in a:
         torch.testing.assert_close(b[split], a[split], atol=1e-5, rtol=0, msg=split)
     w1 = load_file(runs["one"] / "final" / "model.safetensors")
     w2 = load_file(runs["two"] / "final" / "model.safetensors")
     for key in w1:
         torch.testing.assert_close(w2[key], w1[key], atol=1e-5, rtol=0, msg=key)
+    evals = {n: [r for r in rows(runs[n]) if "eval/loss" in r] for n in runs}
+    assert [r["step"] for r in evals["one"]] == [r["step"] for r in evals["two"]] == [4, 8]
+    for r1, r2 in zip(evals["one"], evals["two"], strict=True):
+        keys = [k for k in r1 if k.startswith("eval/")]
+        assert len(keys) > 5 and sorted(keys) == sorted(k for k in r2 if k.startswith("eval/"))
+        assert [r2[k] for k in keys] == pytest.approx([r1[k] for k in keys], rel=1e-5, abs=1e-6)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import broadcast_object_list, gather_object
+from accelerate.utils import broadcast_object_list
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -258,7 +258,7 @@ def cached_reference_tables(
             mine = longest_first(examples)[engine.rank :: engine.world_size]
             off = host.disable_adapter() if host is not None else contextlib.nullcontext()  # type: ignore[operator]
             with off:
-                shares[name] = mine, score_examples(
+                scores = score_examples(
                     ref.model,  # type: ignore[arg-type]
                     [examples[i] for i in mine],
                     layout.collate,
@@ -268,7 +268,8 @@ def cached_reference_tables(
                     autocast=ref.autocast,
                     show_progress=engine.shows_progress,
                 )
-        gathered = gather_object([shares]) if engine.world_size > 1 else [shares]
+            shares[name] = mine, scores
+        gathered = engine.gather(shares)
         if engine.is_main:
             full = {name: torch.zeros(len(examples), layout.rows_per_example) for name, examples in splits.items()}
             for share in gathered:

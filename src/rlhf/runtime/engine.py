@@ -27,7 +27,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import torch
 from accelerate import Accelerator
@@ -44,6 +44,7 @@ from rlhf.runtime.run_dir import RunLog, flatten, write_config
 from rlhf.runtime.signals import StopSignals
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 SCHEDULES = ("constant", "linear", "cosine")
@@ -231,6 +232,10 @@ class Engine:
     def shows_progress(self) -> bool:
         """Whether this process draws progress bars: the main one, with `logging.progress` on."""
         return self.is_main and self.logging_cfg.progress
+
+    def gather(self, obj: T) -> list[T]:
+        """Every process's `obj` (picklable), in rank order, on every process: `[obj]` in one process."""
+        return gather_object([obj]) if self.world_size > 1 else [obj]
 
     def sum_over_processes(self, x: Tensor) -> Tensor:
         """`x` summed elementwise over the processes (one all-reduce; `x` itself in one process): the
@@ -487,7 +492,7 @@ class Engine:
         # every rank checks (DDP keeps weights identical), so all of them raise together
         ckpt.check_finite(model.state_dict().items(), f"checkpoint step-{self.step}")
         mine = (self.rank, ckpt.capture_rng_state(), {n: self._states[n].state_dict() for n in self._per_rank})
-        per_rank = gather_object([mine]) if self.world_size > 1 else [mine]
+        per_rank = self.gather(mine)
         if self.is_main:
             ckpt.write_checkpoint(
                 root,

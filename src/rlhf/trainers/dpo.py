@@ -258,37 +258,40 @@ def make_batch(
 @torch.no_grad()
 def evaluate(
     cfg: Config,
-    model: nn.Module,
+    engine: Engine,
     examples: Sequence[dict[str, Any]],
     reference: Reference | None,
     *,
     collate: Collate,
-    device: torch.device,
-    autocast: Callable[[], Any],
     flat: bool,
-    show_progress: bool,
 ) -> dict[str, float]:
     """The loss and every metric as means over the held-out pairs, under `eval/` (no gradient, no RNG drawn).
 
-    Every process evaluates the whole split (the same numbers everywhere; only the main one logs them). Padded
-    batches are cut from it longest first (`longest_first`), flat ones in order.
+    The split's batches are dealt out to the processes in turn and their sums gathered, so every process gets the
+    same numbers (only the main one logs them). Padded batches are cut from the pairs longest first
+    (`longest_first`), flat ones in order.
     """
     if not examples:
         return {}
     scale = len(examples) / max(1, chosen_tokens(examples, range(len(examples))))
     order = list(range(len(examples))) if flat else longest_first(examples)
+    batches = [order[s : s + cfg.scoring_batch] for s in range(0, len(order), cfg.scoring_batch)]
+    model, device = engine.unwrapped_model, engine.device
     totals: dict[str, Tensor] = {}
-    for s in progress(range(0, len(order), cfg.scoring_batch), "eval", show=show_progress):
-        idx = order[s : s + cfg.scoring_batch]
+    for idx in progress(batches[engine.rank :: engine.world_size], "eval", show=engine.shows_progress):
         batch = make_batch(
             examples, idx, split="eval", collate=collate, device=device, reference=reference, sft_scale=scale
         )
-        with autocast():
+        with engine.accelerator.autocast():
             losses, metrics = pair_losses(cfg, model, batch)
         for k, v in {"loss": losses, **metrics}.items():
             totals[k] = totals[k] + v.double().sum() if k in totals else v.double().sum()
-    values = torch.stack(list(totals.values())).div(len(examples)).tolist()  # one host sync
-    return {f"eval/{k}": v for k, v in zip(totals, values, strict=True)}
+    mine = dict(zip(totals, torch.stack(list(totals.values())).tolist(), strict=True)) if totals else {}  # one sync
+    sums: dict[str, float] = {}
+    for share in engine.gather(mine):  # rank 0 has the first batch, so its keys come first
+        for k, v in share.items():
+            sums[k] = sums.get(k, 0.0) + v
+    return {f"eval/{k}": v / len(examples) for k, v in sums.items()}
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -370,13 +373,6 @@ def train(cfg: Config) -> Path:
         engine.resume()
         step_loss = partial(loss_fn, cfg)
         batch_kw = {"split": "train", "collate": collate, "device": device, "reference": reference}
-        eval_kw = {
-            "collate": collate,
-            "device": device,
-            "autocast": engine.accelerator.autocast,
-            "flat": flat,
-            "show_progress": engine.shows_progress,
-        }
         while engine.step < total:
             if engine.should_stop():
                 engine.interrupt()
@@ -388,7 +384,7 @@ def train(cfg: Config) -> Path:
             ]
             metrics = engine.train_step(mbs, step_loss) or {}
             if data.eval and eval_due(engine.step, total, cfg.train.eval_every):
-                metrics |= evaluate(cfg, engine.unwrapped_model, data.eval, reference, **eval_kw)
+                metrics |= evaluate(cfg, engine, data.eval, reference, collate=collate, flat=flat)
             if metrics:
                 engine.log(metrics | {"data/epoch": float(order.epoch)})
             engine.maybe_save_checkpoint()

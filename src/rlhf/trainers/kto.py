@@ -235,41 +235,40 @@ def pairwise_accuracy(rewards: Tensor, desirable: Tensor) -> float:
 
 @torch.no_grad()
 def evaluate(
-    cfg: Config,
-    model: nn.Module,
-    examples: Sequence[dict[str, Any]],
-    reference: Reference,
-    *,
-    show_progress: bool = False,
-    **kw: Any,
+    cfg: Config, engine: Engine, examples: Sequence[dict[str, Any]], reference: Reference, **kw: Any
 ) -> dict[str, float]:
     """Loss and metrics over the held-out examples, under `eval/`; z from mismatched pairs within each eval batch.
 
+    The batches (in file order, which fixes the mismatched pairs) are dealt out to the processes in turn; their
+    log-probs and KL sums are gathered, so every process gets the same numbers (only the main one logs them).
     eval/rewards/accuracy is `pairwise_accuracy` of the implied reward against the labels.
     `kw`: collate, device, autocast, max_length.
     """
     if not examples:
         return {}
-    bs, policy, refs, labels = cfg.scoring_batch, [], [], []
+    bs, model, policy, refs, labels = cfg.scoring_batch, engine.unwrapped_model, [], [], []
     kl_sum = torch.zeros((), dtype=torch.float64, device=kw["device"])
-    for s in progress(range(0, len(examples), bs), "eval", show=show_progress):
+    starts = range(0, len(examples), bs)[engine.rank :: engine.world_size]
+    for s in progress(starts, "eval", show=engine.shows_progress):
         chunk = examples[s : s + bs]
         batch = to_device(kw["collate"](chunk), kw["device"])
         with kw["autocast"]():
-            policy.append(response_logps(model, batch).sum)
+            policy.append(response_logps(model, batch).sum.float())
         refs.append(reference.logps(batch, "eval", range(s, s + len(chunk)), 1)[:, 0])
         labels.append(batch["label"])
         pairs = mismatched(chunk, kw["max_length"])
         kl_sum += kl_logratio_sum(
             model, reference, pairs, bs, collate=kw["collate"], device=kw["device"], autocast=kw["autocast"]
         )
-    kl_ref = (kl_sum / len(examples)).float()
-    pol, desirable = torch.cat(policy), torch.cat(labels)
-    losses, metrics = kto_terms(cfg, pol, torch.cat(refs), desirable, kl_ref)
+    mine = [torch.cat(x).cpu() if x else torch.zeros(0) for x in (policy, refs, labels)]
+    shares = engine.gather((*mine, kl_sum.item()))
+    pol, ref, desirable = (torch.cat([share[i] for share in shares]) for i in range(3))
+    kl_ref = torch.tensor(sum(share[3] for share in shares) / len(examples), dtype=torch.float32)
+    losses, metrics = kto_terms(cfg, pol, ref, desirable.bool(), kl_ref)
     names = ["loss", *metrics]
     values = torch.stack([losses.double().mean(), *(v.double().mean() for v in metrics.values())]).tolist()
     out = class_means(dict(zip(names, values, strict=True)))
-    out["rewards/accuracy"] = pairwise_accuracy((pol.float() - torch.cat(refs)).cpu(), desirable.cpu())
+    out["rewards/accuracy"] = pairwise_accuracy(pol - ref, desirable.bool())
     return {f"eval/{k}": v for k, v in out.items()}
 
 
@@ -351,8 +350,7 @@ def train(cfg: Config) -> Path:
             metrics = engine.train_step(mbs, step_loss)
             metrics = class_means(metrics) if metrics is not None else {}
             if data.eval and eval_due(engine.step, total, cfg.train.eval_every):
-                show = engine.shows_progress
-                metrics |= evaluate(cfg, engine.unwrapped_model, data.eval, reference, show_progress=show, **score_kw)
+                metrics |= evaluate(cfg, engine, data.eval, reference, **score_kw)
             if metrics:
                 engine.log(metrics | {"data/epoch": float(order.epoch)})
             engine.maybe_save_checkpoint()
