@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import gather_object
 from torch import Tensor, nn
 
 from rlhf.config import (
@@ -299,9 +298,7 @@ def evaluate(
     size = engine.train_cfg.micro_batch_size
     kw = {"share_prompt": share_prompt, "flat": flat, "show_progress": engine.shows_progress}
     scored = score_pairs(model, mine, pad_id, size, engine.device, **kw)
-    if engine.world_size > 1:
-        scored = tuple(torch.cat(x) for x in zip(*gather_object([scored]), strict=True))  # type: ignore[assignment]
-    chosen, rejected, margin = scored
+    chosen, rejected, margin = (torch.cat(x) for x in zip(*engine.gather(scored), strict=True))
     bt, metrics = bradley_terry_loss(chosen, rejected, margin=margin if use_margin else None)
     calibration = preference_calibration(chosen, rejected, n_bins=CALIBRATION_BINS)
     values = {
