@@ -15,8 +15,8 @@ from tqdm.auto import tqdm
 T = TypeVar("T")
 
 
-def progress(items: Iterable[T], desc: str, *, show: bool, total: int | None = None) -> Iterable[T]:
+def progress(items: Iterable[T], desc: str, *, show: bool) -> Iterable[T]:
     """`items`, under a bar named `desc` on stderr when `show`; as they are otherwise."""
     if not show:
         return items
-    return tqdm(items, desc=desc, total=total, leave=False, dynamic_ncols=True)
+    return tqdm(items, desc=desc, leave=False, dynamic_ncols=True)
