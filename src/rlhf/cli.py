@@ -202,7 +202,8 @@ def _train(args: argparse.Namespace, extras: list[str]) -> int:
         return 0
     cfg = train_config(args.algorithm, module, args.config, extras)
     run_dir = module.train(cfg)
-    print(f"rlhf train {args.algorithm}: run directory {run_dir}")
+    if os.environ.get("RANK", "0") == "0":  # once for a launch of several processes (torchrun sets RANK)
+        print(f"rlhf train {args.algorithm}: run directory {run_dir}")
     return 0
 
 

@@ -96,10 +96,11 @@ def kill_tree(pid: int) -> None:
             os.kill(p, signal.SIGKILL)
 
 
-def finish(p: subprocess.Popen) -> str:
-    _, err = p.communicate(timeout=300)
+def finish(p: subprocess.Popen) -> tuple[str, str]:
+    """The launch's stdout and stderr, once it exited 0."""
+    out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err[-16000:]  # torchrun's own failure summary alone takes ~3000 characters
-    return err
+    return out, err
 
 
 def rows(run_dir: Path) -> list[dict[str, float]]:
@@ -150,7 +151,7 @@ def test_two_processes_killed_and_resumed_are_bit_identical(tiny_dirs, data, tmp
     kill_tree(p.pid)
     p.communicate(timeout=60)
     assert not (runs["killed"] / "final").exists(), "the run finished before it was killed"
-    assert "rlhf: resumed at step" in finish(launch_two("grpo", tmp_path / "killed.yaml"))
+    assert "rlhf: resumed at step" in finish(launch_two("grpo", tmp_path / "killed.yaml"))[1]
     finish(launch_two("grpo", tmp_path / "uninterrupted.yaml"))
     assert_same_run(runs["uninterrupted"], runs["killed"])
 
@@ -175,7 +176,9 @@ def test_two_processes_share_the_reference_pass_and_the_evaluation(
     p = launch_two(algo, tmp_path / "two.yaml")
     monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "support"))
     assert cli.main(["train", algo, "--config", str(tmp_path / "one.yaml")]) == 0
-    bars = {"one": capsys.readouterr().err, "two": finish(p)}
+    out, err = finish(p)
+    assert out.count("run directory") == 1, out  # printed by the main process alone
+    bars = {"one": capsys.readouterr().err, "two": err}
     totals = {k: re.findall(r"(reference log-probs|\beval): +0%\|[^|]*\| 0/(\d+)", err) for k, err in bars.items()}
     ref, ev = "reference log-probs", "eval"  # the cache's train and eval splits, then the evaluations at steps 4, 8
     assert totals == {
