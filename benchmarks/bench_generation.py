@@ -1,7 +1,7 @@
 """Generation throughput: our rollout decoding against `model.generate` (what TRL's online trainers call).
 
     /tmp/benchvenv/bin/python benchmarks/bench_generation.py [--hidden 256 --layers 4 --rows 64 --prompt 32
-        --new-tokens 256 --rounds 3 --threads 2]
+        --new-tokens 256 --rounds 3 --threads 2] [--prompt-min 10 --group 4 --chunk-size 16]
 
 One tiny llama (rlhf.tasks.tiny, random weights) samples `--new-tokens` tokens (temperature 1, no top-k/top-p)
 for each of `--rows` random prompts of `--prompt` tokens (row i left-padded by i % 8), three ways, alternating
@@ -20,6 +20,12 @@ cache's rows are then copied, which `ours-concat` does too), `model.generate` ke
 then tokens up to and including each row's EOS per second. `ours` and `ours-concat` draw the same tokens (keyed
 sampling); `hf` draws others. One JSON line per trial, then each side's median new tokens/s and the ratios
 ours/hf and ours/ours-concat.
+
+With `--prompt-min` the prompts have random lengths between it and `--prompt` (`--group` rows of each, as a
+GRPO batch), and with `--chunk-size` every side samples through `rlhf.rollout.generation.generate_rollout` in
+chunks of that many rows, as a rollout does (`rollout.forward_batch_size`): prompts of like length per chunk,
+each without the left padding its rows share. The side `ours-row-order` then cuts the chunks in row order at the
+batch's full width instead (the lever measured side by side; it draws the same tokens as `ours`).
 """
 
 from __future__ import annotations
@@ -50,12 +56,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32", help="the weights' dtype on all sides")
     p.add_argument("--stop-at-eos", action="store_true", help="rows end at their first EOS (default: never)")
-    p.add_argument("--sides", default=",".join(SIDES), help="which sides to run")
+    p.add_argument("--prompt-min", type=int, default=0, help="random prompt lengths from this to --prompt (0: off)")
+    p.add_argument("--group", type=int, default=1, help="rows per prompt (with --prompt-min)")
+    p.add_argument("--chunk-size", type=int, default=0, help="rows per generate call, as a rollout (0: all)")
+    p.add_argument("--sides", default=None, help=f"which sides to run (default: {', '.join(SIDES)}, and "
+                   "ours-row-order with --chunk-size)")  # fmt: skip
     return p.parse_args(argv)
 
 
-def generators(model: torch.nn.Module, n: int, eos: int) -> dict[str, Any]:
-    """side -> fn(prompt_ids, prompt_mask) -> (rows, n) new tokens."""
+def generators(model: torch.nn.Module, n: int, eos: int, chunk_size: int) -> dict[str, Any]:
+    """side -> fn(prompt_ids, prompt_mask, keys) -> (rows, <= n) new tokens, in chunks of `chunk_size` rows."""
     from transformers import DynamicCache, GenerationConfig
 
     from rlhf.models import cpu_linear, padding_free
@@ -63,20 +73,19 @@ def generators(model: torch.nn.Module, n: int, eos: int) -> dict[str, Any]:
 
     sampling = generation.SamplingConfig(max_new_tokens=n, temperature=1.0)
 
-    def ours(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def ours(ids: torch.Tensor, mask: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         padding_free.enable(model)
         cpu_linear.enable(model)
-        keys = generation.stream_keys(0, 0, torch.arange(ids.shape[0]))  # the same draws on every call
         processors = generation.sampler(sampling, keys)
         return generation.decode(
             model, ids, mask, max_new_tokens=n, eos_token_id=eos, pad_token_id=0, logits_processor=processors
         )
 
-    def ours_concat(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def ours_concat(ids: torch.Tensor, mask: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         reserved = generation.reserved_cache
         generation.reserved_cache = lambda model, capacity: DynamicCache(config=model.config)
         try:
-            return ours(ids, mask)
+            return ours(ids, mask, keys)
         finally:
             generation.reserved_cache = reserved
 
@@ -90,14 +99,37 @@ def generators(model: torch.nn.Module, n: int, eos: int) -> dict[str, Any]:
         pad_token_id=0,
     )
 
-    def hf(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def hf(ids: torch.Tensor, mask: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         model.config._attn_implementation = "sdpa"
         for module in model.modules():
             if type(module) is cpu_linear.Linear:
                 module.__class__ = torch.nn.Linear
         return model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1] :]
 
-    return {"ours": ours, "ours-concat": ours_concat, "hf": hf}
+    sides = {"ours": ours, "ours-concat": ours_concat, "hf": hf}
+    if not chunk_size:
+        return sides
+
+    def rollout(fn: Any) -> Any:
+        class Backend:
+            def generate(self, ids: torch.Tensor, mask: torch.Tensor, sampling: Any, keys: torch.Tensor) -> Any:
+                return fn(ids, mask, keys)
+
+        def run(ids: torch.Tensor, mask: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+            out = generation.generate_rollout(
+                Backend(), ids, mask, sampling, eos_token_id=eos, pad_token_id=0, chunk_size=chunk_size, keys=keys
+            )
+            return out.response_ids
+
+        return run
+
+    def row_order(ids: torch.Tensor, mask: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        parts = [ours(ids[s : s + chunk_size], mask[s : s + chunk_size], keys[s : s + chunk_size])
+                 for s in range(0, ids.shape[0], chunk_size)]  # fmt: skip
+        width = max(p.shape[1] for p in parts)
+        return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])
+
+    return {**{side: rollout(fn) for side, fn in sides.items()}, "ours-row-order": row_order}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,20 +151,29 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(5, len(tokenizer), (args.rows, args.prompt), generator=gen)
     mask = torch.ones_like(ids)
-    for i in range(args.rows):
-        ids[i, : i % 8], mask[i, : i % 8] = 0, 0
+    if args.prompt_min:
+        n = -(-args.rows // args.group)
+        lengths = torch.randint(args.prompt_min, args.prompt + 1, (n,), generator=gen)
+        lengths = lengths.repeat_interleave(args.group)[: args.rows]
+        ids = ids[torch.arange(args.rows) // args.group * args.group]  # a group's rows share their prompt
+        for i, length in enumerate(lengths.tolist()):
+            ids[i, : args.prompt - length], mask[i, : args.prompt - length] = 0, 0
+    else:
+        for i in range(args.rows):
+            ids[i, : i % 8], mask[i, : i % 8] = 0, 0
+    keys = torch.arange(args.rows)  # the same draws on every call
     emit({"bench": "generation", "machine": machine(), "torch": torch.__version__, **vars(args)})
 
-    sides = [s for s in args.sides.split(",") if s]
     eos = tokenizer.eos_token_id if args.stop_at_eos else -1  # -1: no token id, no row ever stops
-    fns = generators(model, args.new_tokens, eos)
+    fns = generators(model, args.new_tokens, eos, args.chunk_size)
+    sides = [s for s in args.sides.split(",") if s] if args.sides else list(fns)
     with torch.no_grad():
         for side in sides:
-            fns[side](ids, mask)  # warm-up
+            fns[side](ids, mask, keys)  # warm-up
         rates: dict[str, list[float]] = {side: [] for side in sides}
         for r, side in alternating(args.rounds, sides):
             start = time.perf_counter()
-            out = fns[side](ids, mask)
+            out = fns[side](ids, mask, keys)
             seconds = time.perf_counter() - start
             tokens = mask_after_eos(out, eos, 0)[1].sum().item()
             assert args.stop_at_eos or tokens == args.rows * args.new_tokens, f"{side} made {tuple(out.shape)}"

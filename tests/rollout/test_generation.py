@@ -278,6 +278,33 @@ def test_a_rows_sample_depends_on_its_key_not_on_the_rows_beside_it(tiny_dirs, s
         assert not whole_mask[rows, width:].any()
 
 
+def test_chunks_take_rows_of_similar_prompt_length_without_their_shared_left_padding(tiny_dirs):
+    """Rows of prompt lengths 2, 5, 1, 5, 3, 2 in chunks of 2: the chunks get rows (1, 3), (4, 0), (5, 2), longest
+    first (ties in row order), each no wider than its longest prompt; the rollout, in row order, is the one sampled
+    all at once."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"]).eval()
+    lengths = [2, 5, 1, 5, 3, 2]
+    prompt_ids = torch.tensor([[0] * (5 - n) + [5 + r + i for i in range(n)] for r, n in enumerate(lengths)])
+    prompt_mask = (prompt_ids != 0).long()
+    keys = stream_keys(2, 7, torch.arange(6))
+    backend = HFGenerationBackend(model, eos_token_id=-1, pad_token_id=0)
+    calls = []
+
+    def recorded(ids, mask, sampling, keys):
+        calls.append((ids.clone(), mask.sum(-1).tolist()))
+        return HFGenerationBackend.generate(backend, ids, mask, sampling, keys)
+
+    backend.generate = recorded
+    sampling = SamplingConfig(max_new_tokens=5, temperature=1.5)
+    chunked = generate_rollout(backend, prompt_ids, prompt_mask, sampling, eos_token_id=-1, pad_token_id=0,
+                               chunk_size=2, keys=keys)  # fmt: skip
+    assert [(ids.shape[1], n) for ids, n in calls] == [(5, [5, 5]), (3, [3, 2]), (2, [2, 1])]
+    assert torch.equal(calls[2][0], prompt_ids[[5, 2], 3:])
+    whole = generate_rollout(backend, prompt_ids, prompt_mask, sampling, eos_token_id=-1, pad_token_id=0, keys=keys)
+    assert torch.equal(chunked.response_ids, whole.response_ids) and torch.equal(chunked.prompt_ids, prompt_ids)
+    assert len(set(map(tuple, whole.response_ids.tolist()))) == 6
+
+
 def test_a_prompt_that_several_rows_sample_from_is_prefilled_once(tiny_dirs, monkeypatch):
     """A GRPO-like batch, 3 prompts x 4 rows: the prefill runs 3 rows, and the keyed samples equal those of a
     prefill of all 12 rows."""

@@ -430,16 +430,26 @@ def generate_rollout(
 
     `keys` (B,) int64: each row's sampling key (`KeyedDraw`); None: fresh ones from torch's global RNG.
 
+    Chunks take the rows longest prompt first (rows of one prompt stay together), each without the left padding
+    all its rows share, so a chunk of short prompts is not prefilled, nor attends, at the longest prompt's width.
+    A row's draw depends on its key alone, so the order changes no sample beyond float rounding; the rollout is
+    returned in row order.
+
     A chunk narrower than the widest one finished every row with EOS (a row without EOS runs to max_new_tokens),
     so the pad columns added here always lie after an EOS and are masked.
     """
-    size = chunk_size or prompt_ids.shape[0]
-    keys = random_keys(prompt_ids.shape[0]) if keys is None else keys
-    chunks = [
-        backend.generate(prompt_ids[s : s + size], prompt_mask[s : s + size], sampling, keys[s : s + size])
-        for s in range(0, prompt_ids.shape[0], size)
-    ]
+    B, P = prompt_ids.shape
+    size = chunk_size or B
+    keys = random_keys(B) if keys is None else keys
+    lengths = prompt_mask.sum(-1)
+    order = torch.argsort(lengths, descending=True, stable=True)
+    chunks = []
+    for s in range(0, B, size):
+        rows = order[s : s + size]
+        start = P - max(int(lengths[rows].max()), 1)  # the columns left of it pad every row of the chunk
+        chunks.append(backend.generate(prompt_ids[rows, start:], prompt_mask[rows, start:], sampling, keys[rows]))
     width = max(c.shape[1] for c in chunks)
     raw = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=pad_token_id) for c in chunks])
+    raw = raw[torch.argsort(order)]  # back in row order
     ids, mask, ended = mask_after_eos(raw, eos_token_id, pad_token_id)
     return Rollout(prompt_ids, prompt_mask, ids, mask, ended)
