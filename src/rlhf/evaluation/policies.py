@@ -106,27 +106,23 @@ def greedy_answers(
     max_new_tokens: int,
     batch_size: int = 64,
 ) -> Answers:
-    """The most likely token at every step (`rollout.generation.decode`), in batches of left-padded prompts."""
+    """The most likely token at every step (`rollout.generation.decode`), `batch_size` prompts at a time, prompts
+    of like length together (`generate_rollout`)."""
     ids = token_ids(tokenizer, model)
-    backend = HFGenerationBackend(model, **ids)
     device = next(model.parameters()).device
-    texts: list[str] = []
-    tokens: list[list[int]] = []
-    ended: list[bool] = []
-    for start in range(0, len(examples), batch_size):
-        batch = collate_prompts(examples[start : start + batch_size], tokenizer.pad_token_id)
-        rollout = generate_rollout(
-            backend,
-            batch["input_ids"].to(device),
-            batch["attention_mask"].to(device),
-            SamplingConfig(max_new_tokens, greedy=True),
-            **ids,
-        )
-        lengths = rollout.response_lengths.tolist()
-        tokens += [row[:n] for row, n in zip(rollout.response_ids.tolist(), lengths, strict=True)]
-        texts += decode_responses(tokenizer, rollout.response_ids, rollout.response_mask)
-        ended += rollout.ended_with_eos.tolist()
-    return Answers(texts, tokens, ended)
+    batch = collate_prompts(examples, tokenizer.pad_token_id)
+    rollout = generate_rollout(
+        HFGenerationBackend(model, **ids),
+        batch["input_ids"].to(device),
+        batch["attention_mask"].to(device),
+        SamplingConfig(max_new_tokens, greedy=True),
+        chunk_size=batch_size,
+        **ids,
+    )
+    lengths = rollout.response_lengths.tolist()
+    tokens = [row[:n] for row, n in zip(rollout.response_ids.tolist(), lengths, strict=True)]
+    texts = decode_responses(tokenizer, rollout.response_ids, rollout.response_mask)
+    return Answers(texts, tokens, rollout.ended_with_eos.tolist())
 
 
 @torch.no_grad()
@@ -141,31 +137,31 @@ def sampled_kl(
     batch_size: int = 64,
 ) -> list[float]:
     """Per prompt, the mean over `samples` completions y ~ pi (temperature 1) of
-    sum_t [log pi(y_t) - log pi_ref(y_t)]: each an unbiased estimate of KL(pi(.|x) || pi_ref(.|x))."""
+    sum_t [log pi(y_t) - log pi_ref(y_t)]: each an unbiased estimate of KL(pi(.|x) || pi_ref(.|x)). Sampled and
+    scored `batch_size` rows at a time, rows of like length together."""
     rows = [ex for ex in examples for _ in range(samples)]
     ids = token_ids(tokenizer, policy)
     device = next(policy.parameters()).device
-    kl: list[float] = []
-    for start in range(0, len(rows), batch_size):
-        batch = collate_prompts(rows[start : start + batch_size], tokenizer.pad_token_id)
-        rollout = generate_rollout(
-            HFGenerationBackend(policy, **ids),
-            batch["input_ids"].to(device),
-            batch["attention_mask"].to(device),
-            SamplingConfig(max_new_tokens),
-            **ids,
-        )
-        sequences = RolloutBatch.from_rollout(rollout)
+    batch = collate_prompts(rows, tokenizer.pad_token_id)
+    rollout = generate_rollout(
+        HFGenerationBackend(policy, **ids),
+        batch["input_ids"].to(device),
+        batch["attention_mask"].to(device),
+        SamplingConfig(max_new_tokens),
+        chunk_size=batch_size,
+        **ids,
+    )
+    sequences = RolloutBatch.from_rollout(rollout)
 
-        def passes(ids: torch.Tensor, att: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-            flat = Unpadded.of(att, ids, prompt_len=ids.shape[1] - T)  # a prompt's samples share it
-            logp = causal_lm_logprobs(policy, ids, att, response_len=T, flat=flat).logprobs
-            return logp, causal_lm_logprobs(reference, ids, att, response_len=T, flat=flat).logprobs
+    def passes(ids: torch.Tensor, att: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = Unpadded.of(att, ids, prompt_len=ids.shape[1] - T)  # a prompt's samples share it
+        logp = causal_lm_logprobs(policy, ids, att, response_len=T, flat=flat).logprobs
+        return logp, causal_lm_logprobs(reference, ids, att, response_len=T, flat=flat).logprobs
 
-        logp, ref = score_in_chunks(passes, sequences, batch_size)
-        assert logp is not None and ref is not None  # `passes` returns both
-        kl += ((logp - ref) * sequences.response_mask).sum(-1).tolist()
-    return torch.tensor(kl).view(-1, samples).mean(-1).tolist()
+    logp, ref = score_in_chunks(passes, sequences, batch_size)
+    assert logp is not None and ref is not None  # `passes` returns both
+    kl = ((logp - ref) * sequences.response_mask).sum(-1)
+    return kl.view(-1, samples).mean(-1).tolist()
 
 
 def evaluate_policy(
