@@ -184,9 +184,7 @@ class RewardModelReward:
         pad_id = self.tokenizer.pad_token_id
         ids = reward_input_ids(prompts, completions, self.tokenizer, self.data)
         out = []
-        for start in range(
-            0, len(ids), self.batch_size
-        ):  # as a rollout: [left-padded prompt | right-padded completion]
+        for start in range(0, len(ids), self.batch_size):  # rows as a rollout's: [left-padded prompt | completion]
             chunk = ids[start : start + self.batch_size]
             P, R = max(len(p) for p, _ in chunk), max(len(r) for _, r in chunk)
             rows = [[pad_id] * (P - len(p)) + p + r + [pad_id] * (R - len(r)) for p, r in chunk]
