@@ -42,6 +42,19 @@ def test_batched_greedy_answers_equal_one_row_at_a_time(tiny_dirs, style):
         assert tokens == out and tok.decode(out, skip_special_tokens=True) == text
 
 
+def test_the_generation_passes_draw_a_bar_only_when_asked(tiny_dirs, capsys):
+    """`show_progress`: a transient bar over the batches of the greedy answers (6 prompts in batches of 2: 3) and
+    one over the KL samples (6 x 2 rows: 6); none without it."""
+    tok = AutoTokenizer.from_pretrained(tiny_dirs["llama"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"]).eval()
+    examples = prompt_examples(prompt_rows(6, seed=1), tok, DataConfig())
+    for shown in (True, False):
+        evaluate_policy(model, tok, examples, reference=model, kl_samples=2, max_new_tokens=3, batch_size=2,
+                        show_progress=shown)  # fmt: skip
+        err = capsys.readouterr().err
+        assert ("answers:" in err and "/3 [" in err and "KL samples:" in err and "/6 [" in err) == shown, err
+
+
 def test_sampled_kl_matches_the_exact_kl_of_one_token_answers(tiny_dirs, tmp_path):
     """With one-token answers the sequence KL is that of the next-token distributions p, q at the prompt's last
     position: sum_v p_v (log p_v - log q_v), computed exactly from the logits. The estimate from 3000 samples per

@@ -105,9 +105,10 @@ def greedy_answers(
     *,
     max_new_tokens: int,
     batch_size: int = 64,
+    show_progress: bool = False,
 ) -> Answers:
     """The most likely token at every step (`rollout.generation.decode`), `batch_size` prompts at a time, prompts
-    of like length together (`generate_rollout`)."""
+    of like length together (`generate_rollout`); a progress bar over the batches where `show_progress`."""
     ids = token_ids(tokenizer, model)
     device = next(model.parameters()).device
     batch = collate_prompts(examples, tokenizer.pad_token_id)
@@ -117,6 +118,7 @@ def greedy_answers(
         batch["attention_mask"].to(device),
         SamplingConfig(max_new_tokens, greedy=True),
         chunk_size=batch_size,
+        progress_desc="answers" if show_progress else None,
         **ids,
     )
     lengths = rollout.response_lengths.tolist()
@@ -135,10 +137,12 @@ def sampled_kl(
     samples: int,
     max_new_tokens: int,
     batch_size: int = 64,
+    show_progress: bool = False,
 ) -> list[float]:
     """Per prompt, the mean over `samples` completions y ~ pi (temperature 1) of
     sum_t [log pi(y_t) - log pi_ref(y_t)]: each an unbiased estimate of KL(pi(.|x) || pi_ref(.|x)). Sampled and
-    scored `batch_size` rows at a time, rows of like length together."""
+    scored `batch_size` rows at a time, rows of like length together; a progress bar over the sampling where
+    `show_progress`."""
     rows = [ex for ex in examples for _ in range(samples)]
     ids = token_ids(tokenizer, policy)
     device = next(policy.parameters()).device
@@ -149,6 +153,7 @@ def sampled_kl(
         batch["attention_mask"].to(device),
         SamplingConfig(max_new_tokens),
         chunk_size=batch_size,
+        progress_desc="KL samples" if show_progress else None,
         **ids,
     )
     sequences = RolloutBatch.from_rollout(rollout)
@@ -175,11 +180,14 @@ def evaluate_policy(
     kl_samples: int = 4,
     max_new_tokens: int = 32,
     batch_size: int = 64,
+    show_progress: bool = False,
 ) -> PolicyEval:
     """Greedy answers of `model` to `examples`, scored by `gold` and `proxy`; its KL to `reference` (when given,
-    from `kl_samples` samples per prompt). Leaves the model's train/eval mode as it found it."""
+    from `kl_samples` samples per prompt). Leaves the model's train/eval mode as it found it. `show_progress`:
+    transient bars over the generation passes."""
     with evaluating(model):
-        answers = greedy_answers(model, tokenizer, examples, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        kw = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "show_progress": show_progress}
+        answers = greedy_answers(model, tokenizer, examples, **kw)
         prompts, extras = [ex["prompt"] for ex in examples], [ex.get("extra", {}) for ex in examples]
         result = PolicyEval(answers)
         if gold is not None:
@@ -187,8 +195,7 @@ def evaluate_policy(
         if proxy is not None:
             result.proxy = score_responses(proxy, prompts, answers.texts, extras).tolist()
         if reference is not None and kl_samples > 0:
-            kw = {"samples": kl_samples, "max_new_tokens": max_new_tokens, "batch_size": batch_size}
-            result.kl = sampled_kl(model, reference, tokenizer, examples, **kw)
+            result.kl = sampled_kl(model, reference, tokenizer, examples, samples=kl_samples, **kw)
     return result
 
 
@@ -281,6 +288,7 @@ def evaluate_checkpoints(
             kl_samples=kl_samples,
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
+            show_progress=progress,
         )
         result.path = str(path)
         evaluation.policies[name] = result

@@ -36,6 +36,7 @@ from transformers.generation.logits_process import (
 from rlhf.models.forward import mixes_by_attention_alone, position_ids_from_mask, prompt_groups
 from rlhf.models.precision import generation_autocast
 from rlhf.models.unwrap import base_model
+from rlhf.progress import progress
 
 
 @dataclass
@@ -424,11 +425,13 @@ def generate_rollout(
     pad_token_id: int,
     chunk_size: int | None = None,
     keys: Tensor | None = None,
+    progress_desc: str | None = None,
 ) -> Rollout:
     """Sample one response per prompt row, in chunks of `chunk_size` rows (one `generate` call each; None: all at
     once), responses padded to the widest chunk, everything after each response's first EOS masked.
 
     `keys` (B,) int64: each row's sampling key (`KeyedDraw`); None: fresh ones from torch's global RNG.
+    `progress_desc`: a transient progress bar of that name over the chunks (None: none).
 
     Chunks take the rows longest prompt first (rows of one prompt stay together), each without the left padding
     all its rows share, so a chunk of short prompts is not prefilled, nor attends, at the longest prompt's width.
@@ -444,7 +447,7 @@ def generate_rollout(
     lengths = prompt_mask.sum(-1)
     order = torch.argsort(lengths, descending=True, stable=True)
     chunks = []
-    for s in range(0, B, size):
+    for s in progress(range(0, B, size), progress_desc or "", show=progress_desc is not None):
         rows = order[s : s + size]
         start = P - max(int(lengths[rows].max()), 1)  # the columns left of it pad every row of the chunk
         chunks.append(backend.generate(prompt_ids[rows, start:], prompt_mask[rows, start:], sampling, keys[rows]))

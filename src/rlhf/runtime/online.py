@@ -297,6 +297,7 @@ class OnlineEvaluator:
         *,
         max_new_tokens: int,
         iteration: int,
+        show_progress: bool = False,
     ) -> dict[str, float]:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed((self.seed * 1_000_003 + iteration) % 2**63)
@@ -309,6 +310,7 @@ class OnlineEvaluator:
                 reference=reference,
                 kl_samples=self.cfg.kl_samples,
                 max_new_tokens=max_new_tokens,
+                show_progress=show_progress,
             )
         summary = result.summary()
         keys = ("gold", "proxy", "kl", "length", "eos_rate", "repetition")
@@ -436,7 +438,10 @@ class IterationLoop:
         )
         if self.evaluator.due(done, self.iterations):
             n = self.cfg.rollout.max_new_tokens
-            line |= self.evaluator(policy, self.reference, self.tokenizer, max_new_tokens=n, iteration=done)
+            show = self.engine.shows_progress
+            line |= self.evaluator(
+                policy, self.reference, self.tokenizer, max_new_tokens=n, iteration=done, show_progress=show
+            )
         self.engine.log(line | perf)
         prompts = [ex["prompt"] for ex in it.examples for _ in range(self.group_size)]
         self.samples.maybe_write(self.engine.step, done, prompts, completions, scores.tolist())
