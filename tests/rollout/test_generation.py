@@ -10,12 +10,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from rlhf.models import padding_free
+from rlhf.models.shared_prefix import CacheCheck
 from rlhf.rollout.generation import (
     HFGenerationBackend,
     SamplingConfig,
     decode,
     decodes_itself,
     generate_rollout,
+    keeps_prompts_apart,
     key_hash,
     keyed_uniform,
     mask_after_eos,
@@ -24,6 +27,7 @@ from rlhf.rollout.generation import (
     stop_tokens,
     stream_keys,
 )
+from rlhf.tasks.tiny import make_tiny_checkpoint
 
 
 def test_mask_after_eos_hand_case():
@@ -328,6 +332,85 @@ def test_a_prompt_that_several_rows_sample_from_is_prefilled_once(tiny_dirs, mon
     monkeypatch.setattr(generation, "prompt_groups", lambda ids, mask: (every_row, every_row))  # 12 "prompts"
     prefills.clear()
     assert torch.equal(sample(), shared) and prefills[0] == (12, 4)
+
+
+@pytest.mark.parametrize("style", ["llama", "gpt2", "qwen2"])
+def test_decoding_with_each_prompts_cache_kept_once_draws_what_a_copy_per_row_draws(
+    tiny_dirs, tmp_path, monkeypatch, style
+):
+    """On our attention function the prompts' KV cache stays one per prompt and each row's holds its own tokens
+    (`models.shared_prefix`); the keyed samples equal those of the same model on sdpa, whose cache is copied to
+    every row, with left-padded prompts of 4, 3 and 5 rows and rows ending at EOS at different steps (Qwen2's
+    grouped-query attention included)."""
+    path = tiny_dirs.get(style) or str(make_tiny_checkpoint(tmp_path / style, style, hidden_size=32))
+    plain = AutoModelForCausalLM.from_pretrained(path).eval()
+    ours = AutoModelForCausalLM.from_pretrained(path).eval()
+    assert padding_free.enable(ours) and keeps_prompts_apart(ours) and not keeps_prompts_apart(plain)
+    prompt_ids = torch.tensor([[0, 5, 70, 71]] * 4 + [[5, 72, 73, 74]] * 3 + [[0, 0, 5, 9]] * 5)
+    prompt_mask = (prompt_ids != 0).long()
+    keys = stream_keys(4, 2, torch.arange(12))
+
+    def sample(model, eos):
+        processors = sampler(SamplingConfig(max_new_tokens=10, temperature=1.5), keys)
+        return decode(model, prompt_ids, prompt_mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=0,
+                      logits_processor=processors)  # fmt: skip
+
+    eos = int(sample(plain, -1).flatten().mode().values)  # the commonest token ends rows
+    want = sample(plain, eos)
+    is_eos = want == eos
+    lengths = torch.where(is_eos.any(-1), is_eos.int().argmax(-1) + 1, want.shape[1])
+    assert len(set(lengths.tolist())) >= 3, "rows should end at different steps"
+    import rlhf.rollout.generation as generation
+
+    checks = []
+
+    class Recorded(CacheCheck):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            checks.append(self)
+
+    monkeypatch.setattr(generation, "CacheCheck", Recorded)
+    assert torch.equal(sample(ours, eos), want)
+    assert len(checks) == 1 and checks[0].passed  # so the rows decoded over their prompts' one cache
+
+
+@pytest.mark.parametrize("kind", ["diffllama", "hrm_text"])
+def test_a_model_that_does_not_attend_to_its_cache_as_it_is_gets_a_copy_per_row(kind):
+    """DiffLlama attends to each half of the values in turn, HRM indexes its cache by recurrent cycle: the prefill's
+    `CacheCheck` finds it, and the rows decode on a copy of the prompt's cache, drawing what the model on sdpa
+    draws (a shared prompt's cache there gave other tokens)."""
+    from transformers import AutoConfig
+
+    import rlhf.rollout.generation as generation
+
+    config = AutoConfig.for_model(kind, vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                  pad_token_id=0, eos_token_id=2, bos_token_id=1)  # fmt: skip
+    torch.manual_seed(0)
+    plain = AutoModelForCausalLM.from_config(config).eval()
+    ours = AutoModelForCausalLM.from_config(config).eval()
+    ours.load_state_dict(plain.state_dict())
+    assert padding_free.enable(ours) and keeps_prompts_apart(ours)
+    prompt_ids = torch.tensor([[0, 5, 70, 71]] * 3 + [[5, 72, 73, 74]] * 2)
+    prompt_mask = (prompt_ids != 0).long()
+    keys = stream_keys(1, 1, torch.arange(5))
+    checks = []
+
+    class Recorded(CacheCheck):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            checks.append(self)
+
+    def sample(model):
+        processors = sampler(SamplingConfig(max_new_tokens=8, temperature=1.5), keys)
+        return decode(model, prompt_ids, prompt_mask, max_new_tokens=8, eos_token_id=-1, pad_token_id=0,
+                      logits_processor=processors)  # fmt: skip
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(generation, "CacheCheck", Recorded)
+        got = sample(ours)
+    assert len(checks) == 1 and not checks[0].passed
+    assert torch.equal(got, sample(plain))
 
 
 def test_a_model_trained_in_bf16_generates_under_one_autocast(tiny_dirs):

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from rlhf.data.collate import tree_positions
 from rlhf.models import cpu_linear, precision
+from rlhf.models.shared_prefix import CHECK_KWARG, PREFIX_KWARG, CacheCheck, SharedPrefix
 from rlhf.models.unwrap import base_model
 
 logger = logging.getLogger(__name__)
@@ -474,7 +475,17 @@ def attention(
     half-precision attention on the CPU in fp32: `UPCAST_BELOW`).
 
     query (1, H, T, d), key/value (1, Hkv, T, d) -> output (1, T, H, d), as `sdpa_attention_forward` returns.
+    A decoding step of rows that continue shared prompts (`shared_prefix.SharedPrefix`) attends to them there; a
+    prefill that fills their cache reports each call to its `shared_prefix.CacheCheck`.
     """
+    prefix: SharedPrefix | None = kwargs.pop(PREFIX_KWARG, None)
+    if prefix is not None:
+        if unsupported := [k for k in ("position_bias", "softcap", "s_aux", "sinks") if kwargs.get(k) is not None]:
+            raise NotImplementedError(f"decoding over shared prompts does not apply {', '.join(unsupported)}")
+        return prefix.attend(module.layer_idx, query, key, value, kwargs.get("scaling")), None
+    check: CacheCheck | None = kwargs.pop(CHECK_KWARG, None)
+    if check is not None:
+        check.see(getattr(module, "layer_idx", None), key, value)
     layout: FlatLayout | None = kwargs.pop(LAYOUT_KWARG, None)
     if layout is None:
         return _sdpa(module, query, key, value, attention_mask, **kwargs)
