@@ -478,15 +478,17 @@ def generate_rollout(
     B, P = prompt_ids.shape
     size = chunk_size or B
     keys = random_keys(B) if keys is None else keys
-    lengths = prompt_mask.sum(-1)
+    lengths = prompt_mask.sum(-1).cpu()  # the order is chosen on the host, the rows taken where they are
     order = torch.argsort(lengths, descending=True, stable=True)
     chunks = []
     for s in progress(range(0, B, size), progress_desc or "", show=progress_desc is not None):
         rows = order[s : s + size]
         start = P - max(int(lengths[rows].max()), 1)  # the columns left of it pad every row of the chunk
-        chunks.append(backend.generate(prompt_ids[rows, start:], prompt_mask[rows, start:], sampling, keys[rows]))
+        on = rows.to(prompt_ids.device)
+        ids, mask = prompt_ids[on, start:], prompt_mask[on, start:]
+        chunks.append(backend.generate(ids, mask, sampling, keys[rows.to(keys.device)]))
     width = max(c.shape[1] for c in chunks)
     raw = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=pad_token_id) for c in chunks])
-    raw = raw[torch.argsort(order)]  # back in row order
+    raw = raw[torch.argsort(order).to(raw.device)]  # back in row order
     ids, mask, ended = mask_after_eos(raw, eos_token_id, pad_token_id)
     return Rollout(prompt_ids, prompt_mask, ids, mask, ended)
