@@ -108,14 +108,14 @@ def greedy_answers(
     show_progress: bool = False,
 ) -> Answers:
     """The most likely token at every step (`rollout.generation.decode`), `batch_size` prompts at a time, prompts
-    of like length together (`generate_rollout`); a progress bar over the batches where `show_progress`."""
+    of like length together (`generate_rollout`: the prompts stay on the host, each batch goes to the model's
+    device); a progress bar over the batches where `show_progress`."""
     ids = token_ids(tokenizer, model)
-    device = next(model.parameters()).device
     batch = collate_prompts(examples, tokenizer.pad_token_id)
     rollout = generate_rollout(
         HFGenerationBackend(model, **ids),
-        batch["input_ids"].to(device),
-        batch["attention_mask"].to(device),
+        batch["input_ids"],
+        batch["attention_mask"],
         SamplingConfig(max_new_tokens, greedy=True),
         chunk_size=batch_size,
         progress_desc="answers" if show_progress else None,
@@ -141,16 +141,16 @@ def sampled_kl(
 ) -> list[float]:
     """Per prompt, the mean over `samples` completions y ~ pi (temperature 1) of
     sum_t [log pi(y_t) - log pi_ref(y_t)]: each an unbiased estimate of KL(pi(.|x) || pi_ref(.|x)). Sampled and
-    scored `batch_size` rows at a time, rows of like length together; a progress bar over the sampling where
-    `show_progress`."""
+    scored `batch_size` rows at a time, rows of like length together (the rollout on the host, each batch moved
+    to the policy's device); a progress bar over the sampling where `show_progress`."""
     rows = [ex for ex in examples for _ in range(samples)]
     ids = token_ids(tokenizer, policy)
     device = next(policy.parameters()).device
     batch = collate_prompts(rows, tokenizer.pad_token_id)
     rollout = generate_rollout(
         HFGenerationBackend(policy, **ids),
-        batch["input_ids"].to(device),
-        batch["attention_mask"].to(device),
+        batch["input_ids"],
+        batch["attention_mask"],
         SamplingConfig(max_new_tokens),
         chunk_size=batch_size,
         progress_desc="KL samples" if show_progress else None,
@@ -159,13 +159,14 @@ def sampled_kl(
     sequences = RolloutBatch.from_rollout(rollout)
 
     def passes(ids: torch.Tensor, att: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, att = ids.to(device), att.to(device)
         flat = Unpadded.of(att, ids, prompt_len=ids.shape[1] - T)  # a prompt's samples share it
         logp = causal_lm_logprobs(policy, ids, att, response_len=T, flat=flat).logprobs
         return logp, causal_lm_logprobs(reference, ids, att, response_len=T, flat=flat).logprobs
 
     logp, ref = score_in_chunks(passes, sequences, batch_size)
     assert logp is not None and ref is not None  # `passes` returns both
-    kl = ((logp - ref) * sequences.response_mask).sum(-1)
+    kl = ((logp - ref) * sequences.response_mask.to(logp.device)).sum(-1)
     return kl.view(-1, samples).mean(-1).tolist()
 
 

@@ -80,8 +80,8 @@ class Rollout:
 
 class GenerationBackend(Protocol):
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, sampling: SamplingConfig, keys: Tensor) -> Tensor:
-        """Return the sampled response tokens (B, T'), T' <= max_new_tokens, padded after EOS; row r sampled with
-        the noise of keys[r] (`KeyedDraw`)."""
+        """Return the sampled response tokens (B, T'), T' <= max_new_tokens, padded after EOS, on the backend's
+        device (the prompts may be elsewhere); row r sampled with the noise of keys[r] (`KeyedDraw`)."""
         ...
 
 
@@ -368,6 +368,8 @@ class HFGenerationBackend:
 
     @torch.no_grad()
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, sampling: SamplingConfig, keys: Tensor) -> Tensor:
+        device = next(self.model.parameters()).device
+        prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
         was_training = self.model.training
         self.model.eval()
         eos = self.eos_token_id if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
@@ -465,7 +467,8 @@ def generate_rollout(
     once), responses padded to the widest chunk, everything after each response's first EOS masked.
 
     `keys` (B,) int64: each row's sampling key (`KeyedDraw`); None: fresh ones from torch's global RNG.
-    `progress_desc`: a transient progress bar of that name over the chunks (None: none).
+    `progress_desc`: a transient progress bar of that name over the chunks (None: none). The prompts may stay on
+    the host while the backend samples on its device, a chunk at a time; the rollout is where the prompts are.
 
     Chunks take the rows longest prompt first (rows of one prompt stay together), each without the left padding
     all its rows share, so a chunk of short prompts is not prefilled, nor attends, at the longest prompt's width.
@@ -489,6 +492,6 @@ def generate_rollout(
         chunks.append(backend.generate(ids, mask, sampling, keys[rows.to(keys.device)]))
     width = max(c.shape[1] for c in chunks)
     raw = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=pad_token_id) for c in chunks])
-    raw = raw[torch.argsort(order).to(raw.device)]  # back in row order
+    raw = raw[torch.argsort(order).to(raw.device)].to(prompt_ids.device)  # back in row order, beside the prompts
     ids, mask, ended = mask_after_eos(raw, eos_token_id, pad_token_id)
     return Rollout(prompt_ids, prompt_mask, ids, mask, ended)
