@@ -64,3 +64,15 @@ def test_the_default_scale_is_one_over_the_square_root_of_the_head_size():
     k, v = torch.cat([keys[0, 0], own_k[0, 0]]), torch.cat([values[0, 0], own_v[0, 0]])
     want = plain_attention(query[0, :, 0], k[:, None], v[:, None], 1 / math.sqrt(4))
     torch.testing.assert_close(got[0, 0].double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_prompt_of_pads_alone_leaves_the_rows_own_attention():
+    """A prompt with no real position contributes nothing (no NaN): the output is attention over the own part."""
+    torch.manual_seed(2)
+    keys, values = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4)
+    query, own_k, own_v = torch.randn(2, 2, 1, 4), torch.randn(2, 2, 2, 4), torch.randn(2, 2, 2, 4)
+    prefix = SharedPrefix.of([keys], [values], torch.zeros(1, 3, dtype=torch.bool), torch.tensor([0, 0]))
+    got = prefix.attend(0, query, own_k, own_v, 0.5)
+    for r in range(2):
+        want = plain_attention(query[r, :, 0], own_k[r].transpose(0, 1), own_v[r].transpose(0, 1), 0.5)
+        torch.testing.assert_close(got[r, 0].double(), want, rtol=1e-5, atol=1e-6)

@@ -97,7 +97,7 @@ class SharedPrefix:
         G, Hkv, P, _ = keys_p.shape
         n = H // Hkv  # query heads per key head
         scale = scaling if scaling is not None else d**-0.5
-        q = query.view(b, Hkv, n, d)
+        q = query.reshape(b, Hkv, n, d)
         # the prompt part: each prompt's rows in its slots, (G, Hkv, slots * n, d) against (G, Hkv, P, d)
         q_p = q.new_zeros(G, self.slots, Hkv, n, d)
         q_p[self.group, self.slot] = q
@@ -117,7 +117,8 @@ class SharedPrefix:
 
 def _partial_softmax(scores: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(max, sum of exp(scores - max), exp(scores - max) @ values) over the last dimension of float32 `scores`;
-    the max and sum keep a trailing dimension of 1."""
-    m = scores.amax(-1, keepdim=True)
+    the max and sum keep a trailing dimension of 1. Where every score is -inf (a prompt of pads alone) the max is
+    taken as 0, so the part weighs nothing instead of giving NaN."""
+    m = scores.amax(-1, keepdim=True).nan_to_num(neginf=0.0)
     e = torch.exp(scores - m)
     return m, e.sum(-1, keepdim=True), torch.matmul(e.to(values.dtype), values).float()
