@@ -11,7 +11,8 @@ ABBA round by round in one process after one warm-up call each:
   the prefill (`reserved_cache`), on our attention function (`padding_free.enable`) and linear layers
   (`cpu_linear.enable`: oneDNN for fp32 on AMD CPUs), as every model our trainers load;
 - `ours-concat`: the same with `transformers`' `DynamicCache`, which concatenates at every step (the lever
-  `reserved_cache` pulls, measured side by side);
+  `reserved_cache` pulls, measured side by side), and so with a copy of a shared prompt's cache for each of its
+  rows (`decode` keeps it once only in its own cache);
 - `hf`: `model.generate(do_sample=True)` on `transformers`' own sdpa attention and `nn.Linear`, as TRL calls it.
 
 By default no side stops early: EOS is never a stop token, so every side makes rows x new tokens. With

@@ -340,16 +340,12 @@ def decode(
             cache.reorder_cache(going)
             prefix = prefix.rows(going) if prefix is not None else None
         position = position + 1
-        if prefix is not None:  # the cache holds the rows' own tokens alone, none of them padding
-            out = model(
-                input_ids=step[:, None], position_ids=position[:, None], cache=cache, use_cache=True,
-                **{PREFIX_KWARG: prefix},
-            )  # fmt: skip
-            continue
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        out = model(
-            input_ids=step[:, None], attention_mask=mask, position_ids=position[:, None], cache=cache, use_cache=True
-        )
+        if prefix is None:  # the cache holds the prompts too: the mask covers their padding
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            context: dict[str, Any] = {"attention_mask": mask}
+        else:  # the cache holds the rows' own tokens alone, none of them padding
+            context = {PREFIX_KWARG: prefix}
+        out = model(input_ids=step[:, None], position_ids=position[:, None], cache=cache, use_cache=True, **context)
     return tokens[:, :width]
 
 
