@@ -27,6 +27,11 @@ GRPO batch), and with `--chunk-size` every side samples through `rlhf.rollout.ge
 chunks of that many rows, as a rollout does (`rollout.forward_batch_size`): prompts of like length per chunk,
 each without the left padding its rows share. The side `ours-row-order` then cuts the chunks in row order at the
 batch's full width instead (the lever measured side by side; it draws the same tokens as `ours`).
+
+Where rows share prompts (`--group` > 1, or `--repeated N`: the last N rows take the first N rows' prompts, as a
+batch of distinct prompts drawn with a few repeats), the sides `ours-kept-once` and `ours-copied` decode with each
+prompt's KV cache kept once for its rows (`rlhf.models.shared_prefix`) and copied to each row, whatever
+`SHARED_PREFIX_MIN_REREAD` says (`ours` follows it): the choice measured side by side, with the same draws.
 """
 
 from __future__ import annotations
@@ -59,14 +64,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stop-at-eos", action="store_true", help="rows end at their first EOS (default: never)")
     p.add_argument("--prompt-min", type=int, default=0, help="random prompt lengths from this to --prompt (0: off)")
     p.add_argument("--group", type=int, default=1, help="rows per prompt (with --prompt-min)")
+    p.add_argument("--repeated", type=int, default=0, help="the last N rows repeat the first N rows' prompts")
     p.add_argument("--chunk-size", type=int, default=0, help="rows per generate call, as a rollout (0: all)")
-    p.add_argument("--sides", default=None, help=f"which sides to run (default: {', '.join(SIDES)}, and "
-                   "ours-row-order with --chunk-size)")  # fmt: skip
+    extra = "ours-row-order with --chunk-size, ours-kept-once and ours-copied where rows share prompts"
+    p.add_argument("--sides", default=None, help=f"which sides to run (default: {', '.join(SIDES)}, and {extra})")
     return p.parse_args(argv)
 
 
-def generators(model: torch.nn.Module, n: int, eos: int, chunk_size: int) -> dict[str, Any]:
-    """side -> fn(prompt_ids, prompt_mask, keys) -> (rows, <= n) new tokens, in chunks of `chunk_size` rows."""
+def generators(model: torch.nn.Module, n: int, eos: int, chunk_size: int, shared: bool) -> dict[str, Any]:
+    """side -> fn(prompt_ids, prompt_mask, keys) -> (rows, <= n) new tokens, in chunks of `chunk_size` rows; with
+    `shared` (rows share prompts) also the two ways to serve a shared prompt's cache."""
     from transformers import DynamicCache, GenerationConfig
 
     from rlhf.models import cpu_linear, padding_free
@@ -107,7 +114,20 @@ def generators(model: torch.nn.Module, n: int, eos: int, chunk_size: int) -> dic
                 module.__class__ = torch.nn.Linear
         return model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1] :]
 
+    def reread_from(threshold: float) -> Any:
+        def side(ids: torch.Tensor, mask: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+            rule = generation.SHARED_PREFIX_MIN_REREAD
+            generation.SHARED_PREFIX_MIN_REREAD = threshold
+            try:
+                return ours(ids, mask, keys)
+            finally:
+                generation.SHARED_PREFIX_MIN_REREAD = rule
+
+        return side
+
     sides = {"ours": ours, "ours-concat": ours_concat, "hf": hf}
+    if shared:
+        sides |= {"ours-kept-once": reread_from(0), "ours-copied": reread_from(float("inf"))}
     if not chunk_size:
         return sides
 
@@ -162,11 +182,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for i in range(args.rows):
             ids[i, : i % 8], mask[i, : i % 8] = 0, 0
+    if args.repeated:
+        ids[-args.repeated :], mask[-args.repeated :] = ids[: args.repeated], mask[: args.repeated]
     keys = torch.arange(args.rows)  # the same draws on every call
     emit({"bench": "generation", "machine": machine(), "torch": torch.__version__, **vars(args)})
 
     eos = tokenizer.eos_token_id if args.stop_at_eos else -1  # -1: no token id, no row ever stops
-    fns = generators(model, args.new_tokens, eos, args.chunk_size)
+    fns = generators(model, args.new_tokens, eos, args.chunk_size, bool(args.repeated) or args.group > 1)
     sides = [s for s in args.sides.split(",") if s] if args.sides else list(fns)
     with torch.no_grad():
         for side in sides:

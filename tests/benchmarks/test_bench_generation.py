@@ -28,11 +28,21 @@ def test_the_generation_benchmark_runs_every_side(stop, chunked):
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     trials = [x for x in lines if "round" in x]
-    sides = ["ours", "ours-concat", "hf"] + (["ours-row-order"] if chunked else [])
+    sides = ["ours", "ours-concat", "hf"] + (["ours-kept-once", "ours-copied", "ours-row-order"] if chunked else [])
     assert sorted(x["side"] for x in trials) == sorted(sides * 2)
     by_side = {x["side"]: x["tokens"] for x in trials}
     if stop:  # the ours sides draw the same tokens: neither the cache nor the chunks change a sample
-        assert by_side["ours"] == by_side["ours-concat"] == by_side.get("ours-row-order", by_side["ours"]) <= 6 * 12
+        assert len({tokens for side, tokens in by_side.items() if side != "hf"}) == 1 and by_side["ours"] <= 6 * 12
     else:
         assert set(by_side.values()) == {6 * 12}
     assert set(lines[-1]["ratio"]) == {f"ours/{side}" for side in sides[1:]}
+
+
+def test_repeated_prompts_add_the_sides_that_keep_their_cache_once_or_copy_it():
+    args = ["--hidden", "32", "--layers", "1", "--rows", "6", "--prompt", "5", "--new-tokens", "4", "--rounds", "2",
+            "--threads", "1", "--repeated", "2", "--sides", "ours-kept-once,ours-copied"]  # fmt: skip
+    proc = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert lines[0]["repeated"] == 2
+    assert sorted(x["side"] for x in lines if "round" in x) == ["ours-copied"] * 2 + ["ours-kept-once"] * 2

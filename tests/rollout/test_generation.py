@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from rlhf.models import padding_free
-from rlhf.models.shared_prefix import CacheCheck
+from rlhf.models.shared_prefix import CacheCheck, SharedPrefix
 from rlhf.rollout.generation import (
     HFGenerationBackend,
     SamplingConfig,
@@ -339,9 +339,12 @@ def test_decoding_with_each_prompts_cache_kept_once_draws_what_a_copy_per_row_dr
     tiny_dirs, tmp_path, monkeypatch, style
 ):
     """On our attention function the prompts' KV cache stays one per prompt and each row's holds its own tokens
-    (`models.shared_prefix`); the keyed samples equal those of the same model on sdpa, whose cache is copied to
-    every row, with left-padded prompts of 4, 3 and 5 rows and rows ending at EOS at different steps (Qwen2's
-    grouped-query attention included)."""
+    (`models.shared_prefix`; here at any size); the keyed samples equal those of the same model on sdpa, whose
+    cache is copied to every row, with left-padded prompts of 4, 3 and 5 rows and rows ending at EOS at different
+    steps (Qwen2's grouped-query attention included)."""
+    import rlhf.rollout.generation as generation
+
+    monkeypatch.setattr(generation, "SHARED_PREFIX_MIN_REREAD", 0)
     path = tiny_dirs.get(style) or str(make_tiny_checkpoint(tmp_path / style, style, hidden_size=32))
     plain = AutoModelForCausalLM.from_pretrained(path).eval()
     ours = AutoModelForCausalLM.from_pretrained(path).eval()
@@ -360,22 +363,55 @@ def test_decoding_with_each_prompts_cache_kept_once_draws_what_a_copy_per_row_dr
     is_eos = want == eos
     lengths = torch.where(is_eos.any(-1), is_eos.int().argmax(-1) + 1, want.shape[1])
     assert len(set(lengths.tolist())) >= 3, "rows should end at different steps"
+    kept = kept_once_calls(monkeypatch)
+    assert torch.equal(sample(ours, eos), want)
+    assert len(kept) == 1  # so the rows decoded over their prompts' one cache
+
+
+def kept_once_calls(monkeypatch) -> list[SharedPrefix]:
+    """The prompts' caches `decode` keeps once (`SharedPrefix.of` from `_kept_once`), recorded."""
     import rlhf.rollout.generation as generation
 
-    checks = []
+    made = []
 
-    class Recorded(CacheCheck):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            checks.append(self)
+    class Recorded(SharedPrefix):
+        @classmethod
+        def of(cls, *args, **kwargs):
+            made.append(SharedPrefix.of(*args, **kwargs))
+            return made[-1]
 
-    monkeypatch.setattr(generation, "CacheCheck", Recorded)
-    assert torch.equal(sample(ours, eos), want)
-    assert len(checks) == 1 and checks[0].passed  # so the rows decoded over their prompts' one cache
+    monkeypatch.setattr(generation, "SharedPrefix", Recorded)
+    return made
+
+
+def test_the_prompts_cache_is_kept_once_only_where_copies_would_read_it_again_enough(tiny_dirs, monkeypatch):
+    """3 + 2 rows of two prompts 4 positions wide: copies would re-read (5 - 2) x 4 positions x (keys + values) x
+    the key heads x head size of a layer's cache each step. At that threshold the prompts' cache is kept once, one
+    element above it the rows get copies, and both draw the same tokens."""
+    import rlhf.rollout.generation as generation
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"]).eval()
+    assert padding_free.enable(model)
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    reread = (5 - 2) * 4 * 2 * config.num_key_value_heads * head_dim
+    prompt_ids = torch.tensor([[0, 5, 70, 71]] * 3 + [[5, 72, 73, 74]] * 2)
+    keys = stream_keys(2, 1, torch.arange(5))
+    kept = kept_once_calls(monkeypatch)
+
+    def sample(threshold):
+        monkeypatch.setattr(generation, "SHARED_PREFIX_MIN_REREAD", threshold)
+        processors = sampler(SamplingConfig(max_new_tokens=6, temperature=1.5), keys)
+        return decode(model, prompt_ids, (prompt_ids != 0).long(), max_new_tokens=6, eos_token_id=-1, pad_token_id=0,
+                      logits_processor=processors)  # fmt: skip
+
+    once = sample(reread)
+    assert len(kept) == 1
+    assert torch.equal(sample(reread + 1), once) and len(kept) == 1
 
 
 @pytest.mark.parametrize("kind", ["diffllama", "hrm_text"])
-def test_a_model_that_does_not_attend_to_its_cache_as_it_is_gets_a_copy_per_row(kind):
+def test_a_model_that_does_not_attend_to_its_cache_as_it_is_gets_a_copy_per_row(kind, monkeypatch):
     """DiffLlama attends to each half of the values in turn, HRM indexes its cache by recurrent cycle: the prefill's
     `CacheCheck` finds it, and the rows decode on a copy of the prompt's cache, drawing what the model on sdpa
     draws (a shared prompt's cache there gave other tokens)."""
@@ -383,6 +419,7 @@ def test_a_model_that_does_not_attend_to_its_cache_as_it_is_gets_a_copy_per_row(
 
     import rlhf.rollout.generation as generation
 
+    monkeypatch.setattr(generation, "SHARED_PREFIX_MIN_REREAD", 0)
     config = AutoConfig.for_model(kind, vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                   pad_token_id=0, eos_token_id=2, bos_token_id=1)  # fmt: skip

@@ -13,7 +13,8 @@ joins the two parts by their softmax statistics (the split that cascade attentio
 which is softmax(scale q [K_p | K_o]^T) [V_p | V_o] exactly, up to float summation order. The prompt part runs
 one product per prompt over the queries of its rows still going (laid out in `group_size` slots), so its keys
 and values are read once per step. `rollout.generation.decode` uses it through `padding_free.attention`, whose
-layers get it as the keyword argument `PREFIX_KWARG`.
+layers get it as the keyword argument `PREFIX_KWARG`, where it saves enough reads to pay for its extra ops
+(`SHARED_PREFIX_MIN_REREAD`).
 
 That is only right where each attention layer attends to exactly its own cache layer's keys and values: not in
 models that transform them after the cache (DiffLlama attends to each half of the values in turn) or index their

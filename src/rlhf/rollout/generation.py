@@ -13,7 +13,8 @@ prefill and writes each step's keys and values in place (`_ReservedLayer`), wher
 copies the whole cache into a new tensor at every step. On our attention function (`keeps_prompts_apart`) the
 prompts' cache stays one per prompt and each row's holds only its own tokens (`rlhf.models.shared_prefix`): a
 group of k rows reads its prompt's keys and values once a step, not k times (1.5x new tokens/s for 16 prompts
-of 100 tokens x 8 rows at hidden 256 and 512, 2x in bf16); elsewhere each row gets a copy of its prompt's cache.
+of 100 tokens x 8 rows at hidden 256 and 512, 2x in bf16), where that saves enough reads to pay for its extra
+ops (`SHARED_PREFIX_MIN_REREAD`); elsewhere each row gets a copy of its prompt's cache.
 Models it does not know (remote code, other cache layouts) use `model.generate`.
 """
 
@@ -266,10 +267,20 @@ def reserved_cache(model: nn.Module, capacity: int) -> DynamicCache:
     return cache
 
 
+SHARED_PREFIX_MIN_REREAD = 1 << 20
+"""Prompt keys and values (elements of one layer's cache) that copies of the prompts' cache would have each decoding
+step read again for the rows beyond each prompt's first, from which `decode` keeps the prompts' cache once
+(`SharedPrefix`); below it the split attention's extra ops cost more than the reads they save. Its new tokens/s
+against the copies' on a 2-core AMD EPYC (64 rows of 2-8 per prompt, prompts of 16-100 tokens, 32 new tokens,
+hidden 64-512), by these elements: fp32 0.87-0.98x below 0.8M (one 1.07x), 1.03x at 0.92M, 1.05-1.47x from 1.2M;
+bf16, noisier, 0.73-0.93x below 0.8M (two of 1.08x and 1.14x), 0.92-1.25x from 1.2M."""
+
+
 def keeps_prompts_apart(model: nn.Module) -> bool:
     """Whether `decode` may keep the prompts' KV cache apart from the rows' own (`models.shared_prefix`): models on
     our attention function (`padding_free.enabled`) whose cache layers are all plain (no sliding windows). It does
-    where its prefill also finds each attention layer reading its cache layer as it is (`CacheCheck`)."""
+    where its prefill also finds each attention layer reading its cache layer as it is (`CacheCheck`) and copies
+    would read enough again (`SHARED_PREFIX_MIN_REREAD`)."""
     return padding_free.enabled(model) and all(
         type(layer) is _ReservedLayer for layer in reserved_cache(model, 1).layers
     )
@@ -293,9 +304,8 @@ def decode(
     processors: a draw from the sampling distribution; with none: greedy decoding). Rows that sampled EOS are
     dropped from the batch and the cache; positions continue each prompt's own (`cumsum` of the mask), as in
     the scoring passes. Each distinct prompt is prefilled once; where rows share prompts, the prompts' cache then
-    serves them (`SharedPrefix`: where `keeps_prompts_apart` and the prefill's `CacheCheck` passed; else a copy
-    for each row). Rows of distinct prompts decode on the prefill's cache (at small sizes the split attention's
-    extra ops cost more than it saves there: 0.92x at hidden 64).
+    serves them (`SharedPrefix`: where `keeps_prompts_apart`, the prefill's `CacheCheck` passed and copies would
+    re-read at least `SHARED_PREFIX_MIN_REREAD` of a layer's cache each step; else a copy for each row).
     """
     B, P = prompt_ids.shape
     processors = logits_processor or LogitsProcessorList()
@@ -314,10 +324,8 @@ def decode(
     )
     if len(first) < B:  # its last logits go to each of its rows
         out.logits = out.logits[copies]
-    prefix = None
-    if check is not None and check.passed:  # one cache of each prompt, one of the rows' own tokens
-        keys, values = zip(*((layer.keys, layer.values) for layer in cache.layers), strict=True)
-        prefix = SharedPrefix.of(list(keys), list(values), prompt_mask[first], copies)
+    prefix = _kept_once(cache, check, prompt_mask[first], copies) if check is not None else None
+    if prefix is not None:  # the rows' own tokens go to a cache of their own
         cache = reserved_cache(model, max_new_tokens)
     elif len(first) < B:
         cache.reorder_cache(copies)  # a copy of its prompt's for each row
@@ -347,6 +355,18 @@ def decode(
             context = {PREFIX_KWARG: prefix}
         out = model(input_ids=step[:, None], position_ids=position[:, None], cache=cache, use_cache=True, **context)
     return tokens[:, :width]
+
+
+def _kept_once(cache: DynamicCache, check: CacheCheck, mask: Tensor, copies: Tensor) -> SharedPrefix | None:
+    """The prompts' cache (`mask` (G, P) their positions) kept once for the rows continuing them (`copies` (B,): each
+    row's prompt), where the prefill's `check` passed and copies for the rows would re-read at least
+    `SHARED_PREFIX_MIN_REREAD` of a layer's cache each step; else None."""
+    if not check.passed:
+        return None
+    keys, values = zip(*((layer.keys, layer.values) for layer in cache.layers), strict=True)
+    if (len(copies) - len(mask)) * (keys[0][0].numel() + values[0][0].numel()) < SHARED_PREFIX_MIN_REREAD:
+        return None
+    return SharedPrefix.of(list(keys), list(values), mask, copies)
 
 
 class HFGenerationBackend:
