@@ -3,7 +3,8 @@
     /tmp/benchvenv/bin/python benchmarks/bench_generation.py [--hidden 256 --layers 4 --rows 64 --prompt 32
         --new-tokens 256 --rounds 3 --threads 2] [--prompt-min 10 --group 4 --chunk-size 16]
 
-One tiny llama (rlhf.tasks.tiny, random weights) samples `--new-tokens` tokens (temperature 1, no top-k/top-p)
+On the GPU when there is one (`--device`; `benchmarks/gpu.sh` runs it there in bf16), else the CPU, one tiny llama
+(rlhf.tasks.tiny, random weights) samples `--new-tokens` tokens (temperature 1, no top-k/top-p)
 for each of `--rows` random prompts of `--prompt` tokens (row i left-padded by i % 8), three ways, alternating
 ABBA round by round in one process after one warm-up call each:
 
@@ -45,7 +46,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import PRECISIONS, alternating, emit, machine, median, set_threads  # noqa: E402
+from _common import PRECISIONS, alternating, device, emit, machine, median, set_threads  # noqa: E402
 
 SIDES = ("ours", "ours-concat", "hf")
 
@@ -60,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=256, help="tokens sampled per row")
     p.add_argument("--rounds", type=int, default=3, help="timed calls per side, alternating ABBA")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", choices=("cpu", "cuda"), default=device(), help="where every side runs (default: "
+                   "the GPU when there is one)")  # fmt: skip
     p.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32", help="the weights' dtype on all sides")
     p.add_argument("--stop-at-eos", action="store_true", help="rows end at their first EOS (default: never)")
     p.add_argument("--prompt-min", type=int, default=0, help="random prompt lengths from this to --prompt (0: off)")
@@ -153,6 +156,12 @@ def generators(model: torch.nn.Module, n: int, eos: int, chunk_size: int, shared
     return {**{side: rollout(fn) for side, fn in sides.items()}, "ours-row-order": row_order}
 
 
+def synchronize(where: str) -> None:
+    """Wait for the GPU's queue, so a timing covers the work and not its launches."""
+    if where == "cuda":
+        torch.cuda.synchronize()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     set_threads(args.threads)
@@ -168,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         num_heads=args.heads,
         max_positions=args.prompt + args.new_tokens,
     ).eval()
-    model.to(PRECISIONS[args.precision])
+    model.to(args.device, PRECISIONS[args.precision])
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(5, len(tokenizer), (args.rows, args.prompt), generator=gen)
     mask = torch.ones_like(ids)
@@ -184,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
             ids[i, : i % 8], mask[i, : i % 8] = 0, 0
     if args.repeated:
         ids[-args.repeated :], mask[-args.repeated :] = ids[: args.repeated], mask[: args.repeated]
-    keys = torch.arange(args.rows)  # the same draws on every call
+    ids, mask = ids.to(args.device), mask.to(args.device)
+    keys = torch.arange(args.rows, device=args.device)  # the same draws on every call
     emit({"bench": "generation", "machine": machine(), "torch": torch.__version__, **vars(args)})
 
     eos = tokenizer.eos_token_id if args.stop_at_eos else -1  # -1: no token id, no row ever stops
@@ -195,8 +205,10 @@ def main(argv: list[str] | None = None) -> int:
             fns[side](ids, mask, keys)  # warm-up
         rates: dict[str, list[float]] = {side: [] for side in sides}
         for r, side in alternating(args.rounds, sides):
+            synchronize(args.device)
             start = time.perf_counter()
             out = fns[side](ids, mask, keys)
+            synchronize(args.device)
             seconds = time.perf_counter() - start
             tokens = mask_after_eos(out, eos, 0)[1].sum().item()
             assert args.stop_at_eos or tokens == args.rows * args.new_tokens, f"{side} made {tuple(out.shape)}"

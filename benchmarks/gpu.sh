@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The bf16 path on one GPU, side by side with TRL: SFT, DPO and GRPO steps on CUDA.
+# The bf16 path on one GPU, side by side with TRL: SFT, DPO and GRPO steps on CUDA, then decoding alone (ours
+# against `model.generate`).
 # Nothing is downloaded there: the model is a random llama built from a transformers config (hidden 1024 x 24
 # layers, ~0.3B parameters in its layers), the data is the built-in sorting task, as it is (sequences of ~20-40
 # tokens) and with 448 filler tokens before every prompt (--context: sequences of ~470-490 tokens). On an H200 one
@@ -12,7 +13,7 @@
 #
 #   bash benchmarks/gpu.sh download   # here, with pip's network: the wheels the GPU image lacks, into .whl/
 #   bash benchmarks/gpu.sh            # there (device tool, carry .whl): install .whl/ into /tmp/site and run
-#   GPU_SH_TINY=1 bash benchmarks/gpu.sh   # the same three benchmarks at a tiny size on the CPU (run by the tests)
+#   GPU_SH_TINY=1 bash benchmarks/gpu.sh   # the same benchmarks at a tiny size on the CPU (run by the tests)
 #
 # Each benchmark prints JSON lines (benchmarks/README.md): per trial, per side, and the ratio ours/TRL; SFT also
 # its MFU against the bf16 matmul peak measured on the same device and the peak GPU memory. TRL's side runs only
@@ -38,6 +39,8 @@ if [ -n "${GPU_SH_TINY:-}" ]; then  # the CPU rehearsal: same scripts, tiny mode
     sft=(--heads 4 --batch-size 8 --steps 4 --log-every 2 --rounds 1 --check-steps 2 --n-train 64 --threads 1 --peak-seconds 0.05)
     dpo=(--pairs 128 --epochs 1 --repeats 1 --settings live --threads 1)  # 8 steps: one log line
     grpo=(--iterations 2 --repeats 1 --sft-steps 4 --threads 1)
+    gen=(--hidden 64 --layers 2 --heads 4 --rows 8 --prompt 12 --prompt-min 12 --group 2 --new-tokens 4 --rounds 1
+         --threads 1)
     device=cpu
     contexts=(16)
 else
@@ -51,6 +54,8 @@ else
     sft=(--heads 16 --batch-size 64 --steps 40 --log-every 10 --rounds 1 --check-steps 5 --n-train 4096 --threads 4)
     dpo=(--pairs 512 --epochs 1 --repeats 1 --settings live --threads 4)
     grpo=(--iterations 4 --repeats 1 --sft-steps 20 --threads 4)
+    gen=(--hidden 1024 --layers 24 --heads 16 --rows 128 --prompt 100 --prompt-min 100 --group 8 --new-tokens 64
+         --rounds 3 --threads 4)
     device=cuda
     read -ra contexts <<< "${GPU_SH_CONTEXTS:-0 448}"
     $PY -c 'import torch, transformers, accelerate; print(torch.__version__, transformers.__version__, accelerate.__version__)'
@@ -98,6 +103,10 @@ for context in "${contexts[@]}"; do
     bench $PY benchmarks/bench_dpo.py --device "$device" "${common[@]}" "${dpo[@]}" --impls ours --ours-padded
     bench $PY benchmarks/bench_grpo.py --device "$device" "${common[@]}" "${grpo[@]}"
 done
+# decoding alone, GRPO's shape with 100-token prompts: ours against `model.generate`, and a group's prompt cache kept
+# once against copied to its rows (the rule that picks between them, SHARED_PREFIX_MIN_REREAD, was measured on CPUs)
+bench $PY benchmarks/bench_generation.py --device "$device" --precision bf16 "${gen[@]}" \
+    --sides ours,ours-kept-once,ours-copied,hf
 if [ ${#failed[@]} -gt 0 ]; then
     printf 'failed: %s\n' "${failed[@]}" >&2
     exit 1

@@ -1,5 +1,5 @@
-"""benchmarks/gpu.sh cannot rot: its three benchmarks (SFT, DPO, GRPO in bf16, ours and, where `trl` imports,
-TRL's) run on the CPU at a tiny size, as the script runs them on a GPU at its full size."""
+"""benchmarks/gpu.sh cannot rot: its benchmarks (SFT, DPO, GRPO in bf16, ours and, where `trl` imports, TRL's; then
+decoding alone) run on the CPU at a tiny size, as the script runs them on a GPU at its full size."""
 
 from __future__ import annotations
 
@@ -35,3 +35,5 @@ def test_the_gpu_script_runs_its_benchmarks_at_a_tiny_size_on_the_cpu(tmp_path):
     assert len(dpo) == 2 and all(x["pairs_per_s"] > 0 for x in dpo)  # our flat tree layout, then TRL's padded rows
     assert abs(dpo[0]["mean_loss"] - dpo[1]["mean_loss"]) < 2e-3  # the same pairs and loss: bf16 rounding apart
     assert len(grpo) == 1 and grpo[0]["completions"] == 2 * 16 * 8
+    decoding = next(x for x in lines if x.get("summary") == "new_tokens_per_s")
+    assert set(decoding) == {"bench", "summary", "ours", "ours-kept-once", "ours-copied", "hf"}
