@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+import rlhf.rollout.generation as generation
 from rlhf.models import padding_free
 from rlhf.models.shared_prefix import CacheCheck, SharedPrefix
 from rlhf.rollout.generation import (
@@ -200,8 +201,6 @@ def test_state_space_models_sample_through_generate():
 def test_rollouts_end_at_every_end_token_the_model_names(tiny_dirs, monkeypatch, through_generate):
     """An instruct model's turn can end at a token other than its tokenizer's EOS (Gemma's <end_of_turn>), which its
     generation config names: rollouts end at the first of either, through `decode` and through `generate`."""
-    import rlhf.rollout.generation as generation
-
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"]).eval()
     tok = AutoTokenizer.from_pretrained(tiny_dirs["llama"])
     prompt_ids = torch.tensor([[0, 0, 5, 70, 71], [5, 80, 81, 82, 83]])
@@ -312,8 +311,6 @@ def test_chunks_take_rows_of_similar_prompt_length_without_their_shared_left_pad
 def test_a_prompt_that_several_rows_sample_from_is_prefilled_once(tiny_dirs, monkeypatch):
     """A GRPO-like batch, 3 prompts x 4 rows: the prefill runs 3 rows, and the keyed samples equal those of a
     prefill of all 12 rows."""
-    import rlhf.rollout.generation as generation
-
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"]).eval()
     prompt_ids = torch.tensor([[0, 5, 70, 71]] * 4 + [[5, 72, 73, 74]] * 4 + [[0, 0, 5, 9]] * 4)
     prompt_mask = (prompt_ids != 0).long()
@@ -342,8 +339,6 @@ def test_decoding_with_each_prompts_cache_kept_once_draws_what_a_copy_per_row_dr
     (`models.shared_prefix`; here at any size); the keyed samples equal those of the same model on sdpa, whose
     cache is copied to every row, with left-padded prompts of 4, 3 and 5 rows and rows ending at EOS at different
     steps (Qwen2's grouped-query attention included)."""
-    import rlhf.rollout.generation as generation
-
     monkeypatch.setattr(generation, "SHARED_PREFIX_MIN_REREAD", 0)
     path = tiny_dirs.get(style) or str(make_tiny_checkpoint(tmp_path / style, style, hidden_size=32))
     plain = AutoModelForCausalLM.from_pretrained(path).eval()
@@ -370,8 +365,6 @@ def test_decoding_with_each_prompts_cache_kept_once_draws_what_a_copy_per_row_dr
 
 def kept_once_calls(monkeypatch) -> list[SharedPrefix]:
     """The prompts' caches `decode` keeps once (`SharedPrefix.of` from `_kept_once`), recorded."""
-    import rlhf.rollout.generation as generation
-
     made = []
 
     class Recorded(SharedPrefix):
@@ -388,8 +381,6 @@ def test_the_prompts_cache_is_kept_once_only_where_copies_would_read_it_again_en
     """3 + 2 rows of two prompts 4 positions wide: copies would re-read (5 - 2) x 4 positions x (keys + values) x
     the key heads x head size of a layer's cache each step. At that threshold the prompts' cache is kept once, one
     element above it the rows get copies, and both draw the same tokens."""
-    import rlhf.rollout.generation as generation
-
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"]).eval()
     assert padding_free.enable(model)
     config = model.config
@@ -417,8 +408,6 @@ def test_a_model_that_does_not_attend_to_its_cache_as_it_is_gets_a_copy_per_row(
     draws (a shared prompt's cache there gave other tokens)."""
     from transformers import AutoConfig
 
-    import rlhf.rollout.generation as generation
-
     monkeypatch.setattr(generation, "SHARED_PREFIX_MIN_REREAD", 0)
     config = AutoConfig.for_model(kind, vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -443,10 +432,10 @@ def test_a_model_that_does_not_attend_to_its_cache_as_it_is_gets_a_copy_per_row(
         return decode(model, prompt_ids, prompt_mask, max_new_tokens=8, eos_token_id=-1, pad_token_id=0,
                       logits_processor=processors)  # fmt: skip
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(generation, "CacheCheck", Recorded)
-        got = sample(ours)
-    assert len(checks) == 1 and not checks[0].passed
+    monkeypatch.setattr(generation, "CacheCheck", Recorded)
+    kept = kept_once_calls(monkeypatch)
+    got = sample(ours)
+    assert len(checks) == 1 and not checks[0].passed and not kept
     assert torch.equal(got, sample(plain))
 
 
